@@ -1,0 +1,170 @@
+// metaloadd: the metaload daemon. Parses flags, starts the Daemon, waits for SIGTERM or SIGINT,
+// drains for --shutdown_grace and exits 0.
+#include <signal.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/strings/str_cat.h"
+#include "absl/time/time.h"
+#include "server/core/log.h"
+#include "server/service/daemon.h"
+
+#ifndef METALOAD_VERSION
+#define METALOAD_VERSION "dev"
+#endif
+
+ABSL_FLAG(std::string, listen, "127.0.0.1:50051",
+          "gRPC listen address host:port (port 0: pick a free port; see --port_file)");
+ABSL_FLAG(std::string, metrics_listen, "127.0.0.1:9464",
+          "Prometheus listen address host:port; metrics are served at /metrics");
+ABSL_FLAG(std::vector<std::string>, model_root, {},
+          "Directory that request paths are resolved against (repeatable, or comma-separated)");
+ABSL_FLAG(std::string, port_file, "",
+          "When set, receives 'grpc_port=N' and 'metrics_port=M' lines once both are bound");
+ABSL_FLAG(absl::Duration, shutdown_grace, absl::Seconds(10),
+          "On SIGTERM/SIGINT, how long in-flight calls may still run");
+ABSL_FLAG(std::string, tls_cert, "", "PEM server certificate (with --tls_key: serve TLS)");
+ABSL_FLAG(std::string, tls_key, "", "PEM server private key");
+ABSL_FLAG(std::string, tls_client_ca, "", "PEM CA for client certificates (mutual TLS)");
+ABSL_FLAG(int, max_message_bytes, 256 << 20, "Largest gRPC message accepted or sent, in bytes");
+ABSL_FLAG(std::string, log_level, "info", "debug, info, warning or error");
+
+namespace {
+
+using metaload::core::LogError;
+using metaload::core::LogInfo;
+
+// Written to a temporary file and renamed, so a reader never sees half of it.
+bool WritePortFile(const std::string& path, int grpc_port, int metrics_port) {
+  std::string tmp = path + ".tmp";
+  {
+    std::ofstream f(tmp, std::ios::trunc);
+    f << "grpc_port=" << grpc_port << "\nmetrics_port=" << metrics_port << "\n";
+    if (!f) return false;
+  }
+  return std::rename(tmp.c_str(), path.c_str()) == 0;
+}
+
+// "0.0.0.0:50051" -> "127.0.0.1:50051", for the hint printed to the user.
+std::string DialableAddress(const std::string& listen, int port) {
+  std::string host = listen.substr(0, listen.rfind(':'));
+  if (host.empty() || host == "0.0.0.0" || host == "[::]") host = "127.0.0.1";
+  return absl::StrCat(host, ":", port);
+}
+
+// absl flags keep only the last value of a repeated flag; --model_root is documented as
+// repeatable, so its occurrences are merged into one comma-separated value first.
+std::vector<char*> MergeRepeatedModelRoots(int argc, char** argv, std::string* merged) {
+  std::vector<char*> out;
+  std::vector<std::string> roots;
+  for (int i = 0; i < argc; ++i) {
+    std::string arg = argv[i];
+    if (arg == "--") {
+      for (; i < argc; ++i) out.push_back(argv[i]);
+      break;
+    }
+    for (const char* prefix : {"--model_root=", "-model_root="}) {
+      if (arg.rfind(prefix, 0) == 0) {
+        roots.push_back(arg.substr(std::string(prefix).size()));
+        arg.clear();
+        break;
+      }
+    }
+    if (arg.empty()) continue;
+    if ((arg == "--model_root" || arg == "-model_root") && i + 1 < argc) {
+      roots.push_back(argv[++i]);
+      continue;
+    }
+    out.push_back(argv[i]);
+  }
+  if (!roots.empty()) {
+    *merged = "--model_root=";
+    for (size_t i = 0; i < roots.size(); ++i) *merged += (i ? "," : "") + roots[i];
+    out.insert(out.begin() + 1, merged->data());
+  }
+  return out;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(
+      "metaloadd: loads PyTorch checkpoints onto CPU/GPU on request and serves them over gRPC.\n"
+      "Usage: metaloadd --model_root=DIR [--listen=HOST:PORT] [--metrics_listen=HOST:PORT] ...");
+  std::string merged_roots;
+  std::vector<char*> args = MergeRepeatedModelRoots(argc, argv, &merged_roots);
+  absl::ParseCommandLine(static_cast<int>(args.size()), args.data());
+
+  metaload::core::LogLevel level;
+  if (!metaload::core::ParseLogLevel(absl::GetFlag(FLAGS_log_level), &level)) {
+    std::fprintf(stderr, "metaloadd: --log_level must be debug, info, warning or error\n");
+    return 2;
+  }
+  metaload::core::SetMinLogLevel(level);
+
+  // Block the shutdown signals before any thread starts, so every thread inherits the mask and
+  // only the sigwait below receives them.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  signal(SIGPIPE, SIG_IGN);
+
+  metaload::service::Daemon::Options options;
+  options.listen = absl::GetFlag(FLAGS_listen);
+  options.metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
+  options.model_roots = absl::GetFlag(FLAGS_model_root);
+  options.tls_cert_file = absl::GetFlag(FLAGS_tls_cert);
+  options.tls_key_file = absl::GetFlag(FLAGS_tls_key);
+  options.tls_client_ca_file = absl::GetFlag(FLAGS_tls_client_ca);
+  options.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
+  options.version = METALOAD_VERSION;
+
+  absl::StatusOr<std::unique_ptr<metaload::service::Daemon>> daemon =
+      metaload::service::Daemon::Create(options);
+  if (!daemon.ok()) {
+    LogError("start_failed").Kv("error", daemon.status().ToString());
+    return 1;
+  }
+  metaload::service::Daemon& d = **daemon;
+
+  const std::string port_file = absl::GetFlag(FLAGS_port_file);
+  if (!port_file.empty() && !WritePortFile(port_file, d.grpc_port(), d.metrics_port())) {
+    LogError("start_failed").Kv("error", "cannot write --port_file").Kv("path", port_file);
+    return 1;
+  }
+  const std::string grpc_address = DialableAddress(options.listen, d.grpc_port());
+  LogInfo("serving")
+      .Kv("version", METALOAD_VERSION)
+      .Kv("grpc", grpc_address)
+      .Kv("metrics",
+          absl::StrCat("http://", DialableAddress(options.metrics_listen, d.metrics_port()),
+                       "/metrics"))
+      .Kv("tls", options.tls_cert_file.empty() ? "off" : "on")
+      .Kv("model_roots", d.model_roots().size());
+  for (const std::string& root : d.model_roots()) LogInfo("model_root").Kv("path", root);
+  if (isatty(STDERR_FILENO)) {
+    std::fprintf(stderr, "\n  metaloadd is serving. Try:\n    grpcurl -plaintext %s list\n\n",
+                 grpc_address.c_str());
+  }
+
+  int sig = 0;
+  while (sigwait(&signals, &sig) != 0) {
+  }
+  const absl::Duration grace = absl::GetFlag(FLAGS_shutdown_grace);
+  LogInfo("draining")
+      .Kv("signal", sig == SIGTERM ? "SIGTERM" : "SIGINT")
+      .Kv("grace", absl::FormatDuration(grace));
+  const absl::Time start = absl::Now();
+  d.Drain(grace);
+  LogInfo("stopped").Kv("drain_seconds", absl::ToDoubleSeconds(absl::Now() - start));
+  return 0;
+}

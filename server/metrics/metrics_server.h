@@ -1,0 +1,53 @@
+// The Prometheus side of the daemon: one prometheus::Registry for every metaload_ metric, and the
+// HTTP exposer that serves it at /metrics. Process figures (peak RSS, RSS, threads, open fds) are
+// read from /proc at scrape time, so they are exact whenever Prometheus looks.
+//
+// Owns the exposer's listening socket and threads; destroying it stops serving.
+// Thread-safe: metric families may be created and updated from any thread.
+#ifndef METALOAD_SERVER_METRICS_METRICS_SERVER_H_
+#define METALOAD_SERVER_METRICS_METRICS_SERVER_H_
+
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+
+namespace prometheus {
+class Exposer;
+class Registry;
+}  // namespace prometheus
+
+namespace metaload::metrics {
+
+class ProcessCollector;
+
+class MetricsServer {
+ public:
+  struct Options {
+    // host:port for the HTTP endpoint; port 0 picks a free one (see port()).
+    std::string listen = "127.0.0.1:9464";
+    // Version string exported as metaload_build_info{version}.
+    std::string version = "dev";
+  };
+
+  // Starts serving. UNAVAILABLE when the address cannot be bound, naming it.
+  static absl::StatusOr<std::unique_ptr<MetricsServer>> Create(const Options& options);
+  ~MetricsServer();
+
+  // The bound port (the real one when Options::listen asked for port 0).
+  int port() const { return port_; }
+  // The registry every metaload_ family is created in.
+  prometheus::Registry& registry() { return *registry_; }
+
+ private:
+  MetricsServer() = default;
+
+  std::shared_ptr<prometheus::Registry> registry_;
+  std::shared_ptr<ProcessCollector> process_collector_;
+  std::unique_ptr<prometheus::Exposer> exposer_;
+  int port_ = 0;
+};
+
+}  // namespace metaload::metrics
+
+#endif  // METALOAD_SERVER_METRICS_METRICS_SERVER_H_
