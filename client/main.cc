@@ -1,0 +1,170 @@
+// metaload: the command-line client of metaloadd.
+//
+// Exit codes: 0 ok, 1 the RPC or the operation failed (message carries the gRPC code name),
+// 2 usage error.
+#include <grpcpp/grpcpp.h>
+
+#include <chrono>
+#include <cstdio>
+#include <iostream>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "client/args.h"
+#include "grpc/health/v1/health.grpc.pb.h"
+#include "server/models/synth.h"
+
+namespace {
+
+using metaload::client::Args;
+
+constexpr int kOk = 0;
+constexpr int kFailed = 1;
+constexpr int kUsage = 2;
+
+const char kUsageText[] =
+    "metaload: command-line client of the metaload daemon\n"
+    "\n"
+    "Usage: metaload COMMAND [flags]\n"
+    "\n"
+    "Commands:\n"
+    "  health [--address=HOST:PORT] [--service=NAME] [--timeout=SECONDS] [--json]\n"
+    "      Asks grpc.health.v1.Health; exit 0 when SERVING.\n"
+    "  synth --arch=mlp [--preset=tiny|small|medium] [--dtype=float32|float16|bfloat16]\n"
+    "        [--shards=N] [--seed=N] [--json] OUT_DIR\n"
+    "      Writes a synthetic Hugging Face style checkpoint (config.json + safetensors).\n"
+    "\n"
+    "Common flags: --address (default 127.0.0.1:50051), --timeout (default 10 s), --json.\n";
+
+int UsageError(const std::string& message) {
+  std::fprintf(stderr, "metaload: %s\n(run 'metaload help' for usage)\n", message.c_str());
+  return kUsage;
+}
+
+const char* GrpcCodeName(grpc::StatusCode code) {
+  static const char* const kNames[] = {"OK",
+                                       "CANCELLED",
+                                       "UNKNOWN",
+                                       "INVALID_ARGUMENT",
+                                       "DEADLINE_EXCEEDED",
+                                       "NOT_FOUND",
+                                       "ALREADY_EXISTS",
+                                       "PERMISSION_DENIED",
+                                       "RESOURCE_EXHAUSTED",
+                                       "FAILED_PRECONDITION",
+                                       "ABORTED",
+                                       "OUT_OF_RANGE",
+                                       "UNIMPLEMENTED",
+                                       "INTERNAL",
+                                       "UNAVAILABLE",
+                                       "DATA_LOSS",
+                                       "UNAUTHENTICATED"};
+  int i = static_cast<int>(code);
+  return i >= 0 && i < static_cast<int>(sizeof(kNames) / sizeof(kNames[0])) ? kNames[i] : "UNKNOWN";
+}
+
+int Health(const std::vector<std::string>& argv) {
+  absl::StatusOr<Args> args = Args::Parse(argv, {"address", "service", "timeout"}, {"json"});
+  if (!args.ok()) return UsageError(std::string(args.status().message()));
+  absl::StatusOr<long long> timeout = args->GetInt("timeout", 10);
+  if (!timeout.ok()) return UsageError(std::string(timeout.status().message()));
+  const std::string address = args->Get("address", "127.0.0.1:50051");
+  auto channel = grpc::CreateChannel(address, grpc::InsecureChannelCredentials());
+  auto stub = grpc::health::v1::Health::NewStub(channel);
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(*timeout));
+  grpc::health::v1::HealthCheckRequest request;
+  request.set_service(args->Get("service"));
+  grpc::health::v1::HealthCheckResponse response;
+  grpc::Status status = stub->Check(&context, request, &response);
+  const bool json = args->Has("json");
+  if (!status.ok()) {
+    if (json) {
+      std::cout << nlohmann::json{{"address", address},
+                                  {"error",
+                                   {{"code", GrpcCodeName(status.error_code())},
+                                    {"message", status.error_message()}}}}
+                       .dump()
+                << "\n";
+    } else {
+      std::fprintf(stderr, "metaload health: %s: %s: %s\n", address.c_str(),
+                   GrpcCodeName(status.error_code()), status.error_message().c_str());
+    }
+    return kFailed;
+  }
+  const std::string name =
+      grpc::health::v1::HealthCheckResponse::ServingStatus_Name(response.status());
+  if (json) {
+    std::cout << nlohmann::json{{"address", address}, {"status", name}}.dump() << "\n";
+  } else {
+    std::cout << name << "\n";
+  }
+  return response.status() == grpc::health::v1::HealthCheckResponse::SERVING ? kOk : kFailed;
+}
+
+int Synth(const std::vector<std::string>& argv) {
+  absl::StatusOr<Args> args =
+      Args::Parse(argv, {"arch", "preset", "dtype", "shards", "seed"}, {"json"});
+  if (!args.ok()) return UsageError(std::string(args.status().message()));
+  if (args->positionals().size() != 1) return UsageError("synth needs exactly one OUT_DIR");
+  if (!args->Has("arch")) return UsageError("synth needs --arch");
+  metaload::models::SynthOptions options;
+  options.architecture = args->Get("arch");
+  options.preset = args->Get("preset", options.preset);
+  options.dtype = args->Get("dtype", options.dtype);
+  absl::StatusOr<long long> shards = args->GetInt("shards", 1);
+  absl::StatusOr<long long> seed = args->GetInt("seed", 0);
+  if (!shards.ok()) return UsageError(std::string(shards.status().message()));
+  if (!seed.ok()) return UsageError(std::string(seed.status().message()));
+  options.shards = static_cast<int>(*shards);
+  options.seed = static_cast<uint64_t>(*seed);
+  const std::string out_dir = args->positionals()[0];
+  absl::StatusOr<metaload::models::SynthResult> result =
+      metaload::models::Synthesize(options, out_dir);
+  if (!result.ok()) {
+    if (absl::IsInvalidArgument(result.status())) {
+      return UsageError(std::string(result.status().message()));
+    }
+    std::fprintf(stderr, "metaload synth: %s\n", std::string(result.status().message()).c_str());
+    return kFailed;
+  }
+  if (args->Has("json")) {
+    std::cout << nlohmann::json{{"dir", out_dir},
+                                {"architecture", options.architecture},
+                                {"preset", options.preset},
+                                {"dtype", options.dtype},
+                                {"files", result->files},
+                                {"tensors", result->tensor_count},
+                                {"parameters", result->parameter_count},
+                                {"bytes", result->data_bytes}}
+                     .dump()
+              << "\n";
+  } else {
+    std::printf("wrote %s: %s %s %s, %lld tensors, %lld parameters, %lld bytes in %zu files\n",
+                out_dir.c_str(), options.architecture.c_str(), options.preset.c_str(),
+                options.dtype.c_str(), static_cast<long long>(result->tensor_count),
+                static_cast<long long>(result->parameter_count),
+                static_cast<long long>(result->data_bytes), result->files.size());
+  }
+  return kOk;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2) {
+    std::fputs(kUsageText, stderr);
+    return kUsage;
+  }
+  const std::string command = argv[1];
+  std::vector<std::string> rest(argv + 2, argv + argc);
+  if (command == "help" || command == "--help" || command == "-h") {
+    std::fputs(kUsageText, stdout);
+    return kOk;
+  }
+  if (command == "health") return Health(rest);
+  if (command == "synth") return Synth(rest);
+  return UsageError(absl::StrCat("unknown command '", command, "'"));
+}
