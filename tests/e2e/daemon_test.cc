@@ -1,0 +1,214 @@
+// End to end: the real metaloadd binary on loopback, driven over gRPC and HTTP.
+#include <google/protobuf/descriptor.pb.h>
+#include <grpcpp/grpcpp.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <chrono>
+#include <memory>
+#include <set>
+#include <thread>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_split.h"
+#include "grpc/health/v1/health.grpc.pb.h"
+#include "grpc/reflection/v1alpha/reflection.grpc.pb.h"
+#include "metaload/v1/metaload.grpc.pb.h"
+#include "tests/test_util.h"
+
+namespace metaload {
+namespace {
+
+using namespace std::chrono_literals;
+
+// A metaloadd on ports chosen by the kernel, found through --port_file.
+class DaemonProcess {
+ public:
+  explicit DaemonProcess(const testing::TempDir& dir, std::vector<std::string> extra = {}) {
+    std::vector<std::string> argv = {METALOADD_PATH,
+                                     "--listen=127.0.0.1:0",
+                                     "--metrics_listen=127.0.0.1:0",
+                                     "--port_file=" + (dir / "ports"),
+                                     "--model_root=" + dir.path(),
+                                     "--log_level=debug"};
+    argv.insert(argv.end(), extra.begin(), extra.end());
+    process_ = std::make_unique<testing::Subprocess>(argv, dir / "metaloadd");
+    auto deadline = std::chrono::steady_clock::now() + 30s;
+    while (std::chrono::steady_clock::now() < deadline) {
+      std::string ports = testing::ReadFileOrEmpty(dir / "ports");
+      for (absl::string_view line : absl::StrSplit(ports, '\n', absl::SkipEmpty())) {
+        std::pair<absl::string_view, absl::string_view> kv = absl::StrSplit(line, '=');
+        if (kv.first == "grpc_port") (void)absl::SimpleAtoi(kv.second, &grpc_port_);
+        if (kv.first == "metrics_port") (void)absl::SimpleAtoi(kv.second, &metrics_port_);
+      }
+      if (grpc_port_ > 0 && metrics_port_ > 0) break;
+      if (process_->Wait(20ms)) break;  // exited early: the test will show its stderr
+    }
+  }
+
+  int grpc_port() const { return grpc_port_; }
+  int metrics_port() const { return metrics_port_; }
+  testing::Subprocess& process() { return *process_; }
+  std::shared_ptr<grpc::Channel> Channel() const {
+    return grpc::CreateChannel("127.0.0.1:" + std::to_string(grpc_port_),
+                               grpc::InsecureChannelCredentials());
+  }
+
+ private:
+  std::unique_ptr<testing::Subprocess> process_;
+  int grpc_port_ = 0;
+  int metrics_port_ = 0;
+};
+
+grpc::health::v1::HealthCheckResponse::ServingStatus CheckHealth(
+    const std::shared_ptr<grpc::Channel>& channel, grpc::Status* status) {
+  auto stub = grpc::health::v1::Health::NewStub(channel);
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + 5s);
+  grpc::health::v1::HealthCheckResponse response;
+  *status = stub->Check(&context, grpc::health::v1::HealthCheckRequest(), &response);
+  return response.status();
+}
+
+TEST(DaemonTest, ServesHealthReflectionAndMetricsThenStopsOnSigterm) {
+  testing::TempDir dir;
+  DaemonProcess daemon(dir);
+  ASSERT_GT(daemon.grpc_port(), 0) << daemon.process().Stderr();
+  ASSERT_GT(daemon.metrics_port(), 0);
+  auto channel = daemon.Channel();
+
+  grpc::Status status;
+  EXPECT_EQ(CheckHealth(channel, &status), grpc::health::v1::HealthCheckResponse::SERVING);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+
+  // Reflection: list the services, then fetch ModelLoader's file descriptor, as grpcurl does.
+  auto reflection = grpc::reflection::v1alpha::ServerReflection::NewStub(channel);
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + 5s);
+  auto stream = reflection->ServerReflectionInfo(&context);
+  grpc::reflection::v1alpha::ServerReflectionRequest list;
+  list.set_list_services("*");
+  ASSERT_TRUE(stream->Write(list));
+  grpc::reflection::v1alpha::ServerReflectionResponse listed;
+  ASSERT_TRUE(stream->Read(&listed));
+  std::set<std::string> services;
+  for (const auto& s : listed.list_services_response().service()) services.insert(s.name());
+  EXPECT_TRUE(services.count("metaload.v1.ModelLoader")) << listed.DebugString();
+  EXPECT_TRUE(services.count("grpc.health.v1.Health")) << listed.DebugString();
+  EXPECT_TRUE(services.count("grpc.reflection.v1alpha.ServerReflection"));
+
+  grpc::reflection::v1alpha::ServerReflectionRequest describe;
+  describe.set_file_containing_symbol("metaload.v1.ModelLoader");
+  ASSERT_TRUE(stream->Write(describe));
+  grpc::reflection::v1alpha::ServerReflectionResponse described;
+  ASSERT_TRUE(stream->Read(&described));
+  ASSERT_GE(described.file_descriptor_response().file_descriptor_proto_size(), 1);
+  google::protobuf::FileDescriptorProto file;
+  ASSERT_TRUE(file.ParseFromString(described.file_descriptor_response().file_descriptor_proto(0)));
+  EXPECT_EQ(file.package(), "metaload.v1");
+  ASSERT_EQ(file.service_size(), 1);
+  std::set<std::string> methods;
+  for (const auto& m : file.service(0).method()) methods.insert(m.name());
+  EXPECT_EQ(methods, (std::set<std::string>{"LoadModel", "LoadModelStream", "UnloadModel",
+                                            "GetModel", "ListModels", "Infer"}));
+  stream->WritesDone();
+  EXPECT_TRUE(stream->Finish().ok());
+
+  // The ModelLoader service is registered (its handlers arrive with the model cache).
+  auto loader = metaload::v1::ModelLoader::NewStub(channel);
+  grpc::ClientContext list_context;
+  metaload::v1::ListModelsResponse models;
+  grpc::Status list_status =
+      loader->ListModels(&list_context, metaload::v1::ListModelsRequest(), &models);
+  EXPECT_EQ(list_status.error_code(), grpc::StatusCode::UNIMPLEMENTED);
+
+  std::optional<std::string> metrics = testing::HttpGet(daemon.metrics_port(), "/metrics");
+  ASSERT_TRUE(metrics.has_value());
+  std::optional<double> peak = testing::PromValue(*metrics, "metaload_process_peak_rss_bytes");
+  ASSERT_TRUE(peak.has_value()) << *metrics;
+  EXPECT_GT(*peak, 4 << 20);
+  EXPECT_LT(*peak, 8.0 * (1 << 30));
+  std::optional<double> rss = testing::PromValue(*metrics, "metaload_process_resident_bytes");
+  ASSERT_TRUE(rss.has_value());
+  EXPECT_LE(*rss, *peak);
+  EXPECT_EQ(
+      testing::PromValue(*metrics, "metaload_build_info", "{version=\"" METALOAD_VERSION "\"}"),
+      1.0);
+
+  auto start = std::chrono::steady_clock::now();
+  daemon.process().Signal(SIGTERM);
+  std::optional<int> exit_status = daemon.process().Wait(5s);
+  ASSERT_TRUE(exit_status.has_value()) << "metaloadd did not exit within 5 s of SIGTERM:\n"
+                                       << daemon.process().Stderr();
+  EXPECT_TRUE(WIFEXITED(*exit_status));
+  EXPECT_EQ(WEXITSTATUS(*exit_status), 0);
+  EXPECT_LT(std::chrono::steady_clock::now() - start, 5s);
+
+  std::string log = daemon.process().Stderr();
+  EXPECT_NE(log.find("info event=serving"), std::string::npos) << log;
+  EXPECT_NE(log.find("event=draining signal=SIGTERM"), std::string::npos) << log;
+  EXPECT_NE(log.find("event=stopped"), std::string::npos) << log;
+}
+
+TEST(DaemonTest, SigintAlsoStopsCleanly) {
+  testing::TempDir dir;
+  DaemonProcess daemon(dir, {"--shutdown_grace=2s"});
+  ASSERT_GT(daemon.grpc_port(), 0) << daemon.process().Stderr();
+  daemon.process().Signal(SIGINT);
+  std::optional<int> exit_status = daemon.process().Wait(5s);
+  ASSERT_TRUE(exit_status.has_value());
+  EXPECT_EQ(WEXITSTATUS(*exit_status), 0);
+}
+
+TEST(DaemonTest, RepeatedModelRootsAreAllUsed) {
+  testing::TempDir dir;
+  std::filesystem::create_directory(dir / "a");
+  std::filesystem::create_directory(dir / "b");
+  DaemonProcess daemon(dir, {"--model_root=" + (dir / "a"), "--model_root", dir / "b"});
+  ASSERT_GT(daemon.grpc_port(), 0) << daemon.process().Stderr();
+  daemon.process().Signal(SIGTERM);
+  ASSERT_TRUE(daemon.process().Wait(5s).has_value());
+  std::string log = daemon.process().Stderr();
+  EXPECT_NE(log.find("model_roots=3"), std::string::npos) << log;
+  EXPECT_NE(log.find("event=model_root path=" + (dir / "b")), std::string::npos) << log;
+}
+
+TEST(DaemonTest, BadStartupOptionsExitWithAMessage) {
+  testing::TempDir dir;
+  testing::CommandResult missing_root =
+      testing::RunCommand({METALOADD_PATH, "--listen=127.0.0.1:0", "--metrics_listen=127.0.0.1:0",
+                           "--model_root=" + (dir / "nope")},
+                          dir / "missing_root", 30s);
+  EXPECT_EQ(missing_root.exit_code, 1);
+  EXPECT_NE(missing_root.err.find("--model_root=" + (dir / "nope") + ": not an existing directory"),
+            std::string::npos)
+      << missing_root.err;
+
+  testing::CommandResult half_tls =
+      testing::RunCommand({METALOADD_PATH, "--listen=127.0.0.1:0", "--metrics_listen=127.0.0.1:0",
+                           "--tls_cert=" + (dir / "cert.pem")},
+                          dir / "half_tls", 30s);
+  EXPECT_EQ(half_tls.exit_code, 1);
+  EXPECT_NE(half_tls.err.find("--tls_cert and --tls_key must be given together"), std::string::npos)
+      << half_tls.err;
+
+  testing::CommandResult bad_level =
+      testing::RunCommand({METALOADD_PATH, "--log_level=loud"}, dir / "bad_level", 30s);
+  EXPECT_EQ(bad_level.exit_code, 2);
+}
+
+TEST(DaemonTest, BusyPortIsReportedByAddress) {
+  testing::TempDir dir;
+  DaemonProcess first(dir);
+  ASSERT_GT(first.grpc_port(), 0) << first.process().Stderr();
+  const std::string taken = "127.0.0.1:" + std::to_string(first.metrics_port());
+  testing::CommandResult second = testing::RunCommand(
+      {METALOADD_PATH, "--listen=127.0.0.1:0", "--metrics_listen=" + taken}, dir / "second", 30s);
+  EXPECT_EQ(second.exit_code, 1);
+  EXPECT_NE(second.err.find("cannot listen on " + taken), std::string::npos) << second.err;
+  first.process().Signal(SIGTERM);
+  EXPECT_TRUE(first.process().Wait(5s).has_value());
+}
+
+}  // namespace
+}  // namespace metaload
