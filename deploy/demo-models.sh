@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Creates the demo model root that `make run` serves, with metaload's own synthesizer (nothing
+# is downloaded). Leaves models that already exist alone.
+# Usage: deploy/demo-models.sh PATH/TO/metaload MODEL_ROOT
+set -euo pipefail
+metaload="$1"; root="$2"
+mkdir -p "$root"
+if [ ! -f "$root/demo-mlp/config.json" ]; then
+  "$metaload" synth --arch=mlp --preset=tiny "$root/demo-mlp"
+fi
