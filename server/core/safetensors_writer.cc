@@ -11,7 +11,6 @@
 #include <set>
 
 #include "absl/strings/str_cat.h"
-#include "server/core/safetensors_format.h"
 
 namespace metaload::core {
 namespace {
@@ -33,7 +32,7 @@ absl::Status WriteAll(int fd, const char* data, size_t size, const std::string& 
 
 }  // namespace
 
-absl::Status SafetensorsWriter::Add(std::string name, std::string dtype, std::vector<int64_t> shape,
+absl::Status SafetensorsWriter::Add(std::string name, DType dtype, std::vector<int64_t> shape,
                                     FillFn fill) {
   if (name.empty() || name == "__metadata__") {
     return absl::InvalidArgumentError(
@@ -45,12 +44,8 @@ absl::Status SafetensorsWriter::Add(std::string name, std::string dtype, std::ve
           absl::StrCat("safetensors writer: duplicate tensor ", name));
     }
   }
-  std::optional<int> size = SafetensorsDtypeSize(dtype);
-  if (!size) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("safetensors writer: unknown dtype ", dtype, " for ", name));
-  }
-  int64_t nbytes = *size;
+  const int size = DTypeSize(dtype);
+  int64_t nbytes = size;
   for (int64_t d : shape) {
     if (d < 0 || (d > 0 && nbytes > std::numeric_limits<int64_t>::max() / d)) {
       return absl::InvalidArgumentError(absl::StrCat("safetensors writer: bad shape for ", name));
@@ -62,7 +57,7 @@ absl::Status SafetensorsWriter::Add(std::string name, std::string dtype, std::ve
   }
   data_bytes_ += nbytes;
   tensors_.push_back(
-      {std::move(name), std::move(dtype), std::move(shape), nbytes, *size, std::move(fill)});
+      {std::move(name), std::move(dtype), std::move(shape), nbytes, size, std::move(fill)});
   return absl::OkStatus();
 }
 

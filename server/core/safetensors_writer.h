@@ -1,4 +1,4 @@
-// Writes safetensors files (format: safetensors_format.h) without holding the data in memory:
+// Writes safetensors files (format: safetensors_header.h) without holding the data in memory:
 // each tensor's bytes come from a fill callback, called in bounded chunks while writing.
 //
 // Tensors are laid out largest element size first (then in the order added), so every tensor
@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "server/core/dtype.h"
 
 namespace metaload::core {
 
@@ -23,9 +24,9 @@ class SafetensorsWriter {
   // Fills dst with `nbytes` bytes of the tensor, starting at byte `offset` of its data.
   using FillFn = std::function<void(char* dst, int64_t offset, int64_t nbytes)>;
 
-  // Declares a tensor. INVALID_ARGUMENT for a duplicate or empty name, an unknown safetensors
-  // dtype ("F32", "BF16", ...), a negative dimension or a byte size overflowing int64.
-  absl::Status Add(std::string name, std::string dtype, std::vector<int64_t> shape, FillFn fill);
+  // Declares a tensor. INVALID_ARGUMENT for a duplicate or empty name, a negative dimension or
+  // a byte size overflowing int64.
+  absl::Status Add(std::string name, DType dtype, std::vector<int64_t> shape, FillFn fill);
 
   void SetMetadata(std::string key, std::string value) {
     metadata_[std::move(key)] = std::move(value);
@@ -41,7 +42,7 @@ class SafetensorsWriter {
  private:
   struct Tensor {
     std::string name;
-    std::string dtype;
+    DType dtype;
     std::vector<int64_t> shape;
     int64_t nbytes;
     int item_size;

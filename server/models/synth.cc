@@ -11,7 +11,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
-#include "server/core/safetensors_format.h"
+#include "server/core/dtype.h"
 #include "server/core/safetensors_writer.h"
 
 namespace metaload::models {
@@ -54,7 +54,7 @@ absl::StatusOr<SynthResult> Synthesize(const SynthOptions& options, const std::s
     return absl::InvalidArgumentError(
         absl::StrCat("synth: unknown architecture '", options.architecture, "' (mlp)"));
   }
-  std::optional<std::string_view> st_dtype = core::SafetensorsDtypeFromName(options.dtype);
+  std::optional<core::DType> st_dtype = core::DTypeFromName(options.dtype);
   if (!st_dtype ||
       (options.dtype != "float32" && options.dtype != "float16" && options.dtype != "bfloat16")) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -116,7 +116,7 @@ absl::StatusOr<SynthResult> Synthesize(const SynthOptions& options, const std::s
         }
       }
     };
-    absl::Status added = writers[shard].Add(p.name, std::string(*st_dtype), p.shape, fill);
+    absl::Status added = writers[shard].Add(p.name, *st_dtype, p.shape, fill);
     if (!added.ok()) return added;
   }
 

@@ -28,9 +28,9 @@ SafetensorsWriter::FillFn Iota(int item_size) {
 TEST(SafetensorsWriterTest, PythonReadsWhatWeWrite) {
   testing::TempDir dir;
   SafetensorsWriter w;
-  ASSERT_TRUE(w.Add("small.f32", "F32", {3}, Iota(4)).ok());
-  ASSERT_TRUE(w.Add("big.i64", "I64", {2, 3}, Iota(8)).ok());
-  ASSERT_TRUE(w.Add("empty", "F32", {0, 4}, Iota(4)).ok());
+  ASSERT_TRUE(w.Add("small.f32", DType::kFloat32, {3}, Iota(4)).ok());
+  ASSERT_TRUE(w.Add("big.i64", DType::kInt64, {2, 3}, Iota(8)).ok());
+  ASSERT_TRUE(w.Add("empty", DType::kFloat32, {0, 4}, Iota(4)).ok());
   w.SetMetadata("format", "pt");
   EXPECT_EQ(w.data_bytes(), 3 * 4 + 6 * 8);
   ASSERT_TRUE(w.Write(dir / "m.safetensors").ok());
@@ -55,12 +55,15 @@ TEST(SafetensorsWriterTest, PythonReadsWhatWeWrite) {
 TEST(SafetensorsWriterTest, AlignsEveryTensorToItsElementSize) {
   testing::TempDir dir;
   SafetensorsWriter w;
-  ASSERT_TRUE(
-      w.Add("a.u8", "U8", {3}, [](char* d, int64_t, int64_t n) { std::memset(d, 7, n); }).ok());
-  ASSERT_TRUE(
-      w.Add("b.f64", "F64", {5}, [](char* d, int64_t, int64_t n) { std::memset(d, 0, n); }).ok());
-  ASSERT_TRUE(
-      w.Add("c.f16", "F16", {3}, [](char* d, int64_t, int64_t n) { std::memset(d, 0, n); }).ok());
+  ASSERT_TRUE(w.Add("a.u8", DType::kUInt8, {3}, [](char* d, int64_t, int64_t n) {
+                 std::memset(d, 7, n);
+               }).ok());
+  ASSERT_TRUE(w.Add("b.f64", DType::kFloat64, {5}, [](char* d, int64_t, int64_t n) {
+                 std::memset(d, 0, n);
+               }).ok());
+  ASSERT_TRUE(w.Add("c.f16", DType::kFloat16, {3}, [](char* d, int64_t, int64_t n) {
+                 std::memset(d, 0, n);
+               }).ok());
   ASSERT_TRUE(w.Write(dir / "m.safetensors").ok());
   std::string bytes = testing::ReadFileOrEmpty(dir / "m.safetensors");
   uint64_t n = 0;
@@ -77,23 +80,23 @@ TEST(SafetensorsWriterTest, AlignsEveryTensorToItsElementSize) {
 TEST(SafetensorsWriterTest, RejectsBadDeclarations) {
   SafetensorsWriter w;
   auto fill = [](char*, int64_t, int64_t) {};
-  ASSERT_TRUE(w.Add("x", "F32", {2}, fill).ok());
-  absl::Status dup = w.Add("x", "F32", {2}, fill);
+  ASSERT_TRUE(w.Add("x", DType::kFloat32, {2}, fill).ok());
+  absl::Status dup = w.Add("x", DType::kFloat32, {2}, fill);
   EXPECT_TRUE(absl::IsInvalidArgument(dup));
   EXPECT_NE(dup.message().find("x"), std::string::npos);
-  EXPECT_TRUE(absl::IsInvalidArgument(w.Add("y", "F8", {2}, fill)));
-  EXPECT_TRUE(absl::IsInvalidArgument(w.Add("z", "F32", {-1}, fill)));
-  EXPECT_TRUE(absl::IsInvalidArgument(w.Add("__metadata__", "F32", {1}, fill)));
-  EXPECT_TRUE(
-      absl::IsInvalidArgument(w.Add("huge", "F64", {int64_t{1} << 40, int64_t{1} << 40}, fill)));
+  EXPECT_TRUE(absl::IsInvalidArgument(w.Add("z", DType::kFloat32, {-1}, fill)));
+  EXPECT_TRUE(absl::IsInvalidArgument(w.Add("__metadata__", DType::kFloat32, {1}, fill)));
+  EXPECT_TRUE(absl::IsInvalidArgument(
+      w.Add("huge", DType::kFloat64, {int64_t{1} << 40, int64_t{1} << 40}, fill)));
   EXPECT_EQ(w.tensor_count(), 1u);
 }
 
 TEST(SafetensorsWriterTest, FailedWriteLeavesNoFile) {
   testing::TempDir dir;
   SafetensorsWriter w;
-  ASSERT_TRUE(
-      w.Add("x", "F32", {2}, [](char* d, int64_t, int64_t n) { std::memset(d, 0, n); }).ok());
+  ASSERT_TRUE(w.Add("x", DType::kFloat32, {2}, [](char* d, int64_t, int64_t n) {
+                 std::memset(d, 0, n);
+               }).ok());
   absl::Status s = w.Write(dir / "missing-dir/m.safetensors");
   EXPECT_FALSE(s.ok());
   EXPECT_NE(s.message().find("missing-dir"), std::string::npos);
