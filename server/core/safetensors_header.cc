@@ -9,10 +9,10 @@
 #include <cstring>
 #include <limits>
 #include <nlohmann/json.hpp>
-#include <set>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "server/core/strict_json.h"
 
 namespace metaload::core {
 namespace {
@@ -20,11 +20,6 @@ namespace {
 using json = nlohmann::json;
 
 constexpr int kMaxRank = 64;
-
-// Thrown from the parser callback to stop at the first structural problem; caught below.
-struct HeaderError {
-  std::string message;
-};
 
 absl::Status Corrupt(absl::string_view file, absl::string_view what) {
   return absl::DataLossError(absl::StrCat(file, ": safetensors header: ", what));
@@ -35,43 +30,6 @@ absl::Status CorruptTensor(absl::string_view file, absl::string_view tensor,
   return absl::DataLossError(
       absl::StrCat(file, ": safetensors header: tensor '", tensor, "': ", what));
 }
-
-// Parses with duplicate-key detection at every level (nlohmann would keep the last silently)
-// and a nesting limit (a valid header is at most three levels deep).
-absl::StatusOr<json> ParseStrict(absl::string_view text, absl::string_view file) {
-  std::vector<std::set<std::string>> keys;
-  auto callback = [&keys](int depth, json::parse_event_t event, json& parsed) -> bool {
-    switch (event) {
-      case json::parse_event_t::object_start:
-      case json::parse_event_t::array_start:
-        if (depth >= 3) throw HeaderError{"nested deeper than a safetensors header can be"};
-        if (event == json::parse_event_t::object_start) keys.emplace_back();
-        break;
-      case json::parse_event_t::object_end:
-        if (!keys.empty()) keys.pop_back();
-        break;
-      case json::parse_event_t::key: {
-        const std::string& key = parsed.get_ref<const std::string&>();
-        if (!keys.back().insert(key).second) {
-          throw HeaderError{absl::StrCat("duplicate key '", key, "'")};
-        }
-        break;
-      }
-      default:
-        break;
-    }
-    return true;
-  };
-  try {
-    return json::parse(text.begin(), text.end(), callback, /*allow_exceptions=*/true,
-                       /*ignore_comments=*/false);
-  } catch (const HeaderError& e) {
-    return Corrupt(file, e.message);
-  } catch (const json::exception& e) {
-    return Corrupt(file, absl::StrCat("not valid JSON (", e.what(), ")"));
-  }
-}
-
 absl::Status ParseEntry(const std::string& name, const json& value, uint64_t data_bytes,
                         absl::string_view file, SafetensorsEntry* out) {
   if (name.empty()) return Corrupt(file, "a tensor has an empty name");
@@ -156,7 +114,9 @@ absl::Status ParseEntry(const std::string& name, const json& value, uint64_t dat
 absl::StatusOr<SafetensorsHeader> ParseSafetensorsHeader(absl::string_view text,
                                                          uint64_t data_bytes,
                                                          absl::string_view file) {
-  absl::StatusOr<json> parsed = ParseStrict(text, file);
+  // A valid header nests three levels: root object, entry object, shape/offset arrays.
+  absl::StatusOr<json> parsed =
+      ParseStrictJson(text, /*max_depth=*/2, absl::StrCat(file, ": safetensors header"));
   if (!parsed.ok()) return parsed.status();
   const json& root = *parsed;
   if (!root.is_object()) return Corrupt(file, "not a JSON object");

@@ -71,8 +71,9 @@ absl::Status SafetensorsWriter::Write(const std::string& path) const {
   if (!metadata_.empty()) header["__metadata__"] = metadata_;
   int64_t offset = 0;
   for (const Tensor* t : order) {
-    header[t->name] = {
-        {"dtype", t->dtype}, {"shape", t->shape}, {"data_offsets", {offset, offset + t->nbytes}}};
+    header[t->name] = {{"dtype", std::string(SafetensorsName(t->dtype))},
+                       {"shape", t->shape},
+                       {"data_offsets", {offset, offset + t->nbytes}}};
     offset += t->nbytes;
   }
   std::string json = header.dump();
