@@ -9,6 +9,7 @@ MODEL_ROOT  ?= var/models
 LISTEN      ?= 127.0.0.1:50051
 METRICS     ?= 127.0.0.1:9464
 FUZZ_SECONDS ?= 600
+CI_FUZZ_SECONDS ?= 60
 
 .PHONY: all deps configure build run test bench fuzz format clean
 
@@ -37,18 +38,21 @@ run: build
 	@echo ""
 	@exec $(BUILD_DIR)/server/metaloadd --listen=$(LISTEN) --metrics_listen=$(METRICS) --model_root=$(MODEL_ROOT)
 
+# A fixed-seed slice of every fuzzer, then the unit, e2e and reference tests.
 test: build
+	@./tests/fuzz/run.sh $(CI_FUZZ_SECONDS) build-fuzz
 	cd $(BUILD_DIR) && ctest --output-on-failure -j $(JOBS)
 
 bench: build
 	@echo "no benchmarks yet: they arrive with the checkpoint readers and the loader"
 
-fuzz:
-	@echo "no fuzz targets yet: they arrive with the checkpoint readers"
+# Long fuzzing: make fuzz FUZZ_SECONDS=3600 (per target).
+fuzz: deps
+	@./tests/fuzz/run.sh $(FUZZ_SECONDS) build-fuzz
 
 format:
 	@find server client tests -name '*.h' -o -name '*.cc' | xargs clang-format -i --style=file
 	@echo "formatted"
 
 clean:
-	rm -rf $(BUILD_DIR)
+	rm -rf $(BUILD_DIR) build-fuzz build-fuzz.configure.log

@@ -132,8 +132,11 @@ class CheckpointSource {
   mutable std::vector<std::shared_ptr<const MappedFile>> maps_;  // guarded by map_mu_
 };
 
-// Opens the format-specific readers; exposed for the torch.save reader (checkpoint_torch_zip.cc).
+// The torch.save / TorchScript zip indexer (checkpoint_torch_zip.cc), on a file or on bytes in
+// memory (tests and fuzzing; `name` stands for the path in messages).
 absl::StatusOr<CheckpointIndex> IndexTorchZip(const std::string& path);
+absl::StatusOr<CheckpointIndex> IndexTorchZipBytes(absl::string_view bytes,
+                                                   const std::string& name);
 
 }  // namespace metaload::core
 

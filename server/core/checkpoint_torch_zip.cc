@@ -54,22 +54,11 @@ const PickleValue* AsTensor(const PickleValue& v) {
 
 class ZipIndexer {
  public:
-  ZipIndexer(std::string path, int fd, CheckpointFile file)
-      : path_(std::move(path)), fd_(fd), file_(std::move(file)) {}
+  ZipIndexer(std::string path, ZipReadFn read, CheckpointFile file)
+      : path_(std::move(path)), read_(std::move(read)), file_(std::move(file)) {}
 
   absl::StatusOr<CheckpointIndex> Run() {
-    auto read = [this](uint64_t offset, uint64_t length, std::string* out) {
-      out->resize(length);
-      uint64_t done = 0;
-      while (done < length) {
-        ssize_t r =
-            ::pread(fd_, out->data() + done, length - done, static_cast<off_t>(offset + done));
-        if (r < 0 && errno == EINTR) continue;
-        if (r <= 0) return false;
-        done += static_cast<uint64_t>(r);
-      }
-      return true;
-    };
+    const ZipReadFn& read = read_;
     absl::StatusOr<std::vector<ZipEntry>> entries = ReadZipDirectory(read, file_.size, path_);
     if (!entries.ok()) return entries.status();
     std::string prefix;
@@ -239,7 +228,7 @@ class ZipIndexer {
   }
 
   std::string path_;
-  int fd_;
+  ZipReadFn read_;
   CheckpointFile file_;
   std::string prefix_;
   std::map<std::string, ZipEntry> records_;
@@ -262,9 +251,33 @@ absl::StatusOr<CheckpointIndex> IndexTorchZip(const std::string& path) {
   file.path = path;
   file.size = static_cast<uint64_t>(st.st_size);
   file.mtime_ns = static_cast<int64_t>(st.st_mtim.tv_sec) * 1'000'000'000 + st.st_mtim.tv_nsec;
-  absl::StatusOr<CheckpointIndex> index = ZipIndexer(path, fd, file).Run();
+  auto read = [fd](uint64_t offset, uint64_t length, std::string* out) {
+    out->resize(length);
+    uint64_t done = 0;
+    while (done < length) {
+      ssize_t r = ::pread(fd, out->data() + done, length - done, static_cast<off_t>(offset + done));
+      if (r < 0 && errno == EINTR) continue;
+      if (r <= 0) return false;
+      done += static_cast<uint64_t>(r);
+    }
+    return true;
+  };
+  absl::StatusOr<CheckpointIndex> index = ZipIndexer(path, read, file).Run();
   ::close(fd);
   return index;
+}
+
+absl::StatusOr<CheckpointIndex> IndexTorchZipBytes(absl::string_view bytes,
+                                                   const std::string& name) {
+  CheckpointFile file;
+  file.path = name;
+  file.size = bytes.size();
+  auto read = [bytes](uint64_t offset, uint64_t length, std::string* out) {
+    if (offset > bytes.size() || length > bytes.size() - offset) return false;
+    out->assign(bytes.data() + offset, length);
+    return true;
+  };
+  return ZipIndexer(name, read, file).Run();
 }
 
 }  // namespace metaload::core
