@@ -13,6 +13,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "client/args.h"
+#include "client/commands.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "server/models/synth.h"
 
@@ -32,6 +33,10 @@ const char kUsageText[] =
     "Commands:\n"
     "  health [--address=HOST:PORT] [--service=NAME] [--timeout=SECONDS] [--json]\n"
     "      Asks grpc.health.v1.Health; exit 0 when SERVING.\n"
+    "  inspect PATH [--json] [--tensors]\n"
+    "      Validates a checkpoint offline (safetensors file or HF directory, torch.save zip,\n"
+    "      TorchScript) and prints its format, tensors, bytes per dtype, metadata and\n"
+    "      architecture. Exit 0 when valid, 2 with a one-line error otherwise.\n"
     "  synth --arch=mlp [--preset=tiny|small|medium] [--dtype=float32|float16|bfloat16]\n"
     "        [--shards=N] [--seed=N] [--json] OUT_DIR\n"
     "      Writes a synthetic Hugging Face style checkpoint (config.json + safetensors).\n"
@@ -153,7 +158,7 @@ int Synth(const std::vector<std::string>& argv) {
 
 }  // namespace
 
-int main(int argc, char** argv) {
+int Main(int argc, char** argv) {
   if (argc < 2) {
     std::fputs(kUsageText, stderr);
     return kUsage;
@@ -166,5 +171,16 @@ int main(int argc, char** argv) {
   }
   if (command == "health") return Health(rest);
   if (command == "synth") return Synth(rest);
+  if (command == "inspect") return metaload::client::RunInspect(rest);
   return UsageError(absl::StrCat("unknown command '", command, "'"));
+}
+
+int main(int argc, char** argv) {
+  // No stack traces for users: anything unexpected becomes one line and exit code 1.
+  try {
+    return Main(argc, argv);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "metaload: internal error: %s\n", e.what());
+    return kFailed;
+  }
 }

@@ -1,8 +1,5 @@
 #include "server/models/synth.h"
 
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-
 #include <cmath>
 #include <cstring>
 #include <filesystem>
@@ -12,6 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "server/core/dtype.h"
+#include "server/core/half.h"
 #include "server/core/safetensors_writer.h"
 
 namespace metaload::models {
@@ -111,7 +109,8 @@ absl::StatusOr<SynthResult> Synthesize(const SynthOptions& options, const std::s
       } else {
         for (int64_t b = 0; b < nbytes; b += 2) {
           float v = ValueAt(seed, t, static_cast<uint64_t>((offset + b) / 2), scale);
-          uint16_t bits = dtype == "float16" ? c10::Half(v).x : c10::BFloat16(v).x;
+          uint16_t bits =
+              dtype == "float16" ? core::FloatToHalfBits(v) : core::FloatToBFloat16Bits(v);
           std::memcpy(dst + b, &bits, 2);
         }
       }

@@ -1,0 +1,16 @@
+// The `metaload` subcommands that live outside main.cc. Each takes the arguments after its
+// name and returns the process exit code: 0 ok, 1 failed, 2 usage error (inspect: invalid file).
+#ifndef METALOAD_CLIENT_COMMANDS_H_
+#define METALOAD_CLIENT_COMMANDS_H_
+
+#include <string>
+#include <vector>
+
+namespace metaload::client {
+
+// metaload inspect PATH [--json] [--tensors]: offline validation and summary of a checkpoint.
+int RunInspect(const std::vector<std::string>& argv);
+
+}  // namespace metaload::client
+
+#endif  // METALOAD_CLIENT_COMMANDS_H_

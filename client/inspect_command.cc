@@ -1,0 +1,152 @@
+#include <cstdio>
+#include <iostream>
+#include <nlohmann/json.hpp>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "client/args.h"
+#include "client/commands.h"
+#include "server/core/checkpoint.h"
+#include "server/models/architecture_detector.h"
+
+namespace metaload::client {
+namespace {
+
+constexpr int kOk = 0;
+constexpr int kInvalid = 2;
+
+std::string HumanBytes(uint64_t bytes) {
+  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+  double v = static_cast<double>(bytes);
+  int u = 0;
+  while (v >= 1024 && u < 4) {
+    v /= 1024;
+    ++u;
+  }
+  return u == 0 ? absl::StrCat(bytes, " B") : absl::StrFormat("%.1f %s", v, units[u]);
+}
+
+const char* CodeName(absl::StatusCode code) {
+  switch (code) {
+    case absl::StatusCode::kNotFound:
+      return "NOT_FOUND";
+    case absl::StatusCode::kDataLoss:
+      return "DATA_LOSS";
+    case absl::StatusCode::kFailedPrecondition:
+      return "FAILED_PRECONDITION";
+    case absl::StatusCode::kInvalidArgument:
+      return "INVALID_ARGUMENT";
+    default:
+      return "INTERNAL";
+  }
+}
+
+}  // namespace
+
+int RunInspect(const std::vector<std::string>& argv) {
+  absl::StatusOr<Args> args = Args::Parse(argv, {}, {"json", "tensors"});
+  if (!args.ok() || args->positionals().size() != 1) {
+    std::fprintf(
+        stderr, "metaload inspect: %s\nusage: metaload inspect PATH [--json] [--tensors]\n",
+        args.ok() ? "needs exactly one PATH" : std::string(args.status().message()).c_str());
+    return 2;
+  }
+  const std::string path = args->positionals()[0];
+  const bool json = args->Has("json");
+  absl::StatusOr<std::unique_ptr<core::CheckpointSource>> source =
+      core::CheckpointSource::Open(path);
+  if (!source.ok()) {
+    if (json) {
+      std::cout << nlohmann::json{{"path", path},
+                                  {"valid", false},
+                                  {"error",
+                                   {{"code", CodeName(source.status().code())},
+                                    {"message", std::string(source.status().message())}}}}
+                       .dump()
+                << "\n";
+    } else {
+      std::fprintf(stderr, "metaload inspect: invalid: %s: %s\n", CodeName(source.status().code()),
+                   std::string(source.status().message()).c_str());
+    }
+    return kInvalid;
+  }
+  const core::CheckpointIndex& index = (*source)->index();
+  const models::DetectedArchitecture arch = models::DetectArchitecture(index);
+  uint64_t file_bytes = 0;
+  for (const core::CheckpointFile& f : index.files) file_bytes += f.size;
+  std::map<core::DType, int> tensors_by_dtype;
+  for (const core::TensorInfo& t : index.tensors) ++tensors_by_dtype[t.dtype];
+
+  if (json) {
+    nlohmann::ordered_json out;
+    out["path"] = path;
+    out["valid"] = true;
+    out["format"] = std::string(core::CheckpointFormatName(index.format));
+    nlohmann::ordered_json files = nlohmann::ordered_json::array();
+    for (const core::CheckpointFile& f : index.files) {
+      files.push_back({{"path", f.path}, {"bytes", f.size}});
+    }
+    out["files"] = files;
+    out["tensors"] = index.tensors.size();
+    out["parameters"] = index.parameter_count();
+    out["bytes"] = index.total_bytes();
+    nlohmann::ordered_json by_dtype = nlohmann::ordered_json::object();
+    for (const auto& [dtype, bytes] : index.bytes_by_dtype()) {
+      by_dtype[std::string(core::DTypeName(dtype))] = bytes;
+    }
+    out["bytes_by_dtype"] = by_dtype;
+    out["metadata"] = index.metadata;
+    out["architecture"] =
+        arch.name.empty() ? nlohmann::ordered_json() : nlohmann::ordered_json(arch.name);
+    out["architecture_evidence"] = arch.evidence;
+    out["skipped_entries"] = index.skipped_entries;
+    if (args->Has("tensors")) {
+      nlohmann::ordered_json list = nlohmann::ordered_json::array();
+      for (const core::TensorInfo& t : index.tensors) {
+        list.push_back({{"name", t.name},
+                        {"dtype", std::string(core::DTypeName(t.dtype))},
+                        {"shape", t.shape},
+                        {"bytes", t.nbytes}});
+      }
+      out["tensor_list"] = list;
+    }
+    std::cout << out.dump() << "\n";
+    return kOk;
+  }
+
+  std::printf("path:          %s\n", path.c_str());
+  std::printf("format:        %s\n", std::string(core::CheckpointFormatName(index.format)).c_str());
+  std::printf("files:         %zu (%s)\n", index.files.size(), HumanBytes(file_bytes).c_str());
+  std::printf("tensors:       %zu\n", index.tensors.size());
+  std::printf("parameters:    %lld\n", static_cast<long long>(index.parameter_count()));
+  std::printf("tensor bytes:  %llu (%s)\n", static_cast<unsigned long long>(index.total_bytes()),
+              HumanBytes(index.total_bytes()).c_str());
+  for (const auto& [dtype, bytes] : index.bytes_by_dtype()) {
+    std::printf("  %-10s   %llu (%s) in %d tensors\n", std::string(core::DTypeName(dtype)).c_str(),
+                static_cast<unsigned long long>(bytes), HumanBytes(bytes).c_str(),
+                tensors_by_dtype[dtype]);
+  }
+  if (!index.metadata.empty()) {
+    std::vector<std::string> kv;
+    for (const auto& [k, v] : index.metadata) kv.push_back(absl::StrCat(k, "=", v));
+    std::printf("metadata:      %s\n", absl::StrJoin(kv, ", ").c_str());
+  }
+  std::printf("architecture:  %s\n",
+              arch.name.empty() ? "unknown"
+                                : absl::StrCat(arch.name, " (from ", arch.evidence, ")").c_str());
+  if (!index.skipped_entries.empty()) {
+    std::printf("skipped:       %s\n", absl::StrJoin(index.skipped_entries, ", ").c_str());
+  }
+  if (args->Has("tensors")) {
+    for (const core::TensorInfo& t : index.tensors) {
+      std::printf("  %-60s %-9s [%s]\n", t.name.c_str(),
+                  std::string(core::DTypeName(t.dtype)).c_str(),
+                  absl::StrJoin(t.shape, ", ").c_str());
+    }
+  }
+  std::printf("valid:         yes\n");
+  return kOk;
+}
+
+}  // namespace metaload::client

@@ -1,0 +1,76 @@
+#include "server/models/architecture_detector.h"
+
+#include <nlohmann/json.hpp>
+
+#include "absl/strings/match.h"
+
+namespace metaload::models {
+namespace {
+
+bool HasKey(const core::CheckpointIndex& index, absl::string_view name) {
+  return index.Find(name) != nullptr;
+}
+
+bool HasPrefix(const core::CheckpointIndex& index, absl::string_view prefix) {
+  auto it = index.by_name.lower_bound(std::string(prefix));
+  return it != index.by_name.end() && absl::StartsWith(it->first, prefix);
+}
+
+std::string FromConfig(const std::string& config_json) {
+  nlohmann::json config = nlohmann::json::parse(config_json, nullptr, /*allow_exceptions=*/false);
+  if (!config.is_object()) return "";
+  std::string type = config.value("model_type", "");
+  if (type == "mlp" || type == "gpt2" || type == "llama") return type;
+  auto archs = config.find("architectures");
+  if (archs != config.end() && archs->is_array()) {
+    for (const auto& a : *archs) {
+      if (!a.is_string()) continue;
+      if (a == "GPT2LMHeadModel") return "gpt2";
+      if (a == "LlamaForCausalLM") return "llama";
+    }
+  }
+  return "";
+}
+
+std::string FromKeys(const core::CheckpointIndex& index) {
+  if (HasPrefix(index, "conditioner.embedders.")) return "sdxl";
+  if (HasPrefix(index, "model.diffusion_model.")) {
+    if (HasPrefix(index, "cond_stage_model.model.")) return "sd2";
+    const core::TensorInfo* in = index.Find("model.diffusion_model.input_blocks.0.0.weight");
+    if (in != nullptr && in->shape.size() == 4) {
+      if (in->shape[1] == 9) return "sd1-inpainting";
+      if (in->shape[1] == 8) return "sd1-instruct-pix2pix";
+    }
+    const core::TensorInfo* ctx =
+        index.Find("model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight");
+    if (ctx != nullptr && ctx->shape.size() == 2 && ctx->shape[1] == 1024) return "sd2";
+    return "sd1";
+  }
+  if (HasKey(index, "transformer.h.0.attn.c_attn.weight") ||
+      HasKey(index, "h.0.attn.c_attn.weight")) {
+    return "gpt2";
+  }
+  if (HasKey(index, "model.layers.0.self_attn.q_proj.weight")) return "llama";
+  if (HasKey(index, "layers.0.weight") && !index.tensors.empty()) {
+    for (const core::TensorInfo& t : index.tensors) {
+      if (!absl::StartsWith(t.name, "layers.")) return "";
+    }
+    return "mlp";
+  }
+  return "";
+}
+
+}  // namespace
+
+DetectedArchitecture DetectArchitecture(const core::CheckpointIndex& index) {
+  if (index.format == core::CheckpointFormat::kTorchScript) return {"torchscript", "format"};
+  if (!index.config_json.empty()) {
+    std::string name = FromConfig(index.config_json);
+    if (!name.empty()) return {name, "config.json"};
+  }
+  std::string name = FromKeys(index);
+  if (!name.empty()) return {name, "keys"};
+  return {"", ""};
+}
+
+}  // namespace metaload::models

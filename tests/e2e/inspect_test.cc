@@ -1,0 +1,117 @@
+// `metaload inspect` end to end: the right verdict on every fixture, machine-readable output
+// that matches the files, and one-line errors (never a crash) on broken ones.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "tests/test_util.h"
+
+namespace metaload {
+namespace {
+
+class InspectTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    dir_ = new testing::TempDir();
+    testing::CommandResult r = testing::RunCommand(
+        {METALOAD_PYTHON, METALOAD_SOURCE_DIR "/tests/tools/make_checkpoints.py", dir_->path()},
+        *dir_ / "make");
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    r = testing::RunCommand({METALOAD_CLI_PATH, "synth", "--arch=mlp", "--shards=2", *dir_ / "mlp"},
+                            *dir_ / "synth");
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+  }
+  static void TearDownTestSuite() { delete dir_; }
+
+  static testing::CommandResult Inspect(const std::vector<std::string>& args) {
+    std::vector<std::string> argv = {METALOAD_CLI_PATH, "inspect"};
+    argv.insert(argv.end(), args.begin(), args.end());
+    return testing::RunCommand(argv, *dir_ / "inspect");
+  }
+
+  static testing::TempDir* dir_;
+};
+
+testing::TempDir* InspectTest::dir_ = nullptr;
+
+TEST_F(InspectTest, ValidFixturesExitZeroWithTheRightSummary) {
+  struct Case {
+    const char* path;
+    const char* format;
+    int tensors;
+    const char* architecture;  // "" for unknown
+  };
+  for (const Case& c :
+       {Case{"mixed.safetensors", "safetensors", 10, ""},
+        Case{"state_dict.pt", "torch-zip", 10, ""}, Case{"one_entry.pt", "torch-zip", 1, ""},
+        Case{"lightning.ckpt", "torch-zip", 2, "sd1"},
+        Case{"scripted.pt", "torchscript", 0, "torchscript"},
+        Case{"hf_sharded", "safetensors-sharded", 4, ""},
+        Case{"mlp", "safetensors-sharded", 6, "mlp"}}) {
+    testing::CommandResult r = Inspect({*dir_ / c.path, "--json"});
+    ASSERT_EQ(r.exit_code, 0) << c.path << ": " << r.err;
+    nlohmann::json j = nlohmann::json::parse(r.out);
+    EXPECT_EQ(j["valid"], true);
+    EXPECT_EQ(j["format"], c.format) << c.path;
+    EXPECT_EQ(j["tensors"], c.tensors) << c.path;
+    if (*c.architecture) {
+      EXPECT_EQ(j["architecture"], c.architecture) << c.path;
+    } else {
+      EXPECT_TRUE(j["architecture"].is_null()) << c.path;
+    }
+  }
+  nlohmann::json mixed =
+      nlohmann::json::parse(Inspect({*dir_ / "mixed.safetensors", "--json"}).out);
+  EXPECT_EQ(mixed["bytes_by_dtype"]["float32"], (15 + 1) * 4);
+  EXPECT_EQ(mixed["bytes_by_dtype"]["bfloat16"], 7 * 2);
+  EXPECT_EQ(mixed["metadata"]["format"], "pt");
+  nlohmann::json sd = nlohmann::json::parse(Inspect({*dir_ / "state_dict.pt", "--json"}).out);
+  EXPECT_EQ(sd["skipped_entries"], nlohmann::json({"version (int)", "note (str)"}));
+}
+
+TEST_F(InspectTest, HumanOutputListsTensorsOnRequest) {
+  testing::CommandResult r = Inspect({*dir_ / "mlp", "--tensors"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("format:        safetensors-sharded"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("architecture:  mlp (from config.json)"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("layers.0.weight"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("[32, 16]"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("valid:         yes"), std::string::npos);
+}
+
+TEST_F(InspectTest, BrokenFilesExitTwoWithOneLine) {
+  const std::string good = testing::ReadFileOrEmpty(*dir_ / "mixed.safetensors");
+  std::ofstream(*dir_ / "truncated.safetensors", std::ios::binary)
+      << good.substr(0, good.size() - 5);
+  std::ofstream(*dir_ / "garbage.bin", std::ios::binary) << std::string(100, '\xff');
+  std::ofstream(*dir_ / "empty.safetensors", std::ios::binary) << "";
+  struct Case {
+    const char* path;
+    const char* code;
+  };
+  for (const Case& c :
+       {Case{"truncated.safetensors", "DATA_LOSS"}, Case{"garbage.bin", "DATA_LOSS"},
+        Case{"empty.safetensors", "DATA_LOSS"}, Case{"legacy.pt", "FAILED_PRECONDITION"},
+        Case{"module.pt", "FAILED_PRECONDITION"}, Case{"transposed.pt", "FAILED_PRECONDITION"},
+        Case{"plain.zip", "DATA_LOSS"}, Case{"does-not-exist", "NOT_FOUND"},
+        Case{"expected", "FAILED_PRECONDITION"}}) {
+    testing::CommandResult r = Inspect({*dir_ / c.path});
+    EXPECT_EQ(r.exit_code, 2) << c.path << ": " << r.out << r.err;
+    EXPECT_TRUE(r.out.empty()) << c.path << ": " << r.out;
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << c.path << ": " << r.err;
+    EXPECT_NE(r.err.find(std::string("invalid: ") + c.code), std::string::npos) << r.err;
+    EXPECT_NE(r.err.find(*dir_ / c.path), std::string::npos) << r.err;
+
+    testing::CommandResult j = Inspect({*dir_ / c.path, "--json"});
+    EXPECT_EQ(j.exit_code, 2);
+    nlohmann::json parsed = nlohmann::json::parse(j.out);
+    EXPECT_EQ(parsed["valid"], false);
+    EXPECT_EQ(parsed["error"]["code"], c.code) << c.path;
+  }
+  EXPECT_EQ(Inspect({}).exit_code, 2);
+}
+
+}  // namespace
+}  // namespace metaload
