@@ -43,8 +43,9 @@ test: build
 	@./tests/fuzz/run.sh $(CI_FUZZ_SECONDS) build-fuzz
 	cd $(BUILD_DIR) && ctest --output-on-failure -j $(JOBS)
 
+# Benchmarks print ratios and figures; see README "Performance" for the recorded table.
 bench: build
-	@echo "no benchmarks yet: they arrive with the checkpoint readers and the loader"
+	@$(BUILD_DIR)/tests/bench/parse_bench
 
 # Long fuzzing: make fuzz FUZZ_SECONDS=3600 (per target).
 fuzz: deps

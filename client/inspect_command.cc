@@ -8,6 +8,7 @@
 #include "client/args.h"
 #include "client/commands.h"
 #include "server/core/checkpoint.h"
+#include "server/core/checksum_store.h"
 #include "server/models/architecture_detector.h"
 
 namespace metaload::client {
@@ -45,10 +46,11 @@ const char* CodeName(absl::StatusCode code) {
 }  // namespace
 
 int RunInspect(const std::vector<std::string>& argv) {
-  absl::StatusOr<Args> args = Args::Parse(argv, {}, {"json", "tensors"});
+  absl::StatusOr<Args> args = Args::Parse(argv, {}, {"json", "tensors", "sha256"});
   if (!args.ok() || args->positionals().size() != 1) {
     std::fprintf(
-        stderr, "metaload inspect: %s\nusage: metaload inspect PATH [--json] [--tensors]\n",
+        stderr,
+        "metaload inspect: %s\nusage: metaload inspect PATH [--json] [--tensors] [--sha256]\n",
         args.ok() ? "needs exactly one PATH" : std::string(args.status().message()).c_str());
     return 2;
   }
@@ -75,6 +77,17 @@ int RunInspect(const std::vector<std::string>& argv) {
   const models::DetectedArchitecture arch = models::DetectArchitecture(index);
   uint64_t file_bytes = 0;
   for (const core::CheckpointFile& f : index.files) file_bytes += f.size;
+  std::string sha256;
+  if (args->Has("sha256")) {
+    absl::StatusOr<std::unique_ptr<core::ChecksumStore>> store = core::ChecksumStore::Create({});
+    absl::StatusOr<std::string> sha = (*store)->Compute(index.files);
+    if (!sha.ok()) {
+      std::fprintf(stderr, "metaload inspect: invalid: %s: %s\n", CodeName(sha.status().code()),
+                   std::string(sha.status().message()).c_str());
+      return kInvalid;
+    }
+    sha256 = *sha;
+  }
   std::map<core::DType, int> tensors_by_dtype;
   for (const core::TensorInfo& t : index.tensors) ++tensors_by_dtype[t.dtype];
 
@@ -101,6 +114,10 @@ int RunInspect(const std::vector<std::string>& argv) {
         arch.name.empty() ? nlohmann::ordered_json() : nlohmann::ordered_json(arch.name);
     out["architecture_evidence"] = arch.evidence;
     out["skipped_entries"] = index.skipped_entries;
+    if (!sha256.empty()) {
+      out["sha256"] = sha256;
+      out["short_hash"] = core::ChecksumStore::ShortHash(sha256);
+    }
     if (args->Has("tensors")) {
       nlohmann::ordered_json list = nlohmann::ordered_json::array();
       for (const core::TensorInfo& t : index.tensors) {
@@ -137,6 +154,10 @@ int RunInspect(const std::vector<std::string>& argv) {
                                 : absl::StrCat(arch.name, " (from ", arch.evidence, ")").c_str());
   if (!index.skipped_entries.empty()) {
     std::printf("skipped:       %s\n", absl::StrJoin(index.skipped_entries, ", ").c_str());
+  }
+  if (!sha256.empty()) {
+    std::printf("sha256:        %s (short hash %s)\n", sha256.c_str(),
+                core::ChecksumStore::ShortHash(sha256).c_str());
   }
   if (args->Has("tensors")) {
     for (const core::TensorInfo& t : index.tensors) {

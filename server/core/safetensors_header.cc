@@ -8,7 +8,6 @@
 #include <cerrno>
 #include <cstring>
 #include <limits>
-#include <nlohmann/json.hpp>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -16,8 +15,6 @@
 
 namespace metaload::core {
 namespace {
-
-using json = nlohmann::json;
 
 constexpr int kMaxRank = 64;
 
@@ -30,48 +27,83 @@ absl::Status CorruptTensor(absl::string_view file, absl::string_view tensor,
   return absl::DataLossError(
       absl::StrCat(file, ": safetensors header: tensor '", tensor, "': ", what));
 }
-absl::Status ParseEntry(const std::string& name, const json& value, uint64_t data_bytes,
-                        absl::string_view file, SafetensorsEntry* out) {
-  if (name.empty()) return Corrupt(file, "a tensor has an empty name");
-  if (!value.is_object()) return CorruptTensor(file, name, "entry is not an object");
-  for (const char* field : {"dtype", "shape", "data_offsets"}) {
-    if (!value.contains(field)) return CorruptTensor(file, name, absl::StrCat("missing ", field));
+// Non-negative JSON integer -> uint64; false for negatives, fractions and other types.
+bool AsUnsigned(simdjson::dom::element e, uint64_t* out) {
+  if (e.type() == simdjson::dom::element_type::UINT64)
+    return e.get_uint64().get(*out) == simdjson::SUCCESS;
+  int64_t v = 0;
+  if (e.type() != simdjson::dom::element_type::INT64 || e.get_int64().get(v) != simdjson::SUCCESS ||
+      v < 0) {
+    return false;
   }
-  if (value.size() != 3) {
-    std::vector<std::string> extra;
-    for (auto it = value.begin(); it != value.end(); ++it) {
-      if (it.key() != "dtype" && it.key() != "shape" && it.key() != "data_offsets") {
-        extra.push_back(it.key());
-      }
+  *out = static_cast<uint64_t>(v);
+  return true;
+}
+
+absl::Status ParseEntry(std::string_view key, simdjson::dom::element value, uint64_t data_bytes,
+                        absl::string_view file, SafetensorsEntry* out) {
+  const std::string name(key);
+  if (name.empty()) return Corrupt(file, "a tensor has an empty name");
+  simdjson::dom::object object;
+  if (value.get_object().get(object) != simdjson::SUCCESS) {
+    return CorruptTensor(file, name, "entry is not an object");
+  }
+  absl::Status unique = CheckUniqueKeys(object, absl::StrCat(file, ": safetensors header"));
+  if (!unique.ok()) return unique;
+  simdjson::dom::element dtype, shape, offsets;
+  bool has_dtype = false, has_shape = false, has_offsets = false;
+  std::vector<std::string> extra;
+  for (simdjson::dom::key_value_pair field : object) {
+    if (field.key == "dtype") {
+      dtype = field.value;
+      has_dtype = true;
+    } else if (field.key == "shape") {
+      shape = field.value;
+      has_shape = true;
+    } else if (field.key == "data_offsets") {
+      offsets = field.value;
+      has_offsets = true;
+    } else {
+      extra.emplace_back(field.key);
     }
+  }
+  if (!has_dtype) return CorruptTensor(file, name, "missing dtype");
+  if (!has_shape) return CorruptTensor(file, name, "missing shape");
+  if (!has_offsets) return CorruptTensor(file, name, "missing data_offsets");
+  if (!extra.empty()) {
     return CorruptTensor(file, name,
                          absl::StrCat("unexpected field(s) ", absl::StrJoin(extra, ", ")));
   }
   out->name = name;
 
-  const json& dtype = value["dtype"];
-  if (!dtype.is_string()) return CorruptTensor(file, name, "dtype is not a string");
-  std::optional<DType> parsed = DTypeFromSafetensorsName(dtype.get_ref<const std::string&>());
+  std::string_view dtype_name;
+  if (dtype.get_string().get(dtype_name) != simdjson::SUCCESS) {
+    return CorruptTensor(file, name, "dtype is not a string");
+  }
+  std::optional<DType> parsed = DTypeFromSafetensorsName(ToAbsl(dtype_name));
   if (!parsed) {
-    return CorruptTensor(file, name,
-                         absl::StrCat("unknown dtype '", dtype.get_ref<const std::string&>(), "'"));
+    return CorruptTensor(file, name, absl::StrCat("unknown dtype '", ToAbsl(dtype_name), "'"));
   }
   out->dtype = *parsed;
 
-  const json& shape = value["shape"];
-  if (!shape.is_array()) return CorruptTensor(file, name, "shape is not an array");
-  if (shape.size() > kMaxRank) {
-    return CorruptTensor(file, name, absl::StrCat("rank ", shape.size(), " exceeds ", kMaxRank));
+  simdjson::dom::array dims;
+  if (shape.get_array().get(dims) != simdjson::SUCCESS) {
+    return CorruptTensor(file, name, "shape is not an array");
+  }
+  if (dims.size() > kMaxRank) {
+    return CorruptTensor(file, name, absl::StrCat("rank ", dims.size(), " exceeds ", kMaxRank));
   }
   int64_t numel = 1;
-  for (const json& dim : shape) {
-    if (dim.is_number_integer() && !dim.is_number_unsigned()) {
-      return CorruptTensor(file, name, absl::StrCat("negative dimension ", dim.get<int64_t>()));
+  for (simdjson::dom::element dim : dims) {
+    int64_t negative = 0;
+    if (dim.type() == simdjson::dom::element_type::INT64 &&
+        dim.get_int64().get(negative) == simdjson::SUCCESS && negative < 0) {
+      return CorruptTensor(file, name, absl::StrCat("negative dimension ", negative));
     }
-    if (!dim.is_number_unsigned()) {
+    uint64_t d = 0;
+    if (!AsUnsigned(dim, &d)) {
       return CorruptTensor(file, name, "shape has a dimension that is not an integer");
     }
-    uint64_t d = dim.get<uint64_t>();
     if (d > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()) ||
         __builtin_mul_overflow(numel, static_cast<int64_t>(d), &numel)) {
       return CorruptTensor(file, name, "element count overflows int64");
@@ -83,13 +115,12 @@ absl::Status ParseEntry(const std::string& name, const json& value, uint64_t dat
     return CorruptTensor(file, name, "byte size overflows int64");
   }
 
-  const json& offsets = value["data_offsets"];
-  if (!offsets.is_array() || offsets.size() != 2 || !offsets[0].is_number_unsigned() ||
-      !offsets[1].is_number_unsigned()) {
+  simdjson::dom::array range;
+  if (offsets.get_array().get(range) != simdjson::SUCCESS || range.size() != 2 ||
+      !AsUnsigned(range.at(0).value_unsafe(), &out->begin) ||
+      !AsUnsigned(range.at(1).value_unsafe(), &out->end)) {
     return CorruptTensor(file, name, "data_offsets is not two non-negative integers");
   }
-  out->begin = offsets[0].get<uint64_t>();
-  out->end = offsets[1].get<uint64_t>();
   if (out->begin > out->end) {
     return CorruptTensor(
         file, name,
@@ -114,32 +145,41 @@ absl::Status ParseEntry(const std::string& name, const json& value, uint64_t dat
 absl::StatusOr<SafetensorsHeader> ParseSafetensorsHeader(absl::string_view text,
                                                          uint64_t data_bytes,
                                                          absl::string_view file) {
-  // A valid header nests three levels: root object, entry object, shape/offset arrays.
-  absl::StatusOr<json> parsed =
-      ParseStrictJson(text, /*max_depth=*/2, absl::StrCat(file, ": safetensors header"));
+  // A valid header nests three levels: root object, entry objects, shape/offset arrays.
+  thread_local StrictJsonParser parser;
+  const std::string context = absl::StrCat(file, ": safetensors header");
+  absl::StatusOr<simdjson::dom::element> parsed = parser.Parse(text, /*max_depth=*/4, context);
   if (!parsed.ok()) return parsed.status();
-  const json& root = *parsed;
-  if (!root.is_object()) return Corrupt(file, "not a JSON object");
+  simdjson::dom::object root;
+  if (parsed->get_object().get(root) != simdjson::SUCCESS) {
+    return Corrupt(file, "not a JSON object");
+  }
+  absl::Status unique = CheckUniqueKeys(root, context);
+  if (!unique.ok()) return unique;
 
   SafetensorsHeader header;
   header.header_bytes = text.size();
   header.data_offset = 8 + text.size();
   header.data_bytes = data_bytes;
   header.tensors.reserve(root.size());
-  for (auto it = root.begin(); it != root.end(); ++it) {
-    if (it.key() == "__metadata__") {
-      if (!it.value().is_object()) return Corrupt(file, "__metadata__ is not an object");
-      for (auto m = it.value().begin(); m != it.value().end(); ++m) {
-        if (!m.value().is_string()) {
-          return Corrupt(file,
-                         absl::StrCat("__metadata__ value of '", m.key(), "' is not a string"));
+  for (simdjson::dom::key_value_pair field : root) {
+    if (field.key == "__metadata__") {
+      simdjson::dom::object metadata;
+      if (field.value.get_object().get(metadata) != simdjson::SUCCESS) {
+        return Corrupt(file, "__metadata__ is not an object");
+      }
+      for (simdjson::dom::key_value_pair m : metadata) {
+        std::string_view value;
+        if (m.value.get_string().get(value) != simdjson::SUCCESS) {
+          return Corrupt(
+              file, absl::StrCat("__metadata__ value of '", ToAbsl(m.key), "' is not a string"));
         }
-        header.metadata[m.key()] = m.value().get<std::string>();
+        header.metadata[std::string(m.key)] = std::string(value);
       }
       continue;
     }
     SafetensorsEntry entry;
-    absl::Status s = ParseEntry(it.key(), it.value(), data_bytes, file, &entry);
+    absl::Status s = ParseEntry(field.key, field.value, data_bytes, file, &entry);
     if (!s.ok()) return s;
     header.tensors.push_back(std::move(entry));
   }

@@ -133,7 +133,7 @@ std::vector<CorruptCase> CorruptCases() {
        "value of 'k' is not a string"},
       {"metadata not an object", FileBytes(R"({"__metadata__":"x"})", 0), "",
        "__metadata__ is not an object"},
-      {"nesting deeper than a header", FileBytes(R"({"a":{"b":{"c":{}}}})", 0), "",
+      {"nesting deeper than a header", FileBytes(R"({"a":{"b":{"c":[[1]]}}})", 0), "",
        "nested deeper"},
       {"empty tensor name",
        FileBytes(R"({"":{"dtype":"F32","shape":[0],"data_offsets":[0,0]}})", 0), "", "empty name"},

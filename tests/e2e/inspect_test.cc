@@ -67,7 +67,15 @@ TEST_F(InspectTest, ValidFixturesExitZeroWithTheRightSummary) {
   EXPECT_EQ(mixed["bytes_by_dtype"]["float32"], (15 + 1) * 4);
   EXPECT_EQ(mixed["bytes_by_dtype"]["bfloat16"], 7 * 2);
   EXPECT_EQ(mixed["metadata"]["format"], "pt");
-  nlohmann::json sd = nlohmann::json::parse(Inspect({*dir_ / "state_dict.pt", "--json"}).out);
+  nlohmann::json sd =
+      nlohmann::json::parse(Inspect({*dir_ / "state_dict.pt", "--json", "--sha256"}).out);
+  testing::CommandResult py = testing::RunCommand(
+      {METALOAD_PYTHON, "-c",
+       "import hashlib,sys; print(hashlib.sha256(open(sys.argv[1],'rb').read()).hexdigest())",
+       *dir_ / "state_dict.pt"},
+      *dir_ / "sha");
+  EXPECT_EQ(sd["sha256"], py.out.substr(0, 64));
+  EXPECT_EQ(sd["short_hash"], py.out.substr(0, 10));
   EXPECT_EQ(sd["skipped_entries"], nlohmann::json({"version (int)", "note (str)"}));
 }
 

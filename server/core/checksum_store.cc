@@ -1,0 +1,145 @@
+#include "server/core/checksum_store.h"
+
+#include <fcntl.h>
+#include <openssl/evp.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "absl/strings/str_cat.h"
+#include "server/core/log.h"
+
+namespace metaload::core {
+namespace {
+
+constexpr size_t kChunk = 4 << 20;
+
+std::string Hex(const unsigned char* data, size_t n) {
+  static const char kDigits[] = "0123456789abcdef";
+  std::string out(2 * n, '0');
+  for (size_t i = 0; i < n; ++i) {
+    out[2 * i] = kDigits[data[i] >> 4];
+    out[2 * i + 1] = kDigits[data[i] & 15];
+  }
+  return out;
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<ChecksumStore>> ChecksumStore::Create(Options options) {
+  if (!options.state_dir.empty()) {
+    std::error_code ec;
+    std::filesystem::create_directories(options.state_dir, ec);
+    if (ec && !std::filesystem::is_directory(options.state_dir)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--state_dir=", options.state_dir, ": cannot create: ", ec.message()));
+    }
+  }
+  std::unique_ptr<ChecksumStore> store(new ChecksumStore(std::move(options)));
+  store->Load();
+  return store;
+}
+
+std::string ChecksumStore::Key(const std::vector<CheckpointFile>& files) {
+  std::string key;
+  for (const CheckpointFile& f : files) {
+    absl::StrAppend(&key, key.empty() ? "" : "\n", f.path, "|", f.size, "|", f.mtime_ns);
+  }
+  return key;
+}
+
+void ChecksumStore::Load() {
+  if (options_.state_dir.empty()) return;
+  std::ifstream in(options_.state_dir + "/checksums.json");
+  if (!in) return;
+  std::stringstream ss;
+  ss << in.rdbuf();
+  nlohmann::json j = nlohmann::json::parse(ss.str(), nullptr, /*allow_exceptions=*/false);
+  if (!j.is_object()) {
+    LogWarning("checksums_ignored")
+        .Kv("path", options_.state_dir + "/checksums.json")
+        .Kv("reason", "not a JSON object");
+    return;
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  for (auto it = j.begin(); it != j.end(); ++it) {
+    if (it.value().is_string()) hashes_[it.key()] = it.value().get<std::string>();
+  }
+}
+
+void ChecksumStore::Persist() {
+  if (options_.state_dir.empty()) return;
+  const std::string path = options_.state_dir + "/checksums.json";
+  const std::string tmp = path + ".tmp";
+  std::string text = nlohmann::json(hashes_).dump(1) + "\n";
+  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  bool ok = fd >= 0;
+  size_t done = 0;
+  while (ok && done < text.size()) {
+    ssize_t n = ::write(fd, text.data() + done, text.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    ok = n > 0;
+    if (ok) done += static_cast<size_t>(n);
+  }
+  const int saved_errno = errno;
+  if (fd >= 0 && ::close(fd) != 0) ok = false;
+  if (ok && ::rename(tmp.c_str(), path.c_str()) != 0) ok = false;
+  if (!ok) {
+    ::unlink(tmp.c_str());
+    LogWarning("checksums_not_saved").Kv("path", path).Kv("error", std::strerror(saved_errno));
+  }
+}
+
+std::optional<std::string> ChecksumStore::Lookup(const std::vector<CheckpointFile>& files) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = hashes_.find(Key(files));
+  if (it == hashes_.end()) return std::nullopt;
+  return it->second;
+}
+
+absl::StatusOr<std::string> ChecksumStore::Compute(const std::vector<CheckpointFile>& files,
+                                                   const std::atomic<bool>* cancel) {
+  std::unique_ptr<EVP_MD_CTX, decltype(&EVP_MD_CTX_free)> ctx(EVP_MD_CTX_new(), EVP_MD_CTX_free);
+  if (!ctx || EVP_DigestInit_ex(ctx.get(), EVP_sha256(), nullptr) != 1) {
+    return absl::InternalError("sha256: cannot initialise");
+  }
+  std::vector<char> buffer(kChunk);
+  for (const CheckpointFile& f : files) {
+    int fd = ::open(f.path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+      return absl::FailedPreconditionError(absl::StrCat(f.path, ": ", std::strerror(errno)));
+    }
+    ::posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL);
+    uint64_t done = 0;
+    while (done < f.size) {
+      if (cancel != nullptr && cancel->load(std::memory_order_relaxed)) {
+        ::close(fd);
+        return absl::CancelledError(absl::StrCat("sha256 of ", f.path, " cancelled"));
+      }
+      ssize_t n = ::read(fd, buffer.data(), std::min<uint64_t>(kChunk, f.size - done));
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) {
+        ::close(fd);
+        return absl::DataLossError(absl::StrCat(f.path, ": file ended while hashing"));
+      }
+      EVP_DigestUpdate(ctx.get(), buffer.data(), static_cast<size_t>(n));
+      done += static_cast<uint64_t>(n);
+    }
+    ::close(fd);
+  }
+  unsigned char digest[EVP_MAX_MD_SIZE];
+  unsigned int length = 0;
+  EVP_DigestFinal_ex(ctx.get(), digest, &length);
+  std::string hex = Hex(digest, length);
+  std::lock_guard<std::mutex> lock(mu_);
+  hashes_[Key(files)] = hex;
+  Persist();
+  return hex;
+}
+
+}  // namespace metaload::core
