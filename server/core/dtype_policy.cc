@@ -1,0 +1,74 @@
+#include "server/core/dtype_policy.h"
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+
+namespace metaload::core {
+namespace {
+
+absl::StatusOr<std::optional<DType>> ParseTarget(absl::string_view text, absl::string_view what) {
+  if (text.empty() || text == "keep") return std::optional<DType>();
+  std::optional<DType> d = DTypeFromName(text);
+  if (!d || !IsFloatingPoint(*d)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        what, ": unknown dtype '", text, "' (float32, float16, bfloat16, float64 or keep)"));
+  }
+  return d;
+}
+
+}  // namespace
+
+absl::StatusOr<DtypePolicy> DtypePolicy::Create(
+    absl::string_view default_dtype, const std::map<std::string, std::string>& overrides) {
+  DtypePolicy policy;
+  if (default_dtype == "keep") {
+    return absl::InvalidArgumentError("dtype: use an empty dtype to keep the file's");
+  }
+  absl::StatusOr<std::optional<DType>> d = ParseTarget(default_dtype, "dtype");
+  if (!d.ok()) return d.status();
+  policy.default_ = *d;
+  for (const auto& [prefix, target] : overrides) {
+    absl::StatusOr<std::optional<DType>> o =
+        ParseTarget(target, absl::StrCat("dtype_overrides['", prefix, "']"));
+    if (!o.ok()) return o.status();
+    if (target.empty()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("dtype_overrides['", prefix, "']: empty; use a dtype or keep"));
+    }
+    policy.overrides_[prefix] = *o;
+  }
+  return policy;
+}
+
+DType DtypePolicy::Resolve(absl::string_view name, DType stored) const {
+  if (!IsFloatingPoint(stored)) return stored;
+  const std::optional<DType>* best = &default_;
+  size_t best_length = 0;
+  bool matched = false;
+  for (const auto& [prefix, target] : overrides_) {
+    if (absl::StartsWith(name, prefix) && (!matched || prefix.size() > best_length)) {
+      best = &target;
+      best_length = prefix.size();
+      matched = true;
+    }
+  }
+  return best->has_value() ? **best : stored;
+}
+
+uint64_t DtypePolicy::LoadedBytes(const CheckpointIndex& index) const {
+  uint64_t total = 0;
+  for (const TensorInfo& t : index.tensors) {
+    total += static_cast<uint64_t>(t.numel()) * DTypeSize(Resolve(t.name, t.dtype));
+  }
+  return total;
+}
+
+std::string DtypePolicy::Describe() const {
+  std::string out = absl::StrCat("default=", default_ ? DTypeName(*default_) : "keep");
+  for (const auto& [prefix, target] : overrides_) {
+    absl::StrAppend(&out, ";", prefix, "=", target ? DTypeName(*target) : "keep");
+  }
+  return out;
+}
+
+}  // namespace metaload::core

@@ -1,0 +1,88 @@
+// The streaming loader: the web UI's LoadStateDictOnMeta, done right. Takes a module built under
+// InitializeOnMeta (no memory) and a checkpoint, and gives every parameter and buffer real data
+// on the target device, converting dtypes there.
+//
+// Per tensor: the shape must match (else FAILED_PRECONDITION naming the key and both shapes);
+// the dtype comes from the DtypePolicy (integer and bool tensors are never converted); the
+// destination is allocated on the device and filled in chunks by `threads` workers (page faults
+// on fresh destination memory dominate on CPU, so first-touch is split across them), each
+// converting its chunk as it goes. Strict by default: missing keys fail the load, listing the
+// first 20 and a count; with allow_missing_keys they become zeros and are reported. Unexpected
+// keys are always reported. After a load no tensor is left on meta (checked).
+//
+// zero_copy (CPU only): tensors whose dtype needs no conversion and whose bytes are aligned view
+// the file's mapping instead of being copied (the mapping lives as long as the tensors); the
+// others fall back to copying, and the report counts them. Such tensors are read-only.
+//
+// Failure or cancellation (checked between chunks) leaves the module untouched (still on meta)
+// and frees everything the load allocated before returning.
+//
+// Devices: "cpu", "cuda", "cuda:N" through device-generic ATen calls: the same pipeline copies
+// each chunk to the device and converts it there. Thread-safe for distinct modules.
+#ifndef METALOAD_SERVER_CORE_LOADER_H_
+#define METALOAD_SERVER_CORE_LOADER_H_
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "server/core/checkpoint.h"
+#include "server/core/module.h"
+
+namespace metaload::core {
+
+struct LoadProgress {
+  std::string phase;  // "read" while loading, "done" at the end
+  uint64_t bytes_done = 0;
+  uint64_t bytes_total = 0;
+};
+
+struct LoadOptions {
+  // "cpu", "cuda", "cuda:N".
+  std::string device = "cpu";
+  // "" keeps each tensor's stored dtype; else "float32", "float16", "bfloat16".
+  std::string dtype;
+  // Key prefix -> dtype or "keep"; the longest matching prefix wins.
+  std::map<std::string, std::string> dtype_overrides;
+  // Missing keys become zeros instead of failing the load.
+  bool allow_missing_keys = false;
+  // CPU only: tensors view the file's mapping where no conversion is needed.
+  bool zero_copy = false;
+  // Workers filling destinations.
+  int threads = 2;
+  // Bytes one worker moves at a time (and its staging buffer when converting).
+  uint64_t chunk_bytes = 16 << 20;
+  // Set to true (from any thread) to abort; the load then returns CANCELLED.
+  const std::atomic<bool>* cancel = nullptr;
+  // Called (serialised, from a loader thread) at least every 100 ms or 64 MiB, and once with
+  // phase "done". Must be cheap.
+  std::function<void(const LoadProgress&)> progress;
+  // The checkpoint key a module tensor loads from; identity when unset. Lets an architecture
+  // accept several key layouts (e.g. GPT-2 with and without "transformer.").
+  std::function<std::string(const std::string& module_name)> checkpoint_key;
+};
+
+struct LoadReport {
+  double seconds = 0;
+  uint64_t bytes_read = 0;        // checkpoint bytes read (0 for zero-copy views)
+  uint64_t loaded_bytes = 0;      // bytes of the loaded tensors
+  int64_t peak_host_bytes = 0;    // high-water RSS above the pre-load baseline
+  int64_t peak_device_bytes = 0;  // the device allocator's peak; 0 on CPU
+  int tensors = 0;
+  int converted = 0;            // tensors whose dtype changed
+  int zero_copy = 0;            // tensors viewing the mapping
+  int zero_copy_fallbacks = 0;  // zero_copy asked for but copied (conversion or misalignment)
+  std::vector<std::string> missing_keys;     // with allow_missing_keys: zero-filled
+  std::vector<std::string> unexpected_keys;  // in the checkpoint, not in the module
+};
+
+absl::StatusOr<LoadReport> LoadModule(Module& module, const CheckpointSource& source,
+                                      const LoadOptions& options);
+
+}  // namespace metaload::core
+
+#endif  // METALOAD_SERVER_CORE_LOADER_H_

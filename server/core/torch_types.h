@@ -1,0 +1,25 @@
+// Conversions between metaload's vocabulary (DType, device strings) and LibTorch's.
+#ifndef METALOAD_SERVER_CORE_TORCH_TYPES_H_
+#define METALOAD_SERVER_CORE_TORCH_TYPES_H_
+
+#include <c10/core/Device.h>
+#include <c10/core/ScalarType.h>
+
+#include <optional>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "server/core/dtype.h"
+
+namespace metaload::core {
+
+at::ScalarType ToScalarType(DType dtype);
+std::optional<DType> FromScalarType(at::ScalarType type);
+
+// "cpu" (also ""), "cuda", "cuda:N". INVALID_ARGUMENT for anything else; FAILED_PRECONDITION
+// for CUDA when this build or machine has no CUDA device N.
+absl::StatusOr<c10::Device> ParseDevice(const std::string& text);
+
+}  // namespace metaload::core
+
+#endif  // METALOAD_SERVER_CORE_TORCH_TYPES_H_

@@ -1,0 +1,419 @@
+// The init guards, the layer kit under them, and every behaviour of the streaming loader.
+#include "server/core/loader.h"
+
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <cstring>
+#include <thread>
+
+#include "server/core/init_context.h"
+#include "server/core/layers.h"
+#include "server/core/process_memory.h"
+#include "server/core/safetensors_writer.h"
+#include "server/core/torch_types.h"
+#include "tests/test_util.h"
+
+namespace metaload::core {
+namespace {
+
+// A small model touching every kind of slot: children, parameters with and without bias, a
+// norm, and an integer buffer.
+class TestNet : public Module {
+ public:
+  TestNet(int64_t hidden = 8)
+      : embed(AddChild("embed", std::make_unique<Embedding>(10, 4))),
+        fc1(AddChild("fc1", std::make_unique<Linear>(4, hidden))),
+        norm(AddChild("norm", std::make_unique<LayerNorm>(hidden))),
+        head(AddChild("head", std::make_unique<Linear>(hidden, 3, /*bias=*/false))),
+        steps(AddBuffer("steps", {2}, nullptr, at::kLong)) {}
+  Embedding& embed;
+  Linear& fc1;
+  LayerNorm& norm;
+  Linear& head;
+  at::Tensor& steps;
+};
+
+std::map<std::string, at::Tensor> Reference(int64_t hidden = 8) {
+  at::manual_seed(3);
+  return {{"embed.weight", at::randn({10, 4})},     {"fc1.weight", at::randn({hidden, 4})},
+          {"fc1.bias", at::randn({hidden})},        {"norm.weight", at::randn({hidden})},
+          {"norm.bias", at::randn({hidden})},       {"head.weight", at::randn({3, hidden})},
+          {"steps", at::tensor({7, -9}, at::kLong)}};
+}
+
+std::string WriteCheckpoint(const testing::TempDir& dir,
+                            const std::map<std::string, at::Tensor>& tensors,
+                            const std::string& name = "m.safetensors") {
+  SafetensorsWriter w;
+  for (const auto& [key, t] : tensors) {
+    at::Tensor c = t.contiguous();
+    EXPECT_TRUE(w.Add(key, *FromScalarType(c.scalar_type()), c.sizes().vec(),
+                      [c](char* dst, int64_t offset, int64_t n) {
+                        std::memcpy(dst, static_cast<const char*>(c.data_ptr()) + offset, n);
+                      })
+                    .ok());
+  }
+  const std::string path = dir / name;
+  EXPECT_TRUE(w.Write(path).ok());
+  return path;
+}
+
+std::unique_ptr<TestNet> MetaNet(int64_t hidden = 8) {
+  InitializeOnMeta meta;
+  return std::make_unique<TestNet>(hidden);
+}
+
+std::unique_ptr<CheckpointSource> Open(const std::string& path) {
+  absl::StatusOr<std::unique_ptr<CheckpointSource>> s = CheckpointSource::Open(path);
+  EXPECT_TRUE(s.ok()) << s.status();
+  return s.ok() ? *std::move(s) : nullptr;
+}
+
+std::map<std::string, at::Tensor> SlotMap(Module& m) {
+  std::map<std::string, at::Tensor> out;
+  for (const TensorSlot& s : m.Slots()) out[s.name] = *s.tensor;
+  return out;
+}
+
+TEST(InitContextTest, GuardsNestAndRestore) {
+  EXPECT_FALSE(CurrentInitState().on_meta);
+  EXPECT_FALSE(CurrentInitState().initialization_disabled);
+  {
+    DisableInitialization off;
+    EXPECT_TRUE(CurrentInitState().initialization_disabled);
+    EXPECT_FALSE(CurrentInitState().on_meta);
+    {
+      InitializeOnMeta meta;
+      EXPECT_TRUE(CurrentInitState().on_meta);
+    }
+    EXPECT_FALSE(CurrentInitState().on_meta);
+    EXPECT_TRUE(CurrentInitState().initialization_disabled);
+  }
+  EXPECT_FALSE(CurrentInitState().initialization_disabled);
+}
+
+TEST(InitContextTest, RestoredOnExceptions) {
+  try {
+    InitializeOnMeta meta;
+    throw std::runtime_error("builder failed");
+  } catch (const std::runtime_error&) {
+  }
+  EXPECT_FALSE(CurrentInitState().on_meta);
+  EXPECT_FALSE(CurrentInitState().initialization_disabled);
+}
+
+TEST(InitContextTest, PerThread) {
+  InitializeOnMeta meta;
+  bool other_meta = true;
+  std::thread([&] { other_meta = CurrentInitState().on_meta; }).join();
+  EXPECT_FALSE(other_meta);
+  EXPECT_TRUE(CurrentInitState().on_meta);
+}
+
+TEST(LayerKitTest, AllocationFollowsTheContext) {
+  auto meta = MetaNet();
+  for (const TensorSlot& s : meta->Slots()) EXPECT_TRUE(s.tensor->is_meta()) << s.name;
+  EXPECT_EQ(meta->ParameterCount(), 10 * 4 + 8 * 4 + 8 + 8 + 8 + 3 * 8);
+
+  TestNet initialised;  // PyTorch's defaults: norm weight 1, bias 0, linear in +-1/sqrt(in)
+  EXPECT_TRUE(initialised.norm.Forward(at::zeros({1, 8})).defined());
+  EXPECT_TRUE(SlotMap(initialised)["norm.weight"].eq(1).all().item<bool>());
+  EXPECT_LE(SlotMap(initialised)["fc1.weight"].abs().max().item<float>(), 0.5f);
+  EXPECT_GT(SlotMap(initialised)["fc1.weight"].abs().max().item<float>(), 0.0f);
+}
+
+// A decoder-sized stack of linears: ~1.07 billion parameters, 4 GiB if it were allocated.
+class Billion : public Module {
+ public:
+  Billion() {
+    for (int i = 0; i < 16; ++i) AddChild(std::to_string(i), std::make_unique<Linear>(8192, 8192));
+  }
+};
+
+TEST(LayerKitTest, BillionParameterSkeletonIsFreeOnMeta) {
+  const int64_t rss_before = ReadProcessMemory()->rss_bytes;
+  const auto start = std::chrono::steady_clock::now();
+  std::unique_ptr<Billion> model;
+  {
+    InitializeOnMeta meta;
+    model = std::make_unique<Billion>();
+  }
+  const double ms =
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+  const int64_t rss_after = ReadProcessMemory()->rss_bytes;
+  EXPECT_GT(model->ParameterCount(), 1'000'000'000);
+  EXPECT_LT(ms, 50.0);
+  EXPECT_LT(rss_after - rss_before, 10 << 20);
+}
+
+class LoaderTest : public ::testing::Test {
+ protected:
+  void ExpectEqualsReference(Module& m, const std::map<std::string, at::Tensor>& ref) {
+    std::map<std::string, at::Tensor> got = SlotMap(m);
+    for (const auto& [name, want] : ref) {
+      ASSERT_TRUE(got.count(name)) << name;
+      EXPECT_FALSE(got[name].is_meta()) << name;
+      EXPECT_EQ(got[name].scalar_type(), want.scalar_type()) << name;
+      EXPECT_TRUE(at::equal(got[name], want)) << name;
+    }
+  }
+  testing::TempDir dir_;
+};
+
+TEST_F(LoaderTest, CopyModesGiveTheSourceValues) {
+  const auto ref = Reference();
+  auto source = Open(WriteCheckpoint(dir_, ref));
+  for (int threads : {1, 2, 4}) {
+    for (uint64_t chunk : {uint64_t{16} << 20, uint64_t{12}}) {  // 12 bytes: many tiny chunks
+      auto net = MetaNet();
+      LoadOptions options;
+      options.threads = threads;
+      options.chunk_bytes = chunk;
+      absl::StatusOr<LoadReport> r = LoadModule(*net, *source, options);
+      ASSERT_TRUE(r.ok()) << r.status();
+      ExpectEqualsReference(*net, ref);
+      EXPECT_EQ(r->tensors, 7);
+      EXPECT_EQ(r->converted, 0);
+      EXPECT_EQ(r->bytes_read, source->index().total_bytes());
+      EXPECT_EQ(r->loaded_bytes, source->index().total_bytes());
+      EXPECT_TRUE(r->unexpected_keys.empty());
+    }
+  }
+}
+
+TEST_F(LoaderTest, ForwardUsesTheLoadedWeights) {
+  const auto ref = Reference();
+  auto source = Open(WriteCheckpoint(dir_, ref));
+  auto net = MetaNet();
+  ASSERT_TRUE(LoadModule(*net, *source, {}).ok());
+  at::Tensor x = at::randn({2, 4});
+  at::Tensor want = at::matmul(x, ref.at("fc1.weight").t()) + ref.at("fc1.bias");
+  EXPECT_TRUE(at::allclose(net->fc1.Forward(x), want));
+  at::Tensor ids = at::tensor({3, 9}, at::kLong);
+  EXPECT_TRUE(at::equal(net->embed.Forward(ids), ref.at("embed.weight").index_select(0, ids)));
+}
+
+TEST_F(LoaderTest, DtypeConversionAndLongestPrefixOverrides) {
+  const auto ref = Reference();
+  auto source = Open(WriteCheckpoint(dir_, ref));
+  auto net = MetaNet();
+  LoadOptions options;
+  options.dtype = "float16";
+  options.dtype_overrides = {{"fc", "bfloat16"}, {"fc1.b", "keep"}, {"head", "keep"}};
+  options.chunk_bytes = 20;  // conversion across chunk boundaries
+  absl::StatusOr<LoadReport> r = LoadModule(*net, *source, options);
+  ASSERT_TRUE(r.ok()) << r.status();
+  std::map<std::string, at::Tensor> got = SlotMap(*net);
+  EXPECT_EQ(got["embed.weight"].scalar_type(), at::kHalf);
+  EXPECT_EQ(got["fc1.weight"].scalar_type(), at::kBFloat16);
+  EXPECT_EQ(got["fc1.bias"].scalar_type(), at::kFloat);  // "fc1.b" beats "fc"
+  EXPECT_EQ(got["head.weight"].scalar_type(), at::kFloat);
+  EXPECT_EQ(got["steps"].scalar_type(), at::kLong);  // integers are never converted
+  EXPECT_TRUE(at::equal(got["steps"], ref.at("steps")));
+  EXPECT_TRUE(at::equal(got["embed.weight"], ref.at("embed.weight").to(at::kHalf)));
+  EXPECT_TRUE(at::equal(got["fc1.weight"], ref.at("fc1.weight").to(at::kBFloat16)));
+  EXPECT_TRUE(at::equal(got["fc1.bias"], ref.at("fc1.bias")));
+  EXPECT_EQ(r->converted, 4);  // embed, fc1.weight, norm.weight, norm.bias
+}
+
+TEST_F(LoaderTest, ZeroCopyAliasesTheMappingAndOutlivesTheSource) {
+  auto ref = Reference();
+  ref["embed.weight"] = ref["embed.weight"].to(at::kHalf);  // stored f16, loaded as f32: copied
+  auto source = Open(WriteCheckpoint(dir_, ref));
+  auto net = MetaNet();
+  LoadOptions options;
+  options.zero_copy = true;
+  options.dtype_overrides = {{"embed.", "float32"}};
+  absl::StatusOr<LoadReport> r = LoadModule(*net, *source, options);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->zero_copy, 6);
+  EXPECT_EQ(r->zero_copy_fallbacks, 1);
+  EXPECT_EQ(r->bytes_read, 10 * 4 * 2u);
+  auto map = source->Map(0);
+  ASSERT_TRUE(map.ok());
+  const char* begin = (*map)->data();
+  const char* end = begin + (*map)->size();
+  const char* fc1 = static_cast<const char*>(SlotMap(*net)["fc1.weight"].data_ptr());
+  EXPECT_TRUE(fc1 >= begin && fc1 < end);  // a view of the file, not a copy
+  const char* embed = static_cast<const char*>(SlotMap(*net)["embed.weight"].data_ptr());
+  EXPECT_FALSE(embed >= begin && embed < end);
+  map->reset();
+  source.reset();  // the tensors keep the mapping alive
+  EXPECT_TRUE(at::equal(SlotMap(*net)["fc1.weight"], ref.at("fc1.weight")));
+  EXPECT_TRUE(at::equal(SlotMap(*net)["embed.weight"], ref.at("embed.weight").to(at::kFloat)));
+}
+
+TEST_F(LoaderTest, ShapeMismatchNamesKeyAndBothShapes) {
+  auto ref = Reference();
+  ref["fc1.weight"] = at::randn({8, 5});
+  auto source = Open(WriteCheckpoint(dir_, ref));
+  auto net = MetaNet();
+  absl::Status s = LoadModule(*net, *source, {}).status();
+  EXPECT_TRUE(absl::IsFailedPrecondition(s)) << s;
+  EXPECT_NE(
+      s.message().find("key 'fc1.weight': checkpoint has shape [8, 5], the model expects [8, 4]"),
+      std::string::npos)
+      << s;
+  for (const TensorSlot& slot : net->Slots()) EXPECT_TRUE(slot.tensor->is_meta());
+}
+
+TEST_F(LoaderTest, MissingKeysStrictByDefaultZerosWhenAllowed) {
+  auto ref = Reference();
+  ref.erase("norm.bias");
+  ref.erase("head.weight");
+  ref["extra.unused"] = at::ones({2});
+  auto source = Open(WriteCheckpoint(dir_, ref));
+  auto net = MetaNet();
+  absl::Status strict = LoadModule(*net, *source, {}).status();
+  EXPECT_TRUE(absl::IsFailedPrecondition(strict)) << strict;
+  EXPECT_NE(strict.message().find("2 key(s) the model needs are missing"), std::string::npos);
+  EXPECT_NE(strict.message().find("norm.bias"), std::string::npos);
+  EXPECT_NE(strict.message().find("head.weight"), std::string::npos);
+
+  LoadOptions options;
+  options.allow_missing_keys = true;
+  absl::StatusOr<LoadReport> r = LoadModule(*net, *source, options);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->missing_keys, (std::vector<std::string>{"norm.bias", "head.weight"}));
+  EXPECT_EQ(r->unexpected_keys, (std::vector<std::string>{"extra.unused"}));
+  EXPECT_TRUE(SlotMap(*net)["head.weight"].eq(0).all().item<bool>());
+  EXPECT_TRUE(at::equal(SlotMap(*net)["fc1.weight"], ref.at("fc1.weight")));
+}
+
+TEST_F(LoaderTest, ManyMissingKeysShowTwentyAndACount) {
+  class Wide : public Module {
+   public:
+    Wide() {
+      for (int i = 0; i < 30; ++i) AddParameter("p" + std::to_string(i), {1}, nullptr);
+    }
+  };
+  std::unique_ptr<Wide> wide;
+  {
+    InitializeOnMeta meta;
+    wide = std::make_unique<Wide>();
+  }
+  auto source = Open(WriteCheckpoint(dir_, {{"other", at::ones({1})}}));
+  absl::Status s = LoadModule(*wide, *source, {}).status();
+  EXPECT_NE(s.message().find("30 key(s)"), std::string::npos) << s;
+  EXPECT_NE(s.message().find("p19, ..."), std::string::npos) << s;
+  EXPECT_EQ(s.message().find("p20"), std::string::npos) << s;
+}
+
+TEST_F(LoaderTest, ProgressIsMonotonicAndComplete) {
+  const auto ref = Reference(/*hidden=*/4096);  // ~64 KiB of fc1 + head
+  auto source = Open(WriteCheckpoint(dir_, ref));
+  auto net = MetaNet(4096);
+  std::vector<LoadProgress> events;
+  LoadOptions options;
+  options.chunk_bytes = 4096;
+  options.progress = [&](const LoadProgress& p) { events.push_back(p); };
+  ASSERT_TRUE(LoadModule(*net, *source, options).ok());
+  ASSERT_FALSE(events.empty());
+  for (size_t i = 1; i < events.size(); ++i) {
+    EXPECT_GE(events[i].bytes_done, events[i - 1].bytes_done);
+  }
+  EXPECT_EQ(events.back().phase, "done");
+  EXPECT_EQ(events.back().bytes_done, source->index().total_bytes());
+  EXPECT_EQ(events.back().bytes_total, source->index().total_bytes());
+}
+
+TEST_F(LoaderTest, CancelMidLoadFreesEverything) {
+  const int64_t hidden = 16 << 20;  // fc1.weight alone is 256 MiB
+  std::map<std::string, at::Tensor> ref = Reference(8);
+  SafetensorsWriter w;
+  for (const auto& [name, shape] :
+       std::vector<std::pair<std::string, std::vector<int64_t>>>{{"embed.weight", {10, 4}},
+                                                                 {"fc1.weight", {hidden, 4}},
+                                                                 {"fc1.bias", {hidden}},
+                                                                 {"norm.weight", {hidden}},
+                                                                 {"norm.bias", {hidden}},
+                                                                 {"head.weight", {3, hidden}}}) {
+    ASSERT_TRUE(w.Add(name, DType::kFloat32, shape, [](char* d, int64_t, int64_t n) {
+                   std::memset(d, 0, n);
+                 }).ok());
+  }
+  ASSERT_TRUE(w.Add("steps", DType::kInt64, {2}, [](char* d, int64_t, int64_t n) {
+                 std::memset(d, 0, n);
+               }).ok());
+  const std::string path = dir_ / "big.safetensors";
+  ASSERT_TRUE(w.Write(path).ok());
+  auto source = Open(path);
+  auto net = MetaNet(hidden);
+  const int64_t before = ReadProcessMemory()->rss_bytes;
+  std::atomic<bool> cancel{false};
+  LoadOptions options;
+  options.cancel = &cancel;
+  options.chunk_bytes = 4 << 20;
+  uint64_t seen = 0;
+  options.progress = [&](const LoadProgress& p) {
+    seen = p.bytes_done;
+    if (p.bytes_done > (64 << 20)) cancel.store(true);
+  };
+  absl::Status s = LoadModule(*net, *source, options).status();
+  EXPECT_TRUE(absl::IsCancelled(s)) << s;
+  EXPECT_GT(seen, uint64_t{64} << 20);
+  for (const TensorSlot& slot : net->Slots()) EXPECT_TRUE(slot.tensor->is_meta()) << slot.name;
+  const int64_t after = ReadProcessMemory()->rss_bytes;
+  EXPECT_LT(after - before, 32 << 20) << "memory not returned after cancel";
+}
+
+TEST_F(LoaderTest, PeakHostBytesCoverTheModelWithoutDoubling) {
+  const int64_t hidden = 4 << 20;  // ~100 MiB model
+  SafetensorsWriter w;
+  for (const auto& [name, shape] :
+       std::vector<std::pair<std::string, std::vector<int64_t>>>{{"embed.weight", {10, 4}},
+                                                                 {"fc1.weight", {hidden, 4}},
+                                                                 {"fc1.bias", {hidden}},
+                                                                 {"norm.weight", {hidden}},
+                                                                 {"norm.bias", {hidden}},
+                                                                 {"head.weight", {3, hidden}}}) {
+    ASSERT_TRUE(w.Add(name, DType::kFloat32, shape, [](char* d, int64_t, int64_t n) {
+                   std::memset(d, 1, n);
+                 }).ok());
+  }
+  ASSERT_TRUE(w.Add("steps", DType::kInt64, {2}, [](char* d, int64_t, int64_t n) {
+                 std::memset(d, 0, n);
+               }).ok());
+  ASSERT_TRUE(w.Write(dir_ / "m.safetensors").ok());
+  auto source = Open(dir_ / "m.safetensors");
+  auto net = MetaNet(hidden);
+  absl::StatusOr<LoadReport> r = LoadModule(*net, *source, {});
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_GE(r->peak_host_bytes, static_cast<int64_t>(r->loaded_bytes) * 9 / 10);
+  EXPECT_LE(r->peak_host_bytes, static_cast<int64_t>(r->loaded_bytes) + (96 << 20));
+}
+
+TEST_F(LoaderTest, BadOptionsAreRejectedBeforeAnything) {
+  auto source = Open(WriteCheckpoint(dir_, Reference()));
+  auto net = MetaNet();
+  LoadOptions options;
+  options.device = "tpu";
+  EXPECT_TRUE(absl::IsInvalidArgument(LoadModule(*net, *source, options).status()));
+  options.device = "cuda:0";
+  absl::Status cuda = LoadModule(*net, *source, options).status();
+  EXPECT_TRUE(absl::IsFailedPrecondition(cuda)) << cuda;  // CPU-only LibTorch
+  options = LoadOptions();
+  options.dtype = "int8";
+  EXPECT_TRUE(absl::IsInvalidArgument(LoadModule(*net, *source, options).status()));
+  options = LoadOptions();
+  options.dtype_overrides = {{"fc1.", "float8"}};
+  absl::Status bad = LoadModule(*net, *source, options).status();
+  EXPECT_NE(bad.message().find("dtype_overrides['fc1.']"), std::string::npos) << bad;
+}
+
+TEST_F(LoaderTest, TruncatedCheckpointFailsCleanly) {
+  const std::string path = WriteCheckpoint(dir_, Reference());
+  auto source = Open(path);
+  const TensorInfo* head = source->index().Find("head.weight");
+  ASSERT_NE(head, nullptr);
+  ASSERT_EQ(::truncate(path.c_str(), static_cast<off_t>(head->offset)), 0);
+  auto net = MetaNet();
+  absl::Status s = LoadModule(*net, *source, {}).status();
+  EXPECT_TRUE(absl::IsDataLoss(s)) << s;
+  for (const TensorSlot& slot : net->Slots()) EXPECT_TRUE(slot.tensor->is_meta());
+}
+
+}  // namespace
+}  // namespace metaload::core
