@@ -46,6 +46,7 @@ test: build
 # Benchmarks print ratios and figures; see README "Performance" for the recorded table.
 bench: build
 	@$(BUILD_DIR)/tests/bench/parse_bench
+	@$(BUILD_DIR)/tests/bench/load_bench --dir=$(BUILD_DIR)/bench-data
 
 # Long fuzzing: make fuzz FUZZ_SECONDS=3600 (per target).
 fuzz: deps

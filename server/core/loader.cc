@@ -1,6 +1,7 @@
 #include "server/core/loader.h"
 
 #include <ATen/ATen.h>
+#include <sys/mman.h>
 
 #include <chrono>
 #include <mutex>
@@ -37,6 +38,17 @@ struct Chunk {
   uint64_t begin;
   uint64_t end;
 };
+
+// Fresh destinations are untouched memory; faulting them in 4 KiB pages dominated CPU loads
+// (ARCHITECTURE.md). Asking for transparent huge pages before the first touch cuts the faults
+// ~500-fold where the kernel allows it (THP "madvise" mode, the Debian default).
+void AdviseHugePages(const at::Tensor& t) {
+  constexpr uintptr_t kHuge = 2 << 20;
+  if (!t.is_cpu() || t.nbytes() < 2 * kHuge) return;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(t.data_ptr()) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(t.data_ptr()) + t.nbytes()) & ~(kHuge - 1);
+  if (end > begin) ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+}
 
 std::string ShapeString(at::IntArrayRef shape) {
   return absl::StrCat("[", absl::StrJoin(shape, ", "), "]");
@@ -167,6 +179,7 @@ absl::StatusOr<LoadReport> LoadModule(Module& module, const CheckpointSource& so
       ++report.zero_copy_fallbacks;
     }
     p.tensor = at::empty(p.info->shape, to);
+    AdviseHugePages(p.tensor);
     p.needs_copy = true;
     report.loaded_bytes += static_cast<uint64_t>(p.tensor.nbytes());
     for (uint64_t b = 0; b < p.info->nbytes; b += options.chunk_bytes) {

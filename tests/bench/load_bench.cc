@@ -1,0 +1,279 @@
+// Benchmark (a program, not a test): loading a GPT-2-medium-sized checkpoint (~1.4 GB fp32,
+// 292 tensors) onto the CPU, against a floor and a naive LibTorch load measured in the same run.
+// Each mode runs in its own child process (fresh address space, honest RSS), page cache warm,
+// median of 5.
+//
+//   floor      2-thread pread of the same bytes into fresh memory
+//   floor_thp  the same with transparent huge pages requested, as the loader does
+//   naive      build with torch::nn modules (init on CPU), then copy the weights in
+//   metaload   meta skeleton + streaming loader: keep dtype / fp32->bf16 / zero_copy
+//
+// Usage: load_bench [--dir=DIR] [--runs=N]   (writes DIR/gpt2-medium.safetensors once)
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <torch/torch.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "server/core/checkpoint.h"
+#include "server/core/init_context.h"
+#include "server/core/loader.h"
+#include "server/core/module.h"
+#include "server/core/process_memory.h"
+#include "server/core/safetensors_writer.h"
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using metaload::core::DType;
+
+struct Spec {
+  std::string name;
+  std::vector<int64_t> shape;
+};
+
+// GPT-2 medium: 24 layers, width 1024, vocabulary 50257, 1024 positions.
+std::vector<Spec> Gpt2Medium() {
+  const int64_t d = 1024, v = 50257, p = 1024;
+  std::vector<Spec> out = {{"wte.weight", {v, d}}, {"wpe.weight", {p, d}}};
+  for (int i = 0; i < 24; ++i) {
+    const std::string h = absl::StrCat("h.", i, ".");
+    for (const Spec& s : std::vector<Spec>{{"ln_1.weight", {d}},
+                                           {"ln_1.bias", {d}},
+                                           {"attn.c_attn.weight", {3 * d, d}},
+                                           {"attn.c_attn.bias", {3 * d}},
+                                           {"attn.c_proj.weight", {d, d}},
+                                           {"attn.c_proj.bias", {d}},
+                                           {"ln_2.weight", {d}},
+                                           {"ln_2.bias", {d}},
+                                           {"mlp.c_fc.weight", {4 * d, d}},
+                                           {"mlp.c_fc.bias", {4 * d}},
+                                           {"mlp.c_proj.weight", {d, 4 * d}},
+                                           {"mlp.c_proj.bias", {d}}}) {
+      out.push_back({h + s.name, s.shape});
+    }
+  }
+  out.push_back({"ln_f.weight", {d}});
+  out.push_back({"ln_f.bias", {d}});
+  return out;
+}
+
+// The kit model: one parameter per spec, on meta.
+class SpecModule : public metaload::core::Module {
+ public:
+  explicit SpecModule(const std::vector<Spec>& specs) {
+    for (const Spec& s : specs) AddParameter(s.name, s.shape, nullptr);
+  }
+};
+
+// The same model with torch::nn modules, initialised on CPU as a plain LibTorch program would.
+struct NaiveGpt2 : torch::nn::Module {
+  NaiveGpt2() {
+    const int64_t d = 1024;
+    register_module("wte", torch::nn::Embedding(50257, d));
+    register_module("wpe", torch::nn::Embedding(1024, d));
+    auto h = std::make_shared<torch::nn::Module>();
+    for (int i = 0; i < 24; ++i) {
+      auto block = std::make_shared<torch::nn::Module>();
+      block->register_module("ln_1", torch::nn::LayerNorm(torch::nn::LayerNormOptions({d})));
+      auto attn = std::make_shared<torch::nn::Module>();
+      attn->register_module("c_attn", torch::nn::Linear(d, 3 * d));
+      attn->register_module("c_proj", torch::nn::Linear(d, d));
+      block->register_module("attn", attn);
+      block->register_module("ln_2", torch::nn::LayerNorm(torch::nn::LayerNormOptions({d})));
+      auto mlp = std::make_shared<torch::nn::Module>();
+      mlp->register_module("c_fc", torch::nn::Linear(d, 4 * d));
+      mlp->register_module("c_proj", torch::nn::Linear(4 * d, d));
+      block->register_module("mlp", mlp);
+      h->register_module(std::to_string(i), block);
+    }
+    register_module("h", h);
+    register_module("ln_f", torch::nn::LayerNorm(torch::nn::LayerNormOptions({d})));
+  }
+};
+
+double Seconds(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+// Runs one mode in this (child) process; prints "seconds peak_host_bytes".
+int RunMode(const std::string& mode, const std::string& path) {
+  const int64_t baseline = metaload::core::ReadProcessMemory()->rss_bytes;
+  metaload::core::ResetPeakRss();
+  const auto start = Clock::now();
+  auto source = metaload::core::CheckpointSource::Open(path);
+  if (!source.ok()) {
+    std::fprintf(stderr, "%s\n", source.status().ToString().c_str());
+    return 1;
+  }
+  const auto& index = (*source)->index();
+  if (mode == "floor" || mode == "floor_thp") {
+    const uint64_t total = index.files[0].size - index.tensors.front().offset;
+    char* dst = static_cast<char*>(std::malloc(total));
+    if (mode == "floor_thp") {
+      const uintptr_t huge = 2 << 20;
+      const uintptr_t b = (reinterpret_cast<uintptr_t>(dst) + huge - 1) & ~(huge - 1);
+      const uintptr_t e = (reinterpret_cast<uintptr_t>(dst) + total) & ~(huge - 1);
+      ::madvise(reinterpret_cast<void*>(b), e - b, MADV_HUGEPAGE);
+    }
+    int fd = ::open(path.c_str(), O_RDONLY);
+    auto read_part = [&](uint64_t begin, uint64_t end) {
+      for (uint64_t off = begin; off < end;) {
+        ssize_t n = ::pread(fd, dst + off, std::min<uint64_t>(end - off, 16 << 20),
+                            static_cast<off_t>(index.tensors.front().offset + off));
+        if (n <= 0) break;
+        off += static_cast<uint64_t>(n);
+      }
+    };
+    std::thread t(read_part, 0, total / 2);
+    read_part(total / 2, total);
+    t.join();
+    ::close(fd);
+    std::printf(
+        "%.6f %lld\n", Seconds(start),
+        static_cast<long long>(metaload::core::ReadProcessMemory()->peak_rss_bytes - baseline));
+    std::free(dst);
+    return 0;
+  }
+  if (mode == "naive") {
+    torch::NoGradGuard no_grad;
+    NaiveGpt2 model;
+    std::vector<char> buffer;
+    for (auto& item : model.named_parameters()) {
+      const auto* t = index.Find(item.key());
+      if (t == nullptr) return 2;
+      buffer.resize(t->nbytes);
+      if (!(*source)->Read(*t, 0, t->nbytes, buffer.data()).ok()) return 3;
+      item.value().copy_(torch::from_blob(buffer.data(), t->shape, torch::kFloat));
+    }
+  } else {
+    std::unique_ptr<SpecModule> model;
+    {
+      metaload::core::InitializeOnMeta meta;
+      model = std::make_unique<SpecModule>(Gpt2Medium());
+    }
+    metaload::core::LoadOptions options;
+    if (mode == "bf16") options.dtype = "bfloat16";
+    if (mode == "zero_copy") options.zero_copy = true;
+    auto report = metaload::core::LoadModule(*model, **source, options);
+    if (!report.ok()) {
+      std::fprintf(stderr, "%s\n", report.status().ToString().c_str());
+      return 4;
+    }
+  }
+  std::printf(
+      "%.6f %lld\n", Seconds(start),
+      static_cast<long long>(metaload::core::ReadProcessMemory()->peak_rss_bytes - baseline));
+  return 0;
+}
+
+struct Figures {
+  double seconds;
+  double peak_bytes;
+};
+
+Figures Median(const char* self, const std::string& mode, const std::string& path, int runs) {
+  std::vector<double> secs, peaks;
+  for (int i = 0; i < runs; ++i) {
+    std::string cmd = absl::StrCat(self, " --mode=", mode, " --path=", path);
+    FILE* p = ::popen(cmd.c_str(), "r");
+    double s = 0;
+    long long peak = 0;
+    if (p == nullptr || std::fscanf(p, "%lf %lld", &s, &peak) != 2) {
+      std::fprintf(stderr, "load_bench: mode %s failed\n", mode.c_str());
+      std::exit(1);
+    }
+    ::pclose(p);
+    secs.push_back(s);
+    peaks.push_back(static_cast<double>(peak));
+  }
+  std::sort(secs.begin(), secs.end());
+  std::sort(peaks.begin(), peaks.end());
+  return {secs[secs.size() / 2], peaks[peaks.size() / 2]};
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string dir = "build/bench-data", mode, path;
+  int runs = 5;
+  for (int i = 1; i < argc; ++i) {
+    std::string a = argv[i];
+    if (a.rfind("--dir=", 0) == 0) dir = a.substr(6);
+    if (a.rfind("--runs=", 0) == 0) runs = std::stoi(a.substr(7));
+    if (a.rfind("--mode=", 0) == 0) mode = a.substr(7);
+    if (a.rfind("--path=", 0) == 0) path = a.substr(7);
+  }
+  if (!mode.empty()) return RunMode(mode, path);
+
+  std::filesystem::create_directories(dir);
+  path = dir + "/gpt2-medium.safetensors";
+  const std::vector<Spec> specs = Gpt2Medium();
+  if (!std::filesystem::exists(path)) {
+    std::fprintf(stderr, "load_bench: writing %s ...\n", path.c_str());
+    metaload::core::SafetensorsWriter w;
+    for (size_t i = 0; i < specs.size(); ++i) {
+      (void)w.Add(specs[i].name, DType::kFloat32, specs[i].shape,
+                  [i](char* d, int64_t off, int64_t n) {
+                    for (int64_t b = 0; b < n; b += 4) {
+                      float v = static_cast<float>(((off + b) / 4 + i) % 97) / 97.0f - 0.5f;
+                      std::memcpy(d + b, &v, 4);
+                    }
+                  });
+    }
+    if (!w.Write(path).ok()) return 1;
+  }
+  {  // warm the page cache
+    int fd = ::open(path.c_str(), O_RDONLY);
+    std::vector<char> buf(16 << 20);
+    while (::read(fd, buf.data(), buf.size()) > 0) {
+    }
+    ::close(fd);
+  }
+  const double model_bytes = static_cast<double>(std::filesystem::file_size(path));
+  const Figures floor = Median(argv[0], "floor", path, runs);
+  const Figures floor_thp = Median(argv[0], "floor_thp", path, runs);
+  const Figures naive = Median(argv[0], "naive", path, runs);
+  const Figures keep = Median(argv[0], "keep", path, runs);
+  const Figures bf16 = Median(argv[0], "bf16", path, runs);
+  const Figures zero = Median(argv[0], "zero_copy", path, runs);
+
+  std::printf(
+      "load benchmark: GPT-2 medium shapes, %zu tensors, %.2f GB fp32, median of %d, "
+      "one process per run\n",
+      specs.size(), model_bytes / 1e9, runs);
+  std::printf("%-34s %9s %10s %12s %s\n", "row", "seconds", "x floor", "peak MiB", "target");
+  auto row = [&](const char* name, const Figures& f, const std::string& target) {
+    std::printf("%-34s %9.3f %10.2f %12.0f %s\n", name, f.seconds, f.seconds / floor.seconds,
+                f.peak_bytes / (1 << 20), target.c_str());
+  };
+  row("floor: 2-thread pread", floor, "reference");
+  row("floor with huge pages (madvise)", floor_thp, "what metaload's destinations get");
+  row("naive LibTorch (init + copy)", naive, "");
+  row("metaload cpu, keep dtype", keep,
+      absl::StrFormat("<= 1.1 x floor: %s; naive/metaload = %.1f (>= 4: %s)",
+                      keep.seconds <= 1.1 * floor.seconds ? "yes" : "NO",
+                      naive.seconds / keep.seconds,
+                      naive.seconds >= 4 * keep.seconds ? "yes" : "NO"));
+  row("metaload cpu, fp32 -> bf16", bf16,
+      absl::StrFormat("<= 1.4 x floor: %s", bf16.seconds <= 1.4 * floor.seconds ? "yes" : "NO"));
+  row("metaload cpu, zero_copy", zero,
+      absl::StrFormat("<= 20 ms: %s", zero.seconds <= 0.020 ? "yes" : "NO"));
+  std::printf(
+      "peak host bytes, copy mode: %.0f MiB for a %.0f MiB model (<= model + 96 MiB: %s; "
+      "naive: %.0f MiB)\n",
+      keep.peak_bytes / (1 << 20), model_bytes / (1 << 20),
+      keep.peak_bytes <= model_bytes + (96 << 20) ? "yes" : "NO", naive.peak_bytes / (1 << 20));
+  return 0;
+}
