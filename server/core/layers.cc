@@ -124,7 +124,9 @@ at::Tensor ScaledDotProductAttention(const at::Tensor& q, const at::Tensor& k, c
                                      bool causal, const at::Tensor& key_mask) {
   const double scale = 1.0 / std::sqrt(static_cast<double>(q.size(-1)));
   at::Tensor scores = at::matmul(q.to(at::kFloat), k.to(at::kFloat).transpose(-2, -1)) * scale;
-  const double neg = -std::numeric_limits<float>::infinity();
+  // The lowest finite value, not -inf: a fully masked row (left padding) then averages instead
+  // of producing NaN, as Hugging Face models do.
+  const double neg = std::numeric_limits<float>::lowest();
   if (causal) {
     const int64_t tq = q.size(-2), tk = k.size(-2);
     at::Tensor mask = at::ones({tq, tk}, at::TensorOptions().dtype(at::kBool).device(q.device()))

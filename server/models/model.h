@@ -1,0 +1,63 @@
+// A model metaload can load and run: a module tree (built on meta, filled by the loader) plus
+// named entries (forward functions) with typed inputs and outputs. Implementations live in one
+// file per architecture and are created through the registry (registry.h).
+//
+// Lifecycle: built on meta by the registry, loaded once (LoadInto), then Run from any number of
+// threads at once (Run is const and only reads weights).
+#ifndef METALOAD_SERVER_MODELS_MODEL_H_
+#define METALOAD_SERVER_MODELS_MODEL_H_
+
+#include <ATen/core/Tensor.h>
+
+#include <map>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "server/core/checkpoint.h"
+#include "server/core/dtype.h"
+#include "server/core/loader.h"
+
+namespace metaload::models {
+
+struct TensorSpec {
+  std::string name;
+  std::optional<core::DType> dtype;  // nullopt: the model's floating dtype, whatever it is
+  std::vector<int64_t> shape;        // -1 = any size
+  bool optional = false;
+};
+
+struct EntrySpec {
+  std::string name;
+  std::vector<TensorSpec> inputs;
+  std::vector<TensorSpec> outputs;
+};
+
+using NamedTensors = std::vector<std::pair<std::string, at::Tensor>>;
+
+class Model {
+ public:
+  virtual ~Model() = default;
+
+  virtual std::string architecture() const = 0;
+  // The first entry is the default one (an empty entry name in Infer).
+  virtual std::vector<EntrySpec> Entries() const = 0;
+
+  // Fills the model from the checkpoint (see core::LoadModule). Models without a module tree
+  // (TorchScript) load their own way.
+  virtual absl::StatusOr<core::LoadReport> Load(const core::CheckpointSource& source,
+                                                core::LoadOptions options) = 0;
+
+  // Runs `entry` on inputs given by name; checks names, dtypes and ranks against the entry's
+  // spec (INVALID_ARGUMENT naming the input). Runs under InferenceMode on the model's device.
+  virtual absl::StatusOr<NamedTensors> Run(
+      const std::string& entry, const std::map<std::string, at::Tensor>& inputs) const = 0;
+
+  // Parameters and buffers, after loading.
+  virtual int64_t ParameterCount() const = 0;
+  virtual uint64_t ResidentBytes() const = 0;
+};
+
+}  // namespace metaload::models
+
+#endif  // METALOAD_SERVER_MODELS_MODEL_H_

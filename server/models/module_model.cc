@@ -1,0 +1,146 @@
+#include "server/models/module_model.h"
+
+#include <ATen/ATen.h>
+#include <c10/core/InferenceMode.h>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "server/core/torch_types.h"
+
+namespace metaload::models {
+
+absl::StatusOr<core::LoadReport> ModuleModel::Load(const core::CheckpointSource& source,
+                                                   core::LoadOptions options) {
+  if (key_map_) options.checkpoint_key = key_map_;
+  absl::StatusOr<core::LoadReport> report = core::LoadModule(*module_, source, options);
+  if (!report.ok()) return report;
+  for (const core::TensorSlot& slot : module_->Slots()) {
+    if (at::isFloatingType(slot.tensor->scalar_type())) {
+      float_dtype_ = slot.tensor->scalar_type();
+      device_ = slot.tensor->device();
+      break;
+    }
+  }
+  return report;
+}
+
+absl::StatusOr<NamedTensors> ModuleModel::Run(
+    const std::string& entry_name, const std::map<std::string, at::Tensor>& inputs) const {
+  std::vector<EntrySpec> entries = Entries();
+  const EntrySpec* entry = entry_name.empty() ? &entries.front() : nullptr;
+  for (const EntrySpec& e : entries) {
+    if (e.name == entry_name) entry = &e;
+  }
+  if (entry == nullptr) {
+    std::vector<std::string> names;
+    for (const EntrySpec& e : entries) names.push_back(e.name);
+    return absl::InvalidArgumentError(
+        absl::StrCat("unknown entry '", entry_name, "' (", absl::StrJoin(names, ", "), ")"));
+  }
+  if (device_.is_cpu() && float_dtype_ == at::kHalf) {
+    // LibTorch's CPU kernels lack float16 matmul; bfloat16 has them.
+    return absl::FailedPreconditionError(
+        "float16 weights cannot run on cpu; load with dtype bfloat16 or float32 for cpu inference");
+  }
+  std::map<std::string, at::Tensor> ready;
+  for (const auto& [name, tensor] : inputs) {
+    const TensorSpec* spec = nullptr;
+    for (const TensorSpec& s : entry->inputs) {
+      if (s.name == name) spec = &s;
+    }
+    if (spec == nullptr) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("entry '", entry->name, "' has no input '", name, "'"));
+    }
+    if (tensor.dim() != static_cast<int64_t>(spec->shape.size())) {
+      return absl::InvalidArgumentError(absl::StrCat("input '", name, "': rank ", tensor.dim(),
+                                                     ", expected ", spec->shape.size()));
+    }
+    for (size_t d = 0; d < spec->shape.size(); ++d) {
+      if (spec->shape[d] >= 0 && tensor.size(static_cast<int64_t>(d)) != spec->shape[d]) {
+        return absl::InvalidArgumentError(absl::StrCat("input '", name, "': dimension ", d, " is ",
+                                                       tensor.size(static_cast<int64_t>(d)),
+                                                       ", expected ", spec->shape[d]));
+      }
+    }
+    at::Tensor t = tensor;
+    if (spec->dtype) {
+      if (t.scalar_type() != core::ToScalarType(*spec->dtype)) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("input '", name, "': ", c10::toString(t.scalar_type()), ", expected ",
+                         core::DTypeName(*spec->dtype)));
+      }
+    } else {
+      if (!at::isFloatingType(t.scalar_type())) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("input '", name, "': expected a floating-point tensor"));
+      }
+      t = t.to(float_dtype_);
+    }
+    ready[name] = t.to(device_);
+  }
+  for (const TensorSpec& s : entry->inputs) {
+    if (!s.optional && !ready.count(s.name)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("entry '", entry->name, "' needs input '", s.name, "'"));
+    }
+  }
+  try {
+    c10::InferenceMode guard;
+    return Forward(entry->name, ready);
+  } catch (const std::exception& e) {
+    // Shapes the spec allows but the weights do not (e.g. a sequence longer than the positions).
+    std::string what = e.what();
+    return absl::InvalidArgumentError(absl::StrCat(
+        "entry '", entry->name, "' failed on these inputs: ", what.substr(0, what.find('\n'))));
+  }
+}
+
+int64_t ModuleModel::ParameterCount() const { return module_->ParameterCount(); }
+
+uint64_t ModuleModel::ResidentBytes() const {
+  uint64_t total = 0;
+  for (const core::TensorSlot& slot : module_->Slots()) total += slot.tensor->nbytes();
+  return total;
+}
+
+absl::StatusOr<nlohmann::json> ParseConfig(const core::CheckpointIndex& index,
+                                           const std::string& arch) {
+  if (index.config_json.empty()) return nlohmann::json::object();
+  nlohmann::json config = nlohmann::json::parse(index.config_json, nullptr, false);
+  if (!config.is_object()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(index.path, ": config.json is not a JSON object (", arch, ")"));
+  }
+  return config;
+}
+
+absl::StatusOr<int64_t> ConfigInt(const nlohmann::json& config, const char* key,
+                                  const std::string& arch, std::optional<int64_t> fallback) {
+  auto it = config.find(key);
+  if (it == config.end() || it->is_null()) {
+    if (fallback) return *fallback;
+    return absl::FailedPreconditionError(absl::StrCat(arch, ": config.json lacks ", key));
+  }
+  if (!it->is_number_integer() || it->get<int64_t>() <= 0) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(arch, ": config.json ", key, " must be a positive integer"));
+  }
+  return it->get<int64_t>();
+}
+
+absl::StatusOr<double> ConfigDouble(const nlohmann::json& config, const char* key,
+                                    const std::string& arch, std::optional<double> fallback) {
+  auto it = config.find(key);
+  if (it == config.end() || it->is_null()) {
+    if (fallback) return *fallback;
+    return absl::FailedPreconditionError(absl::StrCat(arch, ": config.json lacks ", key));
+  }
+  if (!it->is_number()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(arch, ": config.json ", key, " must be a number"));
+  }
+  return it->get<double>();
+}
+
+}  // namespace metaload::models

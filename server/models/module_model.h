@@ -1,0 +1,62 @@
+// Shared plumbing of the architectures built from the layer kit: loading through the streaming
+// loader, input validation against the entry specs, device and dtype of the loaded weights.
+// Internal to server/models.
+#ifndef METALOAD_SERVER_MODELS_MODULE_MODEL_H_
+#define METALOAD_SERVER_MODELS_MODULE_MODEL_H_
+
+#include <functional>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <string>
+
+#include "server/core/module.h"
+#include "server/models/model.h"
+
+namespace metaload::models {
+
+class ModuleModel : public Model {
+ public:
+  absl::StatusOr<core::LoadReport> Load(const core::CheckpointSource& source,
+                                        core::LoadOptions options) override;
+  absl::StatusOr<NamedTensors> Run(const std::string& entry,
+                                   const std::map<std::string, at::Tensor>& inputs) const override;
+  int64_t ParameterCount() const override;
+  uint64_t ResidentBytes() const override;
+
+ protected:
+  // `module` is built on meta by the subclass's constructor.
+  void SetModule(std::unique_ptr<core::Module> module) { module_ = std::move(module); }
+  core::Module& module() const { return *module_; }
+  // Maps module tensor names to checkpoint keys; identity unless a subclass sets one.
+  void SetKeyMap(std::function<std::string(const std::string&)> map) { key_map_ = std::move(map); }
+
+  // The validated inputs (moved to the weights' device; floating inputs cast to their dtype).
+  virtual absl::StatusOr<NamedTensors> Forward(
+      const std::string& entry, const std::map<std::string, at::Tensor>& inputs) const = 0;
+
+ private:
+  std::unique_ptr<core::Module> module_;
+  std::function<std::string(const std::string&)> key_map_;
+  at::ScalarType float_dtype_ = at::kFloat;  // of the loaded weights
+  c10::Device device_ = c10::Device(c10::kCPU);
+};
+
+// config.json helpers: FAILED_PRECONDITION naming the architecture and key when missing/bad.
+absl::StatusOr<nlohmann::json> ParseConfig(const core::CheckpointIndex& index,
+                                           const std::string& arch);
+absl::StatusOr<int64_t> ConfigInt(const nlohmann::json& config, const char* key,
+                                  const std::string& arch,
+                                  std::optional<int64_t> fallback = std::nullopt);
+absl::StatusOr<double> ConfigDouble(const nlohmann::json& config, const char* key,
+                                    const std::string& arch,
+                                    std::optional<double> fallback = std::nullopt);
+
+// Builders (one file each).
+absl::StatusOr<std::unique_ptr<Model>> BuildMlp(const core::CheckpointIndex& index);
+absl::StatusOr<std::unique_ptr<Model>> BuildGpt2(const core::CheckpointIndex& index);
+absl::StatusOr<std::unique_ptr<Model>> BuildLlama(const core::CheckpointIndex& index);
+absl::StatusOr<std::unique_ptr<Model>> BuildTorchScript(const core::CheckpointIndex& index);
+
+}  // namespace metaload::models
+
+#endif  // METALOAD_SERVER_MODELS_MODULE_MODEL_H_

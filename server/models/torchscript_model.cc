@@ -1,0 +1,137 @@
+// torchscript: any torch.jit.save archive, loaded straight onto the requested device by
+// torch::jit::load. Entry "forward" comes from the method's schema; inputs are positional.
+#include <torch/script.h>
+
+#include <chrono>
+
+#include "absl/strings/str_cat.h"
+#include "server/core/process_memory.h"
+#include "server/core/torch_types.h"
+#include "server/models/module_model.h"
+
+namespace metaload::models {
+namespace {
+
+class TorchScriptModel : public Model {
+ public:
+  explicit TorchScriptModel(std::string path) : path_(std::move(path)) {}
+
+  std::string architecture() const override { return "torchscript"; }
+
+  std::vector<EntrySpec> Entries() const override {
+    EntrySpec e{"forward", {}, {{"output", std::nullopt, {}}}};
+    for (const std::string& name : arguments_) e.inputs.push_back({name, std::nullopt, {}});
+    return e.inputs.empty() && !loaded_ ? std::vector<EntrySpec>{e} : std::vector<EntrySpec>{e};
+  }
+
+  absl::StatusOr<core::LoadReport> Load(const core::CheckpointSource&,
+                                        core::LoadOptions options) override {
+    const auto start = std::chrono::steady_clock::now();
+    absl::StatusOr<c10::Device> device = core::ParseDevice(options.device);
+    if (!device.ok()) return device.status();
+    const int64_t before = core::ReadProcessMemory()->rss_bytes;
+    core::ResetPeakRss();
+    try {
+      module_ = torch::jit::load(path_, *device);
+      module_.eval();
+      if (!options.dtype.empty()) {
+        std::optional<core::DType> d = core::DTypeFromName(options.dtype);
+        if (!d) return absl::InvalidArgumentError(absl::StrCat("dtype '", options.dtype, "'"));
+        module_.to(core::ToScalarType(*d));
+      }
+      const c10::FunctionSchema& schema = module_.get_method("forward").function().getSchema();
+      for (size_t i = 1; i < schema.arguments().size(); ++i) {
+        arguments_.push_back(schema.arguments()[i].name());
+      }
+    } catch (const std::exception& e) {
+      std::string what = e.what();
+      return absl::DataLossError(absl::StrCat(
+          path_, ": TorchScript archive does not load: ", what.substr(0, what.find('\n'))));
+    }
+    loaded_ = true;
+    core::LoadReport report;
+    for (const auto& p : module_.parameters()) report.loaded_bytes += p.nbytes();
+    for (const auto& b : module_.buffers()) report.loaded_bytes += b.nbytes();
+    report.bytes_read = report.loaded_bytes;
+    report.tensors = static_cast<int>(module_.parameters().size() + module_.buffers().size());
+    report.peak_host_bytes =
+        std::max<int64_t>(0, core::ReadProcessMemory()->peak_rss_bytes - before);
+    report.seconds =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    device_ = *device;
+    if (options.progress) options.progress({"done", report.bytes_read, report.bytes_read});
+    return report;
+  }
+
+  absl::StatusOr<NamedTensors> Run(const std::string& entry,
+                                   const std::map<std::string, at::Tensor>& inputs) const override {
+    if (!entry.empty() && entry != "forward") {
+      return absl::InvalidArgumentError(absl::StrCat("unknown entry '", entry, "' (forward)"));
+    }
+    std::vector<c10::IValue> args;
+    for (const std::string& name : arguments_) {
+      auto it = inputs.find(name);
+      if (it == inputs.end()) {
+        return absl::InvalidArgumentError(absl::StrCat("entry 'forward' needs input '", name, "'"));
+      }
+      args.push_back(it->second.to(device_));
+    }
+    if (inputs.size() != arguments_.size()) {
+      return absl::InvalidArgumentError("entry 'forward' got inputs it does not take");
+    }
+    try {
+      c10::InferenceMode guard;
+      c10::IValue out = const_cast<torch::jit::Module&>(module_).forward(args);
+      NamedTensors result;
+      if (out.isTensor()) {
+        result.push_back({"output", out.toTensor()});
+      } else if (out.isTuple()) {
+        const auto& elements = out.toTupleRef().elements();
+        for (size_t i = 0; i < elements.size(); ++i) {
+          if (!elements[i].isTensor())
+            return absl::FailedPreconditionError("forward returned a non-tensor");
+          result.push_back({absl::StrCat("output_", i), elements[i].toTensor()});
+        }
+      } else {
+        return absl::FailedPreconditionError("forward returned neither a tensor nor a tuple");
+      }
+      return result;
+    } catch (const std::exception& e) {
+      std::string what = e.what();
+      return absl::InvalidArgumentError(
+          absl::StrCat("forward failed on these inputs: ", what.substr(0, what.find('\n'))));
+    }
+  }
+
+  int64_t ParameterCount() const override {
+    int64_t n = 0;
+    for (const auto& p : module_.parameters()) n += p.numel();
+    return n;
+  }
+  uint64_t ResidentBytes() const override {
+    uint64_t n = 0;
+    for (const auto& p : module_.parameters()) n += p.nbytes();
+    for (const auto& b : module_.buffers()) n += b.nbytes();
+    return n;
+  }
+
+ private:
+  std::string path_;
+  torch::jit::Module module_;
+  std::vector<std::string> arguments_;
+  c10::Device device_ = c10::Device(c10::kCPU);
+  bool loaded_ = false;
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Model>> BuildTorchScript(const core::CheckpointIndex& index) {
+  if (index.format != core::CheckpointFormat::kTorchScript || index.files.size() != 1) {
+    return absl::FailedPreconditionError(absl::StrCat(index.path, ": not a TorchScript archive (",
+                                                      core::CheckpointFormatName(index.format),
+                                                      ")"));
+  }
+  return std::unique_ptr<Model>(new TorchScriptModel(index.files[0].path));
+}
+
+}  // namespace metaload::models
