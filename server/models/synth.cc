@@ -20,8 +20,102 @@ namespace fs = std::filesystem;
 struct TensorPlan {
   std::string name;
   std::vector<int64_t> shape;
-  double scale;  // values are uniform in [-scale, scale]
+  double scale;  // values are uniform in [center - scale, center + scale]
+  double center = 0;
 };
+
+struct Preset {
+  nlohmann::ordered_json config;
+  std::vector<TensorPlan> tensors;
+};
+
+double InvSqrt(int64_t n) { return 1.0 / std::sqrt(static_cast<double>(n)); }
+
+// GPT2LMHeadModel layout, "transformer." prefix, no lm_head (tied).
+absl::StatusOr<Preset> Gpt2Preset(const std::string& preset) {
+  int64_t n, layers, heads, positions, vocab;
+  if (preset == "tiny") {
+    n = 32, layers = 2, heads = 4, positions = 64, vocab = 128;
+  } else if (preset == "small") {
+    n = 256, layers = 4, heads = 4, positions = 256, vocab = 4096;
+  } else if (preset == "medium") {
+    n = 1024, layers = 24, heads = 16, positions = 1024, vocab = 50257;
+  } else {
+    return absl::InvalidArgumentError(
+        absl::StrCat("synth: unknown preset '", preset, "' for gpt2 (tiny, small, medium)"));
+  }
+  Preset p;
+  p.config = {{"model_type", "gpt2"},
+              {"architectures", {"GPT2LMHeadModel"}},
+              {"n_embd", n},
+              {"n_layer", layers},
+              {"n_head", heads},
+              {"n_positions", positions},
+              {"n_ctx", positions},
+              {"vocab_size", vocab},
+              {"layer_norm_epsilon", 1e-5},
+              {"activation_function", "gelu_new"}};
+  const std::string t = "transformer.";
+  p.tensors.push_back({t + "wte.weight", {vocab, n}, 0.5});
+  p.tensors.push_back({t + "wpe.weight", {positions, n}, 0.1});
+  for (int64_t i = 0; i < layers; ++i) {
+    const std::string h = absl::StrCat(t, "h.", i, ".");
+    p.tensors.push_back({h + "ln_1.weight", {n}, 0.1, 1.0});
+    p.tensors.push_back({h + "ln_1.bias", {n}, 0.1});
+    p.tensors.push_back({h + "attn.c_attn.weight", {n, 3 * n}, InvSqrt(n)});
+    p.tensors.push_back({h + "attn.c_attn.bias", {3 * n}, 0.1});
+    p.tensors.push_back({h + "attn.c_proj.weight", {n, n}, InvSqrt(n)});
+    p.tensors.push_back({h + "attn.c_proj.bias", {n}, 0.1});
+    p.tensors.push_back({h + "ln_2.weight", {n}, 0.1, 1.0});
+    p.tensors.push_back({h + "ln_2.bias", {n}, 0.1});
+    p.tensors.push_back({h + "mlp.c_fc.weight", {n, 4 * n}, InvSqrt(n)});
+    p.tensors.push_back({h + "mlp.c_fc.bias", {4 * n}, 0.1});
+    p.tensors.push_back({h + "mlp.c_proj.weight", {4 * n, n}, InvSqrt(4 * n)});
+    p.tensors.push_back({h + "mlp.c_proj.bias", {n}, 0.1});
+  }
+  p.tensors.push_back({t + "ln_f.weight", {n}, 0.1, 1.0});
+  p.tensors.push_back({t + "ln_f.bias", {n}, 0.1});
+  return p;
+}
+
+// LlamaForCausalLM layout with grouped-query attention and an untied lm_head.
+absl::StatusOr<Preset> LlamaPreset(const std::string& preset) {
+  int64_t hidden, inter, layers, heads, kv, vocab, positions;
+  if (preset == "tiny") {
+    hidden = 32, inter = 64, layers = 2, heads = 4, kv = 2, vocab = 128, positions = 64;
+  } else if (preset == "small") {
+    hidden = 256, inter = 688, layers = 4, heads = 8, kv = 4, vocab = 4096, positions = 256;
+  } else if (preset == "medium") {
+    hidden = 1024, inter = 2816, layers = 16, heads = 16, kv = 8, vocab = 32000, positions = 2048;
+  } else {
+    return absl::InvalidArgumentError(
+        absl::StrCat("synth: unknown preset '", preset, "' for llama (tiny, small, medium)"));
+  }
+  Preset p;
+  p.config = {{"model_type", "llama"},       {"architectures", {"LlamaForCausalLM"}},
+              {"hidden_size", hidden},       {"intermediate_size", inter},
+              {"num_hidden_layers", layers}, {"num_attention_heads", heads},
+              {"num_key_value_heads", kv},   {"rms_norm_eps", 1e-6},
+              {"rope_theta", 10000.0},       {"max_position_embeddings", positions},
+              {"vocab_size", vocab},         {"tie_word_embeddings", false}};
+  const int64_t kv_dim = hidden / heads * kv;
+  p.tensors.push_back({"model.embed_tokens.weight", {vocab, hidden}, 0.5});
+  for (int64_t i = 0; i < layers; ++i) {
+    const std::string l = absl::StrCat("model.layers.", i, ".");
+    p.tensors.push_back({l + "input_layernorm.weight", {hidden}, 0.1, 1.0});
+    p.tensors.push_back({l + "self_attn.q_proj.weight", {hidden, hidden}, InvSqrt(hidden)});
+    p.tensors.push_back({l + "self_attn.k_proj.weight", {kv_dim, hidden}, InvSqrt(hidden)});
+    p.tensors.push_back({l + "self_attn.v_proj.weight", {kv_dim, hidden}, InvSqrt(hidden)});
+    p.tensors.push_back({l + "self_attn.o_proj.weight", {hidden, hidden}, InvSqrt(hidden)});
+    p.tensors.push_back({l + "post_attention_layernorm.weight", {hidden}, 0.1, 1.0});
+    p.tensors.push_back({l + "mlp.gate_proj.weight", {inter, hidden}, InvSqrt(hidden)});
+    p.tensors.push_back({l + "mlp.up_proj.weight", {inter, hidden}, InvSqrt(hidden)});
+    p.tensors.push_back({l + "mlp.down_proj.weight", {hidden, inter}, InvSqrt(inter)});
+  }
+  p.tensors.push_back({"model.norm.weight", {hidden}, 0.1, 1.0});
+  p.tensors.push_back({"lm_head.weight", {vocab, hidden}, InvSqrt(hidden)});
+  return p;
+}
 
 uint64_t SplitMix64(uint64_t x) {
   x += 0x9e3779b97f4a7c15ULL;
@@ -48,9 +142,10 @@ absl::StatusOr<std::vector<int64_t>> MlpSizes(const std::string& preset) {
 }  // namespace
 
 absl::StatusOr<SynthResult> Synthesize(const SynthOptions& options, const std::string& out_dir) {
-  if (options.architecture != "mlp") {
-    return absl::InvalidArgumentError(
-        absl::StrCat("synth: unknown architecture '", options.architecture, "' (mlp)"));
+  if (options.architecture != "mlp" && options.architecture != "gpt2" &&
+      options.architecture != "llama") {
+    return absl::InvalidArgumentError(absl::StrCat("synth: unknown architecture '",
+                                                   options.architecture, "' (mlp, gpt2, llama)"));
   }
   std::optional<core::DType> st_dtype = core::DTypeFromName(options.dtype);
   if (!st_dtype ||
@@ -58,16 +153,29 @@ absl::StatusOr<SynthResult> Synthesize(const SynthOptions& options, const std::s
     return absl::InvalidArgumentError(absl::StrCat(
         "synth: dtype must be float32, float16 or bfloat16, not '", options.dtype, "'"));
   }
-  absl::StatusOr<std::vector<int64_t>> sizes = MlpSizes(options.preset);
-  if (!sizes.ok()) return sizes.status();
-
   std::vector<TensorPlan> plan;
-  for (size_t i = 0; i + 1 < sizes->size(); ++i) {
-    int64_t in = (*sizes)[i], out = (*sizes)[i + 1];
-    double scale = 1.0 / std::sqrt(static_cast<double>(in));
-    plan.push_back({absl::StrCat("layers.", i, ".weight"), {out, in}, scale});
-    plan.push_back({absl::StrCat("layers.", i, ".bias"), {out}, scale});
+  nlohmann::ordered_json config;
+  if (options.architecture == "mlp") {
+    absl::StatusOr<std::vector<int64_t>> sizes = MlpSizes(options.preset);
+    if (!sizes.ok()) return sizes.status();
+    for (size_t i = 0; i + 1 < sizes->size(); ++i) {
+      int64_t in = (*sizes)[i], out = (*sizes)[i + 1];
+      double scale = 1.0 / std::sqrt(static_cast<double>(in));
+      plan.push_back({absl::StrCat("layers.", i, ".weight"), {out, in}, scale});
+      plan.push_back({absl::StrCat("layers.", i, ".bias"), {out}, scale});
+    }
+    config = {{"model_type", "mlp"},
+              {"architectures", {"MLP"}},
+              {"layer_sizes", *sizes},
+              {"activation", "gelu"}};
+  } else {
+    absl::StatusOr<Preset> preset =
+        options.architecture == "gpt2" ? Gpt2Preset(options.preset) : LlamaPreset(options.preset);
+    if (!preset.ok()) return preset.status();
+    plan = std::move(preset->tensors);
+    config = std::move(preset->config);
   }
+  config["torch_dtype"] = options.dtype;
   if (options.shards < 1 || options.shards > static_cast<int>(plan.size())) {
     return absl::InvalidArgumentError(absl::StrCat("synth: shards must be between 1 and ",
                                                    plan.size(), " for this model, not ",
@@ -100,15 +208,16 @@ absl::StatusOr<SynthResult> Synthesize(const SynthOptions& options, const std::s
     ++result.tensor_count;
     weight_map[p.name] = shard_names[shard];
     const double scale = p.scale;
-    auto fill = [seed, t, scale, dtype](char* dst, int64_t offset, int64_t nbytes) {
+    const float center = static_cast<float>(p.center);
+    auto fill = [seed, t, scale, center, dtype](char* dst, int64_t offset, int64_t nbytes) {
       if (dtype == "float32") {
         for (int64_t b = 0; b < nbytes; b += 4) {
-          float v = ValueAt(seed, t, static_cast<uint64_t>((offset + b) / 4), scale);
+          float v = center + ValueAt(seed, t, static_cast<uint64_t>((offset + b) / 4), scale);
           std::memcpy(dst + b, &v, 4);
         }
       } else {
         for (int64_t b = 0; b < nbytes; b += 2) {
-          float v = ValueAt(seed, t, static_cast<uint64_t>((offset + b) / 2), scale);
+          float v = center + ValueAt(seed, t, static_cast<uint64_t>((offset + b) / 2), scale);
           uint16_t bits =
               dtype == "float16" ? core::FloatToHalfBits(v) : core::FloatToBFloat16Bits(v);
           std::memcpy(dst + b, &bits, 2);
@@ -142,11 +251,6 @@ absl::StatusOr<SynthResult> Synthesize(const SynthOptions& options, const std::s
     absl::Status s = write_json("model.safetensors.index.json", index);
     if (!s.ok()) return s;
   }
-  nlohmann::ordered_json config = {{"model_type", "mlp"},
-                                   {"architectures", {"MLP"}},
-                                   {"layer_sizes", *sizes},
-                                   {"activation", "gelu"},
-                                   {"torch_dtype", dtype}};
   absl::Status s = write_json("config.json", config);
   if (!s.ok()) return s;
   return result;

@@ -14,9 +14,11 @@
 namespace metaload::models {
 
 struct SynthOptions {
-  // Architecture to synthesize. Supported: "mlp".
+  // Architecture to synthesize: "mlp", "gpt2" (GPT2LMHeadModel layout) or "llama".
   std::string architecture = "mlp";
-  // Size preset: "tiny" (a few KiB), "small" (~10 MB), "medium" (~200 MB at float32).
+  // Size preset. mlp: "tiny" (7 KB), "small" (~10 MB), "medium" (~200 MB at float32);
+  // gpt2: tiny, small, medium (GPT-2 medium's shapes, ~1.4 GB at float32); llama: tiny, small,
+  // medium (~1.3 GB at float32).
   std::string preset = "tiny";
   // Stored dtype of floating-point tensors: "float32", "float16" or "bfloat16".
   std::string dtype = "float32";

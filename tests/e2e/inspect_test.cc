@@ -22,6 +22,12 @@ class InspectTest : public ::testing::Test {
     r = testing::RunCommand({METALOAD_CLI_PATH, "synth", "--arch=mlp", "--shards=2", *dir_ / "mlp"},
                             *dir_ / "synth");
     ASSERT_EQ(r.exit_code, 0) << r.err;
+    for (const char* arch : {"gpt2", "llama"}) {
+      r = testing::RunCommand({METALOAD_CLI_PATH, "synth", std::string("--arch=") + arch,
+                               "--preset=tiny", "--dtype=bfloat16", *dir_ / arch},
+                              *dir_ / "synth");
+      ASSERT_EQ(r.exit_code, 0) << r.err;
+    }
   }
   static void TearDownTestSuite() { delete dir_; }
 
