@@ -1,5 +1,6 @@
 // metaloadd: the metaload daemon. Parses flags, starts the Daemon, waits for SIGTERM or SIGINT,
 // drains for --shutdown_grace and exits 0.
+#include <malloc.h>
 #include <signal.h>
 #include <unistd.h>
 
@@ -13,6 +14,7 @@
 #include "absl/flags/usage.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
+#include "server/core/byte_size.h"
 #include "server/core/log.h"
 #include "server/service/daemon.h"
 
@@ -35,6 +37,20 @@ ABSL_FLAG(std::string, tls_key, "", "PEM server private key");
 ABSL_FLAG(std::string, tls_client_ca, "", "PEM CA for client certificates (mutual TLS)");
 ABSL_FLAG(int, max_message_bytes, 256 << 20, "Largest gRPC message accepted or sent, in bytes");
 ABSL_FLAG(std::string, log_level, "info", "debug, info, warning or error");
+ABSL_FLAG(std::string, memory_budget, "",
+          "Per-device memory for models, e.g. cpu=8GiB,cuda:0=70GiB (cpu default: 80% of "
+          "MemAvailable at start; other devices: no limit)");
+ABSL_FLAG(
+    std::string, auth_token_file, "",
+    "File holding a token; every RPC but health must then carry 'authorization: Bearer <token>'");
+ABSL_FLAG(int, load_threads, 2, "Loads running at once");
+ABSL_FLAG(int, infer_threads, 2, "Infer calls running at once");
+ABSL_FLAG(std::string, state_dir, "", "Directory for persistent state (checkpoint sha256 cache)");
+ABSL_FLAG(std::string, preload, "", "JSON list of LoadModel requests to load at start");
+ABSL_FLAG(absl::Duration, keepalive_time, absl::Minutes(2),
+          "Ping idle clients this often (0 disables keepalive)");
+ABSL_FLAG(absl::Duration, keepalive_timeout, absl::Seconds(20),
+          "Drop a client whose ping goes unanswered this long");
 
 namespace {
 
@@ -95,6 +111,10 @@ std::vector<char*> MergeRepeatedModelRoots(int argc, char** argv, std::string* m
 }  // namespace
 
 int main(int argc, char** argv) {
+  // Every allocation of 4 MiB or more (model tensors) gets its own mapping, returned to the
+  // kernel when freed; glibc would otherwise raise the threshold after the first free and keep
+  // unloaded models' memory in its heap.
+  mallopt(M_MMAP_THRESHOLD, 4 << 20);
   absl::SetProgramUsageMessage(
       "metaloadd: loads PyTorch checkpoints onto CPU/GPU on request and serves them over gRPC.\n"
       "Usage: metaloadd --model_root=DIR [--listen=HOST:PORT] [--metrics_listen=HOST:PORT] ...");
@@ -127,6 +147,38 @@ int main(int argc, char** argv) {
   options.tls_client_ca_file = absl::GetFlag(FLAGS_tls_client_ca);
   options.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
   options.version = METALOAD_VERSION;
+  options.load_threads = absl::GetFlag(FLAGS_load_threads);
+  options.infer_threads = absl::GetFlag(FLAGS_infer_threads);
+  options.state_dir = absl::GetFlag(FLAGS_state_dir);
+  options.preload_file = absl::GetFlag(FLAGS_preload);
+  options.keepalive_time = absl::GetFlag(FLAGS_keepalive_time);
+  options.keepalive_timeout = absl::GetFlag(FLAGS_keepalive_timeout);
+  if (!absl::GetFlag(FLAGS_memory_budget).empty()) {
+    absl::StatusOr<std::map<std::string, int64_t>> budgets =
+        metaload::core::ParseMemoryBudgets(absl::GetFlag(FLAGS_memory_budget));
+    if (!budgets.ok()) {
+      LogError("start_failed").Kv("error", budgets.status().ToString());
+      return 1;
+    }
+    options.memory_budgets = *budgets;
+  }
+  if (!absl::GetFlag(FLAGS_auth_token_file).empty()) {
+    std::ifstream f(absl::GetFlag(FLAGS_auth_token_file));
+    std::string token;
+    std::getline(f, token);
+    while (!token.empty() && (token.back() == '\r' || token.back() == ' ')) token.pop_back();
+    if (!f.good() && token.empty()) {
+      LogError("start_failed")
+          .Kv("error", "cannot read --auth_token_file")
+          .Kv("path", absl::GetFlag(FLAGS_auth_token_file));
+      return 1;
+    }
+    if (token.empty()) {
+      LogError("start_failed").Kv("error", "--auth_token_file is empty");
+      return 1;
+    }
+    options.auth_token = token;
+  }
 
   absl::StatusOr<std::unique_ptr<metaload::service::Daemon>> daemon =
       metaload::service::Daemon::Create(options);
@@ -149,6 +201,7 @@ int main(int argc, char** argv) {
           absl::StrCat("http://", DialableAddress(options.metrics_listen, d.metrics_port()),
                        "/metrics"))
       .Kv("tls", options.tls_cert_file.empty() ? "off" : "on")
+      .Kv("auth", options.auth_token.empty() ? "off" : "on")
       .Kv("model_roots", d.model_roots().size());
   for (const std::string& root : d.model_roots()) LogInfo("model_root").Kv("path", root);
   if (isatty(STDERR_FILENO)) {

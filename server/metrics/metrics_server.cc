@@ -75,6 +75,10 @@ absl::StatusOr<std::unique_ptr<MetricsServer>> MetricsServer::Create(const Optio
   return server;
 }
 
+void MetricsServer::AddCollectable(const std::shared_ptr<prometheus::Collectable>& collectable) {
+  exposer_->RegisterCollectable(collectable);
+}
+
 MetricsServer::~MetricsServer() {
   // Stop serving before the collectables it reads go away.
   exposer_.reset();

@@ -13,6 +13,7 @@
 #include "absl/status/statusor.h"
 
 namespace prometheus {
+class Collectable;
 class Exposer;
 class Registry;
 }  // namespace prometheus
@@ -38,6 +39,9 @@ class MetricsServer {
   int port() const { return port_; }
   // The registry every metaload_ family is created in.
   prometheus::Registry& registry() { return *registry_; }
+  std::shared_ptr<prometheus::Registry> shared_registry() { return registry_; }
+  // Adds a collector read at scrape time (it must stay valid while this server lives).
+  void AddCollectable(const std::shared_ptr<prometheus::Collectable>& collectable);
 
  private:
   MetricsServer() = default;

@@ -17,21 +17,9 @@
 #include "server/core/checkpoint.h"
 #include "server/core/dtype.h"
 #include "server/core/loader.h"
+#include "server/models/entry_spec.h"
 
 namespace metaload::models {
-
-struct TensorSpec {
-  std::string name;
-  std::optional<core::DType> dtype;  // nullopt: the model's floating dtype, whatever it is
-  std::vector<int64_t> shape;        // -1 = any size
-  bool optional = false;
-};
-
-struct EntrySpec {
-  std::string name;
-  std::vector<TensorSpec> inputs;
-  std::vector<TensorSpec> outputs;
-};
 
 using NamedTensors = std::vector<std::pair<std::string, at::Tensor>>;
 

@@ -1,22 +1,60 @@
 #include "server/service/call_tracker.h"
 
+#include <chrono>
+
 namespace metaload::service {
 namespace {
+
+const char* CodeName(int code) {
+  static const char* const kNames[] = {"OK",
+                                       "CANCELLED",
+                                       "UNKNOWN",
+                                       "INVALID_ARGUMENT",
+                                       "DEADLINE_EXCEEDED",
+                                       "NOT_FOUND",
+                                       "ALREADY_EXISTS",
+                                       "PERMISSION_DENIED",
+                                       "RESOURCE_EXHAUSTED",
+                                       "FAILED_PRECONDITION",
+                                       "ABORTED",
+                                       "OUT_OF_RANGE",
+                                       "UNIMPLEMENTED",
+                                       "INTERNAL",
+                                       "UNAVAILABLE",
+                                       "DATA_LOSS",
+                                       "UNAUTHENTICATED"};
+  return code >= 0 && code <= 16 ? kNames[code] : "UNKNOWN";
+}
 
 // Lives exactly as long as its call: gRPC creates it with the call and destroys it after the
 // status has been sent.
 class CountingInterceptor : public grpc::experimental::Interceptor {
  public:
-  explicit CountingInterceptor(CallTracker* tracker) : tracker_(tracker) {
+  CountingInterceptor(CallTracker* tracker, const char* method)
+      : tracker_(tracker),
+        method_(method != nullptr ? method : ""),
+        start_(std::chrono::steady_clock::now()) {
     tracker_->CallStarted();
   }
-  ~CountingInterceptor() override { tracker_->CallFinished(); }
+  ~CountingInterceptor() override {
+    const size_t slash = method_.rfind('/');
+    tracker_->CallFinished(
+        slash == std::string::npos ? method_ : method_.substr(slash + 1), code_,
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count());
+  }
   void Intercept(grpc::experimental::InterceptorBatchMethods* methods) override {
+    if (methods->QueryInterceptionHookPoint(
+            grpc::experimental::InterceptionHookPoints::PRE_SEND_STATUS)) {
+      code_ = static_cast<int>(methods->GetSendStatus().error_code());
+    }
     methods->Proceed();
   }
 
  private:
   CallTracker* tracker_;
+  std::string method_;
+  std::chrono::steady_clock::time_point start_;
+  int code_ = static_cast<int>(grpc::StatusCode::CANCELLED);  // no status sent: the call was cut
 };
 
 class CountingFactory : public grpc::experimental::ServerInterceptorFactoryInterface {
@@ -24,7 +62,7 @@ class CountingFactory : public grpc::experimental::ServerInterceptorFactoryInter
   explicit CountingFactory(CallTracker* tracker) : tracker_(tracker) {}
   grpc::experimental::Interceptor* CreateServerInterceptor(
       grpc::experimental::ServerRpcInfo* info) override {
-    return new CountingInterceptor(tracker_);
+    return new CountingInterceptor(tracker_, info->method());
   }
 
  private:
@@ -48,7 +86,8 @@ void CallTracker::CallStarted() {
   ++active_;
 }
 
-void CallTracker::CallFinished() {
+void CallTracker::CallFinished(const std::string& method, int code, double seconds) {
+  if (observer_) observer_(method, CodeName(code), seconds);
   std::lock_guard<std::mutex> lock(mu_);
   if (--active_ == 0) idle_.notify_all();
 }

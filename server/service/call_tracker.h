@@ -11,8 +11,10 @@
 
 #include <condition_variable>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
+#include <string>
 
 #include "absl/time/time.h"
 
@@ -27,14 +29,21 @@ class CallTracker {
   // Blocks until no call is in flight or `deadline` passes; true when idle.
   bool WaitIdle(absl::Time deadline);
 
+  // Called for every finished call: method (last path component, e.g. "LoadModel"), gRPC code
+  // name, seconds. Set before the server starts.
+  using Observer =
+      std::function<void(const std::string& method, const std::string& code, double seconds)>;
+  void SetObserver(Observer observer) { observer_ = std::move(observer); }
+
   // Called by the interceptors.
   void CallStarted();
-  void CallFinished();
+  void CallFinished(const std::string& method, int code, double seconds);
 
  private:
   mutable std::mutex mu_;
   std::condition_variable idle_;
   int64_t active_ = 0;  // guarded by mu_
+  Observer observer_;
 };
 
 }  // namespace metaload::service

@@ -1,5 +1,6 @@
 #include "server/service/daemon.h"
 
+#include <google/protobuf/util/json_util.h>
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
@@ -8,14 +9,20 @@
 #include <chrono>
 #include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "server/cache/model_cache.h"
+#include "server/core/byte_size.h"
+#include "server/core/checksum_store.h"
 #include "server/core/log.h"
+#include "server/metrics/loader_metrics.h"
 #include "server/metrics/metrics_server.h"
 #include "server/service/call_tracker.h"
 #include "server/service/model_loader_service.h"
+#include "server/service/path_resolver.h"
 
 namespace metaload::service {
 namespace {
@@ -91,15 +98,61 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(Options options) {
   daemon->metrics_ = std::move(*metrics);
   daemon->metrics_port_ = daemon->metrics_->port();
 
+  daemon->loader_metrics_ =
+      std::make_unique<metrics::LoaderMetrics>(daemon->metrics_->shared_registry());
+
+  core::ChecksumStore::Options checksum_options;
+  checksum_options.state_dir = o.state_dir;
+  absl::StatusOr<std::unique_ptr<core::ChecksumStore>> checksums =
+      core::ChecksumStore::Create(checksum_options);
+  if (!checksums.ok()) return checksums.status();
+  daemon->checksums_ = *std::move(checksums);
+  daemon->resolver_ = std::make_unique<PathResolver>(o.model_roots);
+
+  cache::ModelCache::Options cache_options;
+  cache_options.budgets = o.memory_budgets;
+  if (!cache_options.budgets.count("cpu")) {
+    const int64_t available = core::MemAvailableBytes();
+    if (available > 0) cache_options.budgets["cpu"] = available / 10 * 8;
+  }
+  cache_options.load_threads = std::max(1, o.load_threads);
+  cache_options.infer_threads = std::max(1, o.infer_threads);
+  cache_options.checksums = daemon->checksums_.get();
+  cache_options.observer = daemon->loader_metrics_.get();
+  for (const auto& [device, bytes] : cache_options.budgets) {
+    core::LogInfo("memory_budget")
+        .Kv("device", device)
+        .Kv("bytes", bytes)
+        .Kv("human", core::HumanBytes(bytes));
+  }
+  daemon->cache_ = std::make_unique<cache::ModelCache>(cache_options);
+  daemon->metrics_->AddCollectable(daemon->loader_metrics_->CacheCollector(daemon->cache_.get()));
+
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
-  daemon->model_loader_ = std::make_unique<ModelLoaderService>();
+  ModelLoaderService::Options service_options;
+  service_options.auth_token = o.auth_token;
+  daemon->model_loader_ = std::make_unique<ModelLoaderService>(
+      daemon->cache_.get(), daemon->resolver_.get(), service_options);
   daemon->calls_ = std::make_unique<CallTracker>();
+  metrics::LoaderMetrics* loader_metrics = daemon->loader_metrics_.get();
+  daemon->calls_->SetObserver(
+      [loader_metrics](const std::string& method, const std::string& code, double s) {
+        loader_metrics->ObserveRpc(method, code, s);
+      });
 
   grpc::ServerBuilder builder;
   builder.AddListeningPort(o.listen, *creds, &daemon->grpc_port_);
   builder.SetMaxReceiveMessageSize(o.max_message_bytes);
   builder.SetMaxSendMessageSize(o.max_message_bytes);
+  if (o.keepalive_time > absl::ZeroDuration()) {
+    builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS,
+                               static_cast<int>(absl::ToInt64Milliseconds(o.keepalive_time)));
+    builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS,
+                               static_cast<int>(absl::ToInt64Milliseconds(o.keepalive_timeout)));
+    builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
+    builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS, 10000);
+  }
   builder.RegisterService(daemon->model_loader_.get());
   std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
   interceptors.push_back(daemon->calls_->MakeInterceptorFactory());
@@ -110,6 +163,7 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(Options options) {
     return absl::UnavailableError(absl::StrCat("grpc: cannot listen on ", o.listen));
   }
   daemon->server_->GetHealthCheckService()->SetServingStatus(true);
+  daemon->Preload();
   return daemon;
 }
 
@@ -118,6 +172,7 @@ void Daemon::Drain(absl::Duration grace) {
   drained_ = true;
   if (server_ != nullptr) {
     server_->GetHealthCheckService()->SetServingStatus(false);
+    model_loader_->SetDraining();
     // Let in-flight calls finish within the grace, then stop at once: a graceful gRPC shutdown
     // would also wait for idle clients to acknowledge its GOAWAY ping, which can take seconds.
     const bool idle = calls_->WaitIdle(absl::Now() + grace);
@@ -126,8 +181,47 @@ void Daemon::Drain(absl::Duration grace) {
     server_->Wait();
     core::LogDebug("grpc_stopped").Kv("idle", idle ? "true" : "false").Kv("cancelled", cancelled);
   }
+  cache_.reset();  // cancels loads in flight and frees every model
+  if (loader_metrics_) loader_metrics_->Detach();
   metrics_.reset();
   core::LogDebug("metrics_stopped");
+}
+
+void Daemon::Preload() {
+  if (options_.preload_file.empty()) return;
+  std::ifstream in(options_.preload_file);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  nlohmann::json list = nlohmann::json::parse(ss.str(), nullptr, /*allow_exceptions=*/false);
+  if (!in || !list.is_array()) {
+    core::LogError("preload_failed")
+        .Kv("file", options_.preload_file)
+        .Kv("error", "not a JSON list");
+    return;
+  }
+  for (const nlohmann::json& item : list) {
+    metaload::v1::LoadModelRequest request;
+    google::protobuf::util::JsonParseOptions parse;
+    if (!google::protobuf::util::JsonStringToMessage(item.dump(), &request, parse).ok()) {
+      core::LogError("preload_failed").Kv("file", options_.preload_file).Kv("request", item.dump());
+      continue;
+    }
+    absl::StatusOr<cache::LoadSpec> spec = MakeLoadSpec(request, *resolver_);
+    if (!spec.ok()) {
+      core::LogError("preload_failed")
+          .Kv("path", request.path())
+          .Kv("error", spec.status().ToString());
+      continue;
+    }
+    const std::string id = spec->model_id;
+    cache_->Load(*spec, nullptr, [id](absl::StatusOr<cache::LoadResult> r) {
+      if (r.ok()) {
+        core::LogInfo("preloaded").Kv("model_id", id);
+      } else {
+        core::LogError("preload_failed").Kv("model_id", id).Kv("error", r.status().ToString());
+      }
+    });
+  }
 }
 
 }  // namespace metaload::service

@@ -10,6 +10,7 @@
 #ifndef METALOAD_SERVER_SERVICE_DAEMON_H_
 #define METALOAD_SERVER_SERVICE_DAEMON_H_
 
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -23,12 +24,22 @@ class Server;
 
 namespace metaload::metrics {
 class MetricsServer;
+class LoaderMetrics;
 }  // namespace metaload::metrics
+
+namespace metaload::cache {
+class ModelCache;
+}  // namespace metaload::cache
+
+namespace metaload::core {
+class ChecksumStore;
+}  // namespace metaload::core
 
 namespace metaload::service {
 
 class CallTracker;
 class ModelLoaderService;
+class PathResolver;
 
 class Daemon {
  public:
@@ -48,6 +59,19 @@ class Daemon {
     int max_message_bytes = 256 << 20;
     // Exported as metaload_build_info{version}.
     std::string version = "dev";
+    // Device -> bytes ("cpu" defaults to 80% of MemAvailable at start).
+    std::map<std::string, int64_t> memory_budgets;
+    // Bearer token required on every RPC but health; empty: none.
+    std::string auth_token;
+    int load_threads = 2;
+    int infer_threads = 2;
+    // Where sha256 results persist; empty: memory only.
+    std::string state_dir;
+    // JSON list of LoadModel requests (proto JSON field names) loaded at start.
+    std::string preload_file;
+    // HTTP/2 keepalive pings to idle clients; zero disables.
+    absl::Duration keepalive_time = absl::Minutes(2);
+    absl::Duration keepalive_timeout = absl::Seconds(20);
   };
 
   // Validates the options, binds the listeners and starts serving. INVALID_ARGUMENT for bad
@@ -66,8 +90,15 @@ class Daemon {
  private:
   explicit Daemon(Options options);
 
+  // Loads the --preload requests; failures are logged, never fatal.
+  void Preload();
+
   Options options_;
   std::unique_ptr<metrics::MetricsServer> metrics_;
+  std::unique_ptr<metrics::LoaderMetrics> loader_metrics_;
+  std::unique_ptr<core::ChecksumStore> checksums_;
+  std::unique_ptr<PathResolver> resolver_;
+  std::unique_ptr<cache::ModelCache> cache_;
   std::unique_ptr<ModelLoaderService> model_loader_;
   std::unique_ptr<CallTracker> calls_;  // outlives server_, whose interceptors point at it
   std::unique_ptr<grpc::Server> server_;

@@ -1,0 +1,655 @@
+#include "server/cache/model_cache.h"
+
+#include <ATen/ATen.h>
+#include <malloc.h>
+#include <sys/stat.h>
+
+#include <chrono>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "server/cache/tensor_codec.h"
+#include "server/core/byte_size.h"
+#include "server/core/checkpoint.h"
+#include "server/core/checksum_store.h"
+#include "server/core/dtype_policy.h"
+#include "server/core/log.h"
+#include "server/core/thread_pool.h"
+#include "server/core/torch_types.h"
+#include "server/models/registry.h"
+
+namespace metaload::cache {
+
+using Clock = std::chrono::steady_clock;
+
+int64_t NowMs() { return absl::ToUnixMillis(absl::Now()); }
+
+// One loaded model; shared by every model_id that names its key, and by running Infers.
+struct Loaded {
+  // Hand the freed pages back to the kernel at once: RAM that is never returned on model
+  // switches is the web UI users' top complaint about loaders.
+  ~Loaded() {
+    model.reset();
+    ::malloc_trim(0);
+  }
+
+  std::string key, path, architecture, device, dtype;
+  std::unique_ptr<models::Model> model;
+  std::vector<core::CheckpointFile> files;
+  int64_t parameter_count = 0, resident_bytes = 0, loaded_at_ms = 0;
+  std::vector<models::EntrySpec> entries;
+  LoadStats stats;
+  bool pinned = false;
+  std::atomic<int64_t> last_used_ms{0};
+  std::atomic<int64_t> infer_count{0};
+  std::atomic<int> active{0};
+  std::mutex hash_mu;
+  std::string sha256;  // guarded by hash_mu
+};
+
+struct Flight {
+  std::string key;
+  LoadSpec spec;
+  std::atomic<bool> cancel{false};
+  std::vector<std::shared_ptr<LoadWaiter>> waiters;  // guarded by the cache's mu_
+};
+
+struct ModelCache::Slot {
+  std::shared_ptr<Loaded> current;
+  std::shared_ptr<Flight> pending;
+};
+
+namespace {
+
+// Waiter callbacks run under the waiter's own mutex, so Cancel() can promise that none runs
+// after it returned true.
+struct WaiterSync {
+  std::mutex mu;
+  bool cancelled = false;
+  bool finished = false;
+};
+
+std::mutex g_sync_mu;
+std::map<const LoadWaiter*, std::shared_ptr<WaiterSync>>& Syncs() {
+  static auto* syncs = new std::map<const LoadWaiter*, std::shared_ptr<WaiterSync>>();
+  return *syncs;
+}
+
+std::shared_ptr<WaiterSync> SyncOf(const LoadWaiter* w) {
+  std::lock_guard<std::mutex> lock(g_sync_mu);
+  std::shared_ptr<WaiterSync>& s = Syncs()[w];
+  if (!s) s = std::make_shared<WaiterSync>();
+  return s;
+}
+
+void DropSync(const LoadWaiter* w) {
+  std::lock_guard<std::mutex> lock(g_sync_mu);
+  Syncs().erase(w);
+}
+
+}  // namespace
+
+ModelCache::ModelCache(Options options)
+    : options_(std::move(options)),
+      load_pool_(std::make_unique<core::ThreadPool>(options_.load_threads)),
+      infer_pool_(std::make_unique<core::ThreadPool>(options_.infer_threads)),
+      hash_pool_(std::make_unique<core::ThreadPool>(1)) {}
+
+ModelCache::~ModelCache() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto& [key, flight] : flights_) flight->cancel.store(true);
+  }
+  load_pool_.reset();
+  infer_pool_.reset();
+  hash_pool_.reset();
+}
+
+bool LoadWaiter::Cancel() {
+  std::shared_ptr<WaiterSync> sync = SyncOf(this);
+  {
+    std::lock_guard<std::mutex> lock(sync->mu);
+    if (sync->finished) return false;
+    sync->cancelled = true;
+  }
+  return cache_->CancelWaiter(this);
+}
+
+bool ModelCache::CancelWaiter(LoadWaiter* waiter) {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::shared_ptr<Flight> flight = waiter->flight_.lock();
+  if (flight == nullptr) return true;
+  auto& ws = flight->waiters;
+  ws.erase(
+      std::remove_if(ws.begin(), ws.end(),
+                     [waiter](const std::shared_ptr<LoadWaiter>& w) { return w.get() == waiter; }),
+      ws.end());
+  bool id_still_waiting = false;
+  for (const auto& w : ws) id_still_waiting |= w->model_id_ == waiter->model_id_;
+  if (!id_still_waiting) {
+    auto it = slots_.find(waiter->model_id_);
+    if (it != slots_.end() && it->second->pending == flight) {
+      it->second->pending = nullptr;
+      if (it->second->current == nullptr) slots_.erase(it);
+    }
+  }
+  // The load stops only when nobody wants it any more.
+  if (ws.empty()) flight->cancel.store(true);
+  return true;
+}
+
+namespace {
+
+void Deliver(const std::shared_ptr<LoadWaiter>& w, const ModelCache::ProgressFn& fn,
+             const LoadProgressEvent& e) {
+  std::shared_ptr<WaiterSync> sync = SyncOf(w.get());
+  std::lock_guard<std::mutex> lock(sync->mu);
+  if (!sync->cancelled && !sync->finished && fn) fn(e);
+}
+
+void Finish(const std::shared_ptr<LoadWaiter>& w, const ModelCache::DoneFn& fn,
+            absl::StatusOr<LoadResult> result) {
+  std::shared_ptr<WaiterSync> sync = SyncOf(w.get());
+  {
+    std::lock_guard<std::mutex> lock(sync->mu);
+    if (sync->cancelled || sync->finished) return;
+    sync->finished = true;
+    fn(std::move(result));
+  }
+}
+
+}  // namespace
+
+std::shared_ptr<LoadWaiter> ModelCache::Load(const LoadSpec& spec, ProgressFn progress,
+                                             DoneFn done) {
+  auto waiter = std::shared_ptr<LoadWaiter>(new LoadWaiter(), [](LoadWaiter* w) {
+    DropSync(w);
+    delete w;
+  });
+  waiter->cache_ = this;
+  waiter->model_id_ = spec.model_id;
+  waiter->progress_ = std::move(progress);
+  waiter->done_ = std::move(done);
+
+  absl::StatusOr<core::DtypePolicy> policy =
+      core::DtypePolicy::Create(spec.dtype, spec.dtype_overrides);
+  absl::StatusOr<c10::Device> device = core::ParseDevice(spec.device);
+  struct stat st;
+  absl::Status early;
+  if (!policy.ok()) {
+    early = policy.status();
+  } else if (!device.ok()) {
+    early = device.status();
+  } else if (spec.zero_copy && !device->is_cpu()) {
+    early = absl::InvalidArgumentError("zero_copy is only possible on cpu");
+  } else if (::stat(spec.path.c_str(), &st) != 0) {
+    early = absl::NotFoundError(absl::StrCat("path '", spec.display_path, "' does not exist"));
+  }
+  if (!early.ok()) {
+    Finish(waiter, waiter->done_, early);
+    return waiter;
+  }
+  LoadSpec canonical = spec;
+  canonical.device = device->str();
+  const std::string key = absl::StrCat(
+      spec.path, "|", st.st_size, "|", st.st_mtim.tv_sec, ".", st.st_mtim.tv_nsec, "|",
+      spec.architecture, "|", canonical.device, "|", policy->Describe(), "|",
+      spec.zero_copy ? "zero_copy" : "copy", spec.allow_missing_keys ? "|allow_missing" : "");
+
+  std::unique_lock<std::mutex> lock(mu_);
+  std::unique_ptr<Slot>& slot = slots_[spec.model_id];
+  if (!slot) slot = std::make_unique<Slot>();
+  if (slot->current && slot->current->key == key && !slot->pending) {
+    std::shared_ptr<Loaded> loaded = slot->current;
+    loaded->last_used_ms = NowMs();
+    LoadResult result{InfoLocked(spec.model_id, *loaded, "READY"), true, loaded->stats};
+    lock.unlock();
+    if (options_.observer) options_.observer->OnCacheRequest("hit");
+    Finish(waiter, waiter->done_, std::move(result));
+    return waiter;
+  }
+  if (slot->pending && slot->pending->key == key) {
+    slot->pending->waiters.push_back(waiter);
+    waiter->flight_ = slot->pending;
+    lock.unlock();
+    if (options_.observer) options_.observer->OnCacheRequest("coalesced");
+    return waiter;
+  }
+  if (slot->pending) {
+    lock.unlock();
+    Finish(waiter, waiter->done_,
+           absl::AlreadyExistsError(absl::StrCat(
+               "model_id '", spec.model_id, "' is already loading '",
+               slot->pending->spec.display_path, "'; wait for it or unload it first")));
+    return waiter;
+  }
+  if (slot->current && !spec.replace) {
+    const std::string other = slot->current->path;
+    lock.unlock();
+    Finish(waiter, waiter->done_,
+           absl::AlreadyExistsError(
+               absl::StrCat("model_id '", spec.model_id, "' already holds '", other,
+                            "' (other options or file); pass replace to swap it")));
+    return waiter;
+  }
+  // Another id already holds or is loading the same key: share it.
+  for (const std::weak_ptr<Loaded>& weak : alive_) {
+    std::shared_ptr<Loaded> loaded = weak.lock();
+    if (loaded && loaded->key == key) {
+      slot->current = loaded;
+      loaded->last_used_ms = NowMs();
+      LoadResult result{InfoLocked(spec.model_id, *loaded, "READY"), true, loaded->stats};
+      lock.unlock();
+      if (options_.observer) options_.observer->OnCacheRequest("hit");
+      Finish(waiter, waiter->done_, std::move(result));
+      return waiter;
+    }
+  }
+  auto existing = flights_.find(key);
+  if (existing != flights_.end()) {
+    existing->second->waiters.push_back(waiter);
+    waiter->flight_ = existing->second;
+    slot->pending = existing->second;
+    lock.unlock();
+    if (options_.observer) options_.observer->OnCacheRequest("coalesced");
+    return waiter;
+  }
+  auto flight = std::make_shared<Flight>();
+  flight->key = key;
+  flight->spec = canonical;
+  flight->waiters.push_back(waiter);
+  waiter->flight_ = flight;
+  flights_[key] = flight;
+  slot->pending = flight;
+  lock.unlock();
+  if (options_.observer) options_.observer->OnCacheRequest("miss");
+  Deliver(waiter, waiter->progress_, {"queued", 0, 0});
+  load_pool_->Submit([this, flight] { RunFlight(flight); });
+  return waiter;
+}
+
+int64_t ModelCache::UsedBytesLocked(const std::string& device) const {
+  int64_t used = 0;
+  for (const std::weak_ptr<Loaded>& weak : alive_) {
+    std::shared_ptr<Loaded> loaded = weak.lock();
+    if (loaded && loaded->device == device) used += loaded->resident_bytes;
+  }
+  auto r = reserved_.find(device);
+  return used + (r == reserved_.end() ? 0 : r->second);
+}
+
+void ModelCache::RunFlight(std::shared_ptr<Flight> flight) {
+  const LoadSpec& spec = flight->spec;
+  const auto start = Clock::now();
+  auto broadcast = [this, &flight](const LoadProgressEvent& e) {
+    std::vector<std::shared_ptr<LoadWaiter>> waiters;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      waiters = flight->waiters;
+    }
+    for (const auto& w : waiters) Deliver(w, w->progress_, e);
+  };
+  int64_t reserved = 0;
+  std::shared_ptr<Loaded> loaded;
+  absl::Status status;
+  std::unique_ptr<models::Model> model;
+  core::LoadReport report;
+  double build_seconds = 0;
+  do {
+    if (flight->cancel.load()) {
+      status = absl::CancelledError(absl::StrCat("load of '", spec.display_path, "' cancelled"));
+      break;
+    }
+    broadcast({"build", 0, 0});
+    absl::StatusOr<std::unique_ptr<core::CheckpointSource>> source =
+        core::CheckpointSource::Open(spec.path);
+    if (!source.ok()) {
+      status = source.status();
+      break;
+    }
+    absl::StatusOr<std::unique_ptr<models::Model>> built =
+        models::BuildModel(spec.architecture, (*source)->index());
+    if (!built.ok()) {
+      status = built.status();
+      break;
+    }
+    model = *std::move(built);
+    build_seconds = std::chrono::duration<double>(Clock::now() - start).count();
+    absl::StatusOr<core::DtypePolicy> policy =
+        core::DtypePolicy::Create(spec.dtype, spec.dtype_overrides);
+    int64_t need = static_cast<int64_t>(policy->LoadedBytes((*source)->index()));
+    if ((*source)->index().format == core::CheckpointFormat::kTorchScript) {
+      need = static_cast<int64_t>((*source)->index().files[0].size);
+    }
+
+    // Admission: evict idle, unpinned models LRU-first until the load fits, before allocating.
+    {
+      std::vector<std::string> evicted;
+      std::lock_guard<std::mutex> lock(mu_);
+      auto budget = options_.budgets.find(spec.device);
+      if (budget != options_.budgets.end()) {
+        while (UsedBytesLocked(spec.device) + need > budget->second) {
+          std::string victim;
+          int64_t oldest = INT64_MAX;
+          for (const auto& [id, slot] : slots_) {
+            const std::shared_ptr<Loaded>& l = slot->current;
+            if (!l || l->device != spec.device || l->pinned || l->active.load() > 0) continue;
+            bool wanted = false;
+            for (const auto& w : flight->waiters) wanted |= w->model_id_ == id;
+            if (wanted) continue;  // a model being replaced serves until its successor is ready
+            if (l->last_used_ms.load() < oldest) {
+              oldest = l->last_used_ms.load();
+              victim = id;
+            }
+          }
+          if (victim.empty()) break;
+          std::shared_ptr<Loaded> gone = slots_[victim]->current;
+          for (auto it = slots_.begin(); it != slots_.end();) {
+            if (it->second->current == gone) {
+              evicted.push_back(it->first);
+              it->second->current = nullptr;
+              if (!it->second->pending) {
+                it = slots_.erase(it);
+                continue;
+              }
+            }
+            ++it;
+          }
+          gone.reset();
+          alive_.erase(std::remove_if(alive_.begin(), alive_.end(),
+                                      [](const std::weak_ptr<Loaded>& w) { return w.expired(); }),
+                       alive_.end());
+          if (options_.observer) options_.observer->OnEviction(spec.device);
+        }
+        const int64_t used = UsedBytesLocked(spec.device);
+        if (used + need > budget->second) {
+          status = absl::ResourceExhaustedError(
+              absl::StrCat("'", spec.display_path, "' needs ", core::HumanBytes(need), " on ",
+                           spec.device, "; the budget is ", core::HumanBytes(budget->second),
+                           " and ", core::HumanBytes(used), " is held by models in use or pinned"));
+        }
+      }
+      if (status.ok()) {
+        reserved_[spec.device] += need;
+        reserved = need;
+      }
+      for (const std::string& id : evicted) {
+        core::LogInfo("model_evicted").Kv("model_id", id).Kv("device", spec.device);
+        if (options_.observer) options_.observer->OnModelRemoved(id);
+      }
+    }
+    if (!status.ok()) break;
+
+    core::LoadOptions options;
+    options.device = spec.device;
+    options.dtype = spec.dtype;
+    options.dtype_overrides = spec.dtype_overrides;
+    options.allow_missing_keys = spec.allow_missing_keys;
+    options.zero_copy = spec.zero_copy;
+    options.cancel = &flight->cancel;
+    options.progress = [&broadcast](const core::LoadProgress& p) {
+      broadcast({p.phase == "done" ? "place" : "read", static_cast<int64_t>(p.bytes_done),
+                 static_cast<int64_t>(p.bytes_total)});
+    };
+    absl::StatusOr<core::LoadReport> r = model->Load(**source, options);
+    if (!r.ok()) {
+      status = r.status();
+      break;
+    }
+    report = *r;
+    loaded = std::make_shared<Loaded>();
+    loaded->key = flight->key;
+    loaded->path = spec.display_path;
+    loaded->architecture = model->architecture();
+    loaded->device = spec.device;
+    loaded->dtype = core::DtypePolicy::Create(spec.dtype, spec.dtype_overrides)->Describe();
+    if (spec.dtype_overrides.empty()) loaded->dtype = spec.dtype.empty() ? "keep" : spec.dtype;
+    loaded->files = (*source)->index().files;
+    loaded->parameter_count = model->ParameterCount();
+    loaded->resident_bytes = static_cast<int64_t>(model->ResidentBytes());
+    loaded->entries = model->Entries();
+    loaded->pinned = spec.pin;
+    loaded->loaded_at_ms = NowMs();
+    loaded->last_used_ms = loaded->loaded_at_ms;
+    loaded->stats.total_seconds = std::chrono::duration<double>(Clock::now() - start).count();
+    loaded->stats.build_seconds = build_seconds;
+    loaded->stats.read_seconds = report.seconds;
+    loaded->stats.bytes_read = static_cast<int64_t>(report.bytes_read);
+    loaded->stats.peak_host_bytes = report.peak_host_bytes;
+    loaded->stats.peak_device_bytes = report.peak_device_bytes;
+    loaded->stats.unexpected_keys = report.unexpected_keys;
+    loaded->model = std::move(model);
+  } while (false);
+
+  if (status.ok() && flight->cancel.load()) {
+    loaded.reset();  // everybody left while the last bytes arrived
+    status = absl::CancelledError(absl::StrCat("load of '", spec.display_path, "' cancelled"));
+  }
+
+  std::vector<std::pair<std::shared_ptr<LoadWaiter>, absl::StatusOr<LoadResult>>> results;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    reserved_[spec.device] -= reserved;
+    flights_.erase(flight->key);
+    if (loaded) alive_.push_back(loaded);
+    for (const auto& w : flight->waiters) {
+      auto it = slots_.find(w->model_id_);
+      if (status.ok()) {
+        if (it == slots_.end()) it = slots_.emplace(w->model_id_, std::make_unique<Slot>()).first;
+        if (it->second->pending == flight || it->second->pending == nullptr) {
+          it->second->pending = nullptr;
+          it->second->current = loaded;  // the replaced model goes when its last user is done
+        }
+        results.emplace_back(
+            w, LoadResult{InfoLocked(w->model_id_, *loaded, "READY"), false, loaded->stats});
+      } else {
+        if (it != slots_.end() && it->second->pending == flight) {
+          it->second->pending = nullptr;
+          if (!it->second->current) slots_.erase(it);
+        }
+        results.emplace_back(w, status);
+      }
+    }
+    flight->waiters.clear();
+  }
+  if (options_.observer) {
+    const std::string outcome = status.ok()                 ? "ok"
+                                : absl::IsCancelled(status) ? "cancelled"
+                                                            : "error";
+    LoadStats stats = loaded ? loaded->stats : LoadStats();
+    stats.total_seconds = std::chrono::duration<double>(Clock::now() - start).count();
+    options_.observer->OnLoadFinished(
+        spec.model_id, loaded ? loaded->architecture : spec.architecture, spec.device, outcome,
+        stats, loaded ? loaded->resident_bytes : 0);
+  }
+  if (status.ok()) {
+    core::LogInfo("model_loaded")
+        .Kv("model_id", spec.model_id)
+        .Kv("path", spec.display_path)
+        .Kv("architecture", loaded->architecture)
+        .Kv("device", spec.device)
+        .Kv("seconds", loaded->stats.total_seconds)
+        .Kv("bytes", loaded->resident_bytes)
+        .Kv("peak_host_bytes", loaded->stats.peak_host_bytes);
+    StartHash(loaded);
+  } else {
+    core::LogWarning("load_failed").Kv("model_id", spec.model_id).Kv("error", status.ToString());
+  }
+  for (auto& [w, result] : results) Finish(w, w->done_, std::move(result));
+}
+
+void ModelCache::StartHash(const std::shared_ptr<Loaded>& loaded) {
+  if (options_.checksums == nullptr) return;
+  std::weak_ptr<Loaded> weak = loaded;
+  std::vector<core::CheckpointFile> files = loaded->files;
+  core::ChecksumStore* store = options_.checksums;
+  hash_pool_->Submit([weak, files, store] {
+    if (weak.expired()) return;
+    std::optional<std::string> sha = store->Lookup(files);
+    if (!sha) {
+      absl::StatusOr<std::string> computed = store->Compute(files);
+      if (!computed.ok()) {
+        core::LogWarning("hash_failed").Kv("error", computed.status().ToString());
+        return;
+      }
+      sha = *computed;
+    }
+    if (std::shared_ptr<Loaded> l = weak.lock()) {
+      std::lock_guard<std::mutex> lock(l->hash_mu);
+      l->sha256 = *sha;
+    }
+  });
+}
+
+ModelInfo ModelCache::InfoLocked(const std::string& id, const Loaded& l,
+                                 const std::string& state) const {
+  ModelInfo info;
+  info.model_id = id;
+  info.path = l.path;
+  info.architecture = l.architecture;
+  info.device = l.device;
+  info.dtype = l.dtype;
+  info.state = state;
+  info.parameter_count = l.parameter_count;
+  info.resident_bytes = l.resident_bytes;
+  {
+    std::lock_guard<std::mutex> lock(const_cast<Loaded&>(l).hash_mu);
+    info.sha256 = l.sha256;
+  }
+  info.short_hash = info.sha256.substr(0, std::min<size_t>(10, info.sha256.size()));
+  info.entries = l.entries;
+  info.loaded_at_unix_ms = l.loaded_at_ms;
+  info.last_used_unix_ms = l.last_used_ms.load();
+  info.infer_count = l.infer_count.load();
+  return info;
+}
+
+absl::StatusOr<ModelInfo> ModelCache::Get(const std::string& model_id) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = slots_.find(model_id);
+  if (it == slots_.end()) {
+    return absl::NotFoundError(absl::StrCat("model_id '", model_id, "' is not loaded"));
+  }
+  if (it->second->current) return InfoLocked(model_id, *it->second->current, "READY");
+  ModelInfo info;
+  info.model_id = model_id;
+  info.path = it->second->pending->spec.display_path;
+  info.architecture = it->second->pending->spec.architecture;
+  info.device = it->second->pending->spec.device;
+  info.dtype = it->second->pending->spec.dtype.empty() ? "keep" : it->second->pending->spec.dtype;
+  info.state = "LOADING";
+  return info;
+}
+
+std::vector<ModelInfo> ModelCache::List() const {
+  std::vector<std::string> ids;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (const auto& [id, slot] : slots_) ids.push_back(id);
+  }
+  std::vector<ModelInfo> out;
+  for (const std::string& id : ids) {
+    absl::StatusOr<ModelInfo> info = Get(id);
+    if (info.ok()) out.push_back(*std::move(info));
+  }
+  return out;
+}
+
+absl::StatusOr<ModelInfo> ModelCache::Unload(const std::string& model_id) {
+  std::vector<std::shared_ptr<LoadWaiter>> cancelled;
+  ModelInfo info;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = slots_.find(model_id);
+    if (it == slots_.end()) {
+      return absl::NotFoundError(absl::StrCat("model_id '", model_id, "' is not loaded"));
+    }
+    Slot& slot = *it->second;
+    if (slot.current) {
+      info = InfoLocked(model_id, *slot.current, "UNLOADING");
+    } else {
+      info.model_id = model_id;
+      info.path = slot.pending->spec.display_path;
+      info.state = "UNLOADING";
+    }
+    if (slot.pending) {
+      auto& ws = slot.pending->waiters;
+      for (auto w = ws.begin(); w != ws.end();) {
+        if ((*w)->model_id_ == model_id) {
+          cancelled.push_back(*w);
+          w = ws.erase(w);
+        } else {
+          ++w;
+        }
+      }
+      if (ws.empty()) slot.pending->cancel.store(true);
+    }
+    slots_.erase(it);  // the model goes with its last handle
+  }
+  for (const auto& w : cancelled) {
+    Finish(
+        w, w->done_,
+        absl::CancelledError(absl::StrCat("model_id '", model_id, "' was unloaded while loading")));
+  }
+  if (options_.observer) options_.observer->OnModelRemoved(model_id);
+  core::LogInfo("model_unloaded").Kv("model_id", model_id);
+  return info;
+}
+
+void ModelCache::Infer(const std::string& model_id, const std::string& entry,
+                       std::vector<WireTensor> inputs, bool typed_outputs, InferDoneFn done) {
+  std::shared_ptr<Loaded> loaded;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = slots_.find(model_id);
+    if (it != slots_.end()) loaded = it->second->current;
+    // Counted under the lock, so an eviction deciding right now sees this Infer.
+    if (loaded) loaded->active.fetch_add(1);
+  }
+  if (!loaded) {
+    done(absl::NotFoundError(
+        absl::StrCat("model_id '", model_id, "' is not loaded (or still loading)")));
+    return;
+  }
+  infer_pool_->Submit([this, loaded, entry, inputs = std::move(inputs), typed_outputs,
+                       done = std::move(done), model_id]() mutable {
+    const auto start = Clock::now();
+    absl::StatusOr<std::vector<WireTensor>> result =
+        [&]() -> absl::StatusOr<std::vector<WireTensor>> {
+      std::map<std::string, at::Tensor> feed;
+      for (const WireTensor& w : inputs) {
+        absl::StatusOr<at::Tensor> t = DecodeTensor(w);
+        if (!t.ok()) return t.status();
+        if (!feed.emplace(w.name, *t).second) {
+          return absl::InvalidArgumentError(absl::StrCat("input '", w.name, "' given twice"));
+        }
+      }
+      inputs.clear();
+      absl::StatusOr<models::NamedTensors> out = loaded->model->Run(entry, feed);
+      if (!out.ok()) return out.status();
+      std::vector<WireTensor> wire;
+      for (const auto& [name, tensor] : *out)
+        wire.push_back(EncodeTensor(name, tensor, typed_outputs));
+      return wire;
+    }();
+    loaded->infer_count.fetch_add(1);
+    loaded->last_used_ms = NowMs();
+    loaded->active.fetch_sub(1);
+    if (options_.observer && result.ok()) {
+      options_.observer->OnInfer(model_id,
+                                 std::chrono::duration<double>(Clock::now() - start).count());
+    }
+    done(std::move(result));
+  });
+}
+
+std::map<std::string, int64_t> ModelCache::ResidentBytes() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::map<std::string, int64_t> out;
+  for (const std::weak_ptr<Loaded>& weak : alive_) {
+    if (std::shared_ptr<Loaded> l = weak.lock()) out[l->device] += l->resident_bytes;
+  }
+  return out;
+}
+
+}  // namespace metaload::cache

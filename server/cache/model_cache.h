@@ -1,0 +1,177 @@
+// ModelCache: the loaded models, by model_id, as ref-counted handles.
+//
+// - Single flight: loads are keyed by (resolved path, file identity: size + mtime,
+//   architecture, device, dtype policy, zero_copy). Identical concurrent loads share one; each
+//   caller holds a LoadWaiter, and the load is aborted only when every waiter has cancelled.
+// - A model_id names one key. Loading a different key under a used id is ALREADY_EXISTS unless
+//   `replace`: then the new load runs in the background and is swapped in atomically once READY
+//   (the old model serves until then, and is freed when its last user is done).
+// - Handles: Infer holds the model for its duration, so Unload and eviction never free a model
+//   under a running Infer; they mark it UNLOADING and the memory goes with the last handle.
+// - Admission before allocation: the bytes a load needs are exact from the checkpoint header and
+//   the dtype policy. Idle, unpinned models on the device are evicted least-recently-used first;
+//   if the budget still cannot fit it, the load fails with RESOURCE_EXHAUSTED before touching
+//   memory.
+// - Loads run on a bounded pool, Infer on another, sha256 hashing on a third (in the
+//   background, after a load): none on the caller's thread.
+//
+// This header is free of LibTorch and gRPC types. Thread-safe.
+#ifndef METALOAD_SERVER_CACHE_MODEL_CACHE_H_
+#define METALOAD_SERVER_CACHE_MODEL_CACHE_H_
+
+#include <atomic>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "server/cache/wire_tensor.h"
+#include "server/models/entry_spec.h"
+
+namespace metaload::core {
+class ChecksumStore;
+class ThreadPool;
+}  // namespace metaload::core
+
+namespace metaload::cache {
+
+struct LoadSpec {
+  std::string model_id;      // never empty (the service defaults it to the path's stem)
+  std::string path;          // resolved absolute path inside a model root
+  std::string display_path;  // the path as the caller gave it, for messages and ModelInfo
+  std::string architecture;  // "" = detect
+  std::string device = "cpu";
+  std::string dtype;  // "" = keep
+  std::map<std::string, std::string> dtype_overrides;
+  bool allow_missing_keys = false;
+  bool zero_copy = false;
+  bool replace = false;
+  bool pin = false;
+};
+
+struct ModelInfo {
+  std::string model_id, path, architecture, device, dtype, state;  // LOADING READY UNLOADING
+  int64_t parameter_count = 0;
+  int64_t resident_bytes = 0;
+  std::string sha256, short_hash;
+  std::vector<models::EntrySpec> entries;
+  int64_t loaded_at_unix_ms = 0, last_used_unix_ms = 0, infer_count = 0;
+};
+
+struct LoadStats {
+  double total_seconds = 0, build_seconds = 0, read_seconds = 0;
+  int64_t bytes_read = 0, peak_host_bytes = 0, peak_device_bytes = 0;
+  std::vector<std::string> unexpected_keys;
+};
+
+struct LoadResult {
+  ModelInfo model;
+  bool cache_hit = false;
+  LoadStats stats;
+};
+
+struct LoadProgressEvent {
+  std::string phase;  // "queued", "build", "read", "done"
+  int64_t bytes_done = 0;
+  int64_t bytes_total = 0;
+};
+
+// Hooks for metrics; called from cache threads, must be cheap. All optional.
+class CacheObserver {
+ public:
+  virtual ~CacheObserver() = default;
+  // result: "hit", "miss", "coalesced".
+  virtual void OnCacheRequest(const std::string& result) {}
+  // outcome: "ok", "error", "cancelled"; stats are meaningful for "ok".
+  virtual void OnLoadFinished(const std::string& model_id, const std::string& architecture,
+                              const std::string& device, const std::string& outcome,
+                              const LoadStats& stats, int64_t loaded_bytes) {}
+  virtual void OnEviction(const std::string& device) {}
+  virtual void OnModelRemoved(const std::string& model_id) {}
+  virtual void OnInfer(const std::string& model_id, double seconds) {}
+};
+
+class LoadWaiter;
+struct Flight;
+struct Loaded;
+
+class ModelCache {
+ public:
+  struct Options {
+    // Device -> bytes. A device without an entry has no limit beyond what is free.
+    std::map<std::string, int64_t> budgets;
+    int load_threads = 2;
+    int infer_threads = 2;
+    // Optional: sha256 of checkpoints, in the background after each load.
+    core::ChecksumStore* checksums = nullptr;
+    CacheObserver* observer = nullptr;
+  };
+
+  using ProgressFn = std::function<void(const LoadProgressEvent&)>;
+  using DoneFn = std::function<void(absl::StatusOr<LoadResult>)>;
+  using InferDoneFn = std::function<void(absl::StatusOr<std::vector<WireTensor>>)>;
+
+  explicit ModelCache(Options options);
+  ~ModelCache();  // cancels loads in flight and waits for the pools
+
+  // Starts or joins a load. `done` runs exactly once unless the returned waiter's Cancel()
+  // returns true; it may run inline (cache hits, immediate errors) or on a cache thread.
+  std::shared_ptr<LoadWaiter> Load(const LoadSpec& spec, ProgressFn progress, DoneFn done);
+
+  absl::StatusOr<ModelInfo> Get(const std::string& model_id) const;
+  std::vector<ModelInfo> List() const;
+  // NOT_FOUND for an unknown id. The returned state is UNLOADING while Infers still hold it.
+  absl::StatusOr<ModelInfo> Unload(const std::string& model_id);
+
+  // Runs `entry` ("" = default) on the infer pool; `done` runs exactly once.
+  void Infer(const std::string& model_id, const std::string& entry, std::vector<WireTensor> inputs,
+             bool typed_outputs, InferDoneFn done);
+
+  // Bytes held by loaded models (including unloaded ones still used by an Infer), per device.
+  std::map<std::string, int64_t> ResidentBytes() const;
+  const std::map<std::string, int64_t>& budgets() const { return options_.budgets; }
+
+ private:
+  friend class LoadWaiter;
+  struct Slot;
+
+  void RunFlight(std::shared_ptr<Flight> flight);
+  bool CancelWaiter(LoadWaiter* waiter);
+  int64_t UsedBytesLocked(const std::string& device) const;
+  ModelInfo InfoLocked(const std::string& id, const Loaded& loaded, const std::string& state) const;
+  void StartHash(const std::shared_ptr<Loaded>& loaded);
+
+  Options options_;
+  mutable std::mutex mu_;
+  std::map<std::string, std::unique_ptr<Slot>> slots_;      // guarded by mu_
+  std::map<std::string, std::shared_ptr<Flight>> flights_;  // by key; guarded by mu_
+  std::vector<std::weak_ptr<Loaded>> alive_;                // guarded by mu_
+  std::map<std::string, int64_t> reserved_;                 // device -> bytes; guarded by mu_
+  std::unique_ptr<core::ThreadPool> load_pool_;
+  std::unique_ptr<core::ThreadPool> infer_pool_;
+  std::unique_ptr<core::ThreadPool> hash_pool_;
+};
+
+// One caller's interest in a load.
+class LoadWaiter {
+ public:
+  // Leaves the load. True: `done` will never be called for this waiter. False: it already ran
+  // or is running.
+  bool Cancel();
+
+ private:
+  friend class ModelCache;
+  ModelCache* cache_ = nullptr;
+  std::string model_id_;
+  ModelCache::ProgressFn progress_;
+  ModelCache::DoneFn done_;
+  bool finished_ = false;  // guarded by the cache's mu_
+  std::weak_ptr<Flight> flight_;
+};
+
+}  // namespace metaload::cache
+
+#endif  // METALOAD_SERVER_CACHE_MODEL_CACHE_H_

@@ -1,0 +1,39 @@
+// A fixed pool of worker threads running queued closures in FIFO order. Destruction runs what is
+// queued, then joins. Thread-safe.
+#ifndef METALOAD_SERVER_CORE_THREAD_POOL_H_
+#define METALOAD_SERVER_CORE_THREAD_POOL_H_
+
+#include <condition_variable>
+#include <deque>
+#include <functional>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace metaload::core {
+
+class ThreadPool {
+ public:
+  explicit ThreadPool(int threads);
+  ~ThreadPool();
+  ThreadPool(const ThreadPool&) = delete;
+  ThreadPool& operator=(const ThreadPool&) = delete;
+
+  void Submit(std::function<void()> task);
+  // Tasks queued and not yet started.
+  size_t queued() const;
+
+ private:
+  void Work();
+
+  mutable std::mutex mu_;
+  std::condition_variable wake_;
+  std::deque<std::function<void()>> tasks_;  // guarded by mu_
+  bool stopping_ = false;                    // guarded by mu_
+  std::vector<std::thread> workers_;
+};
+
+}  // namespace metaload::core
+
+#endif  // METALOAD_SERVER_CORE_THREAD_POOL_H_

@@ -1,0 +1,474 @@
+// metaload.v1.ModelLoader end to end: the real daemon on loopback, real checkpoints written by
+// the synthesizer and by Python, every RPC's happy path and every row of API.md's error table.
+#include <grpcpp/grpcpp.h>
+#include <gtest/gtest.h>
+#include <sys/stat.h>
+
+#include <atomic>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <thread>
+
+#include "metaload/v1/metaload.grpc.pb.h"
+#include "tests/e2e/daemon_process.h"
+#include "tests/test_util.h"
+
+namespace metaload {
+namespace {
+
+using metaload::v1::ModelLoader;
+
+class ServiceTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    dir_ = new testing::TempDir();
+    std::filesystem::create_directories(*dir_ / "models");
+    for (const char* arch : {"mlp", "gpt2"}) {
+      testing::CommandResult r =
+          testing::RunCommand({METALOAD_PYTHON, METALOAD_SOURCE_DIR "/tests/tools/ref_models.py",
+                               arch, *dir_ / (std::string("models/ref_") + arch)},
+                              *dir_ / "py");
+      ASSERT_EQ(r.exit_code, 0) << r.err;
+    }
+    for (const char* preset : {"small", "tiny"}) {
+      testing::CommandResult r = testing::RunCommand(
+          {METALOAD_CLI_PATH, "synth", "--arch=mlp", std::string("--preset=") + preset,
+           *dir_ / (std::string("models/mlp_") + preset)},
+          *dir_ / "synth");
+      ASSERT_EQ(r.exit_code, 0) << r.err;
+    }
+    std::ofstream(*dir_ / "models/corrupt.safetensors", std::ios::binary)
+        << std::string("\x10\0\0\0\0\0\0\0{\"a\": 1}  ", 20);
+    std::ofstream(*dir_ / "outside.safetensors") << "x";
+    std::filesystem::create_symlink(*dir_ / "outside.safetensors",
+                                    *dir_ / "models/escape.safetensors");
+    daemon_ = new DaemonProcess(*dir_, {"--model_root=" + (*dir_ / "models")});
+  }
+  static void TearDownTestSuite() {
+    delete daemon_;
+    delete dir_;
+  }
+
+  void SetUp() override {
+    ASSERT_GT(daemon_->grpc_port(), 0) << daemon_->process().Stderr();
+    stub_ = ModelLoader::NewStub(daemon_->Channel());
+  }
+
+  grpc::Status Load(const std::string& path, metaload::v1::LoadModelResponse* response,
+                    const std::function<void(metaload::v1::LoadModelRequest*)>& edit = nullptr) {
+    metaload::v1::LoadModelRequest request;
+    request.set_path(path);
+    if (edit) edit(&request);
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + 60s);
+    return stub_->LoadModel(&context, request, response);
+  }
+  grpc::Status Unload(const std::string& id) {
+    metaload::v1::UnloadModelRequest request;
+    request.set_model_id(id);
+    metaload::v1::UnloadModelResponse response;
+    grpc::ClientContext context;
+    return stub_->UnloadModel(&context, request, &response);
+  }
+  grpc::Status Infer(const metaload::v1::InferRequest& request,
+                     metaload::v1::InferResponse* response) {
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + 30s);
+    return stub_->Infer(&context, request, response);
+  }
+
+  static testing::TempDir* dir_;
+  static DaemonProcess* daemon_;
+  std::unique_ptr<ModelLoader::Stub> stub_;
+};
+
+testing::TempDir* ServiceTest::dir_ = nullptr;
+DaemonProcess* ServiceTest::daemon_ = nullptr;
+
+metaload::v1::Tensor Fp32Tensor(const std::string& name, const std::vector<int64_t>& shape,
+                                const std::vector<float>& values, bool raw) {
+  metaload::v1::Tensor t;
+  t.set_name(name);
+  t.set_datatype("FP32");
+  for (int64_t d : shape) t.add_shape(d);
+  if (raw) {
+    t.set_raw_data(std::string(reinterpret_cast<const char*>(values.data()), values.size() * 4));
+  } else {
+    for (float v : values) t.add_fp32_contents(v);
+  }
+  return t;
+}
+
+TEST_F(ServiceTest, LoadInferGetListUnloadMatchPython) {
+  metaload::v1::LoadModelResponse loaded;
+  grpc::Status s = Load("ref_mlp", &loaded);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  EXPECT_FALSE(loaded.cache_hit());
+  EXPECT_EQ(loaded.model().model_id(), "ref_mlp");
+  EXPECT_EQ(loaded.model().state(), "READY");
+  EXPECT_EQ(loaded.model().architecture(), "mlp");
+  EXPECT_EQ(loaded.model().device(), "cpu");
+  EXPECT_EQ(loaded.model().parameter_count(), 12 * 24 + 24 + 24 * 24 + 24 + 24 * 5 + 5);
+  EXPECT_EQ(loaded.model().resident_bytes(), loaded.model().parameter_count() * 4);
+  EXPECT_GT(loaded.stats().total_seconds(), 0);
+  EXPECT_EQ(loaded.stats().bytes_read(), loaded.model().resident_bytes());
+  ASSERT_EQ(loaded.model().entries_size(), 1);
+  EXPECT_EQ(loaded.model().entries(0).name(), "forward");
+  EXPECT_EQ(loaded.model().entries(0).inputs(0).name(), "input");
+
+  metaload::v1::LoadModelResponse again;
+  ASSERT_TRUE(Load("ref_mlp", &again).ok());
+  EXPECT_TRUE(again.cache_hit());
+
+  nlohmann::json inputs =
+      nlohmann::json::parse(testing::ReadFileOrEmpty(*dir_ / "models/ref_mlp/inputs.json"));
+  std::vector<float> x;
+  for (const auto& row : inputs["input"])
+    for (const auto& v : row) x.push_back(v.get<float>());
+  const std::string expected_bytes =
+      testing::ReadFileOrEmpty(*dir_ / "models/ref_mlp/expected.bin");
+  std::vector<float> expected(expected_bytes.size() / 4);
+  std::memcpy(expected.data(), expected_bytes.data(), expected_bytes.size());
+  for (bool raw : {true, false}) {
+    metaload::v1::InferRequest request;
+    request.set_model_id("ref_mlp");
+    *request.add_inputs() = Fp32Tensor("input", {3, 12}, x, raw);
+    request.set_typed_outputs(!raw);
+    metaload::v1::InferResponse response;
+    grpc::Status is = Infer(request, &response);
+    ASSERT_TRUE(is.ok()) << is.error_message();
+    ASSERT_EQ(response.outputs_size(), 1);
+    const metaload::v1::Tensor& out = response.outputs(0);
+    EXPECT_EQ(out.name(), "output");
+    EXPECT_EQ(out.datatype(), "FP32");
+    EXPECT_EQ(std::vector<int64_t>(out.shape().begin(), out.shape().end()),
+              (std::vector<int64_t>{3, 5}));
+    std::vector<float> got(15);
+    if (raw) {
+      ASSERT_EQ(out.raw_data().size(), 60u);
+      std::memcpy(got.data(), out.raw_data().data(), 60);
+    } else {
+      ASSERT_EQ(out.fp32_contents_size(), 15);
+      got.assign(out.fp32_contents().begin(), out.fp32_contents().end());
+    }
+    for (size_t i = 0; i < 15; ++i) EXPECT_NEAR(got[i], expected[i], 1e-5) << i;
+  }
+
+  metaload::v1::GetModelRequest get;
+  get.set_model_id("ref_mlp");
+  metaload::v1::ModelInfo info;
+  {
+    grpc::ClientContext context;
+    ASSERT_TRUE(stub_->GetModel(&context, get, &info).ok());
+  }
+  EXPECT_EQ(info.infer_count(), 2);
+  EXPECT_GE(info.last_used_unix_ms(), info.loaded_at_unix_ms());
+  // The background hash arrives shortly after the load.
+  for (int i = 0; i < 100 && info.sha256().empty(); ++i) {
+    std::this_thread::sleep_for(50ms);
+    grpc::ClientContext context;
+    ASSERT_TRUE(stub_->GetModel(&context, get, &info).ok());
+  }
+  EXPECT_EQ(info.sha256().size(), 64u);
+  EXPECT_EQ(info.short_hash(), info.sha256().substr(0, 10));
+
+  metaload::v1::ListModelsResponse list;
+  {
+    grpc::ClientContext context;
+    ASSERT_TRUE(stub_->ListModels(&context, metaload::v1::ListModelsRequest(), &list).ok());
+  }
+  bool listed = false;
+  for (const auto& m : list.models()) listed |= m.model_id() == "ref_mlp";
+  EXPECT_TRUE(listed);
+  EXPECT_GE(list.resident_bytes_by_device().at("cpu"), loaded.model().resident_bytes());
+
+  ASSERT_TRUE(Unload("ref_mlp").ok());
+  grpc::ClientContext context;
+  EXPECT_EQ(stub_->GetModel(&context, get, &info).error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_EQ(Unload("ref_mlp").error_code(), grpc::StatusCode::NOT_FOUND);
+}
+
+TEST_F(ServiceTest, Gpt2ThroughGrpcMatchesPython) {
+  metaload::v1::LoadModelResponse loaded;
+  ASSERT_TRUE(Load("ref_gpt2", &loaded, [](auto* r) { r->set_model_id("g"); }).ok());
+  nlohmann::json inputs =
+      nlohmann::json::parse(testing::ReadFileOrEmpty(*dir_ / "models/ref_gpt2/inputs.json"));
+  metaload::v1::InferRequest request;
+  request.set_model_id("g");
+  for (const char* name : {"input_ids", "attention_mask"}) {
+    metaload::v1::Tensor* t = request.add_inputs();
+    t->set_name(name);
+    t->set_datatype("INT64");
+    t->add_shape(2);
+    t->add_shape(7);
+    for (const auto& row : inputs[name])
+      for (const auto& v : row) t->add_int64_contents(v.get<int64_t>());
+  }
+  metaload::v1::InferResponse response;
+  grpc::Status s = Infer(request, &response);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  const std::string expected = testing::ReadFileOrEmpty(*dir_ / "models/ref_gpt2/expected.bin");
+  ASSERT_EQ(response.outputs(0).raw_data().size(), expected.size());
+  float max_err = 0, max_abs = 0;
+  for (size_t i = 0; i < expected.size() / 4; ++i) {
+    float a, b;
+    std::memcpy(&a, response.outputs(0).raw_data().data() + 4 * i, 4);
+    std::memcpy(&b, expected.data() + 4 * i, 4);
+    max_err = std::max(max_err, std::fabs(a - b));
+    max_abs = std::max(max_abs, std::fabs(b));
+  }
+  EXPECT_LE(max_err, 1e-4 * max_abs);
+  ASSERT_TRUE(Unload("g").ok());
+}
+
+TEST_F(ServiceTest, StreamReportsProgressThenTheResult) {
+  metaload::v1::LoadModelRequest request;
+  request.set_path("mlp_small");
+  request.set_model_id("streamed");
+  grpc::ClientContext context;
+  auto reader = stub_->LoadModelStream(&context, request);
+  std::vector<metaload::v1::LoadEvent> events;
+  metaload::v1::LoadEvent e;
+  while (reader->Read(&e)) events.push_back(e);
+  grpc::Status s = reader->Finish();
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  ASSERT_GE(events.size(), 2u);
+  EXPECT_EQ(events.front().phase(), "queued");
+  EXPECT_EQ(events.back().phase(), "done");
+  EXPECT_EQ(events.back().result().model().state(), "READY");
+  EXPECT_EQ(events.back().result().model().model_id(), "streamed");
+  for (size_t i = 0; i + 1 < events.size(); ++i) EXPECT_FALSE(events[i].has_result());
+  ASSERT_TRUE(Unload("streamed").ok());
+}
+
+TEST_F(ServiceTest, ConcurrentIdenticalLoadsShareOne) {
+  const std::string series = "{architecture=\"mlp\",device=\"cpu\",outcome=\"ok\"}";
+  auto loads = [&] {
+    std::optional<std::string> m = testing::HttpGet(daemon_->metrics_port(), "/metrics");
+    return m ? testing::PromValue(*m, "metaload_load_duration_seconds_count", series).value_or(0)
+             : -1;
+  };
+  const double before = loads();
+  std::vector<std::thread> threads;
+  std::atomic<int> ok{0}, hits{0};
+  for (int i = 0; i < 32; ++i) {
+    threads.emplace_back([&] {
+      auto stub = ModelLoader::NewStub(daemon_->Channel());
+      metaload::v1::LoadModelRequest request;
+      request.set_path("mlp_small");
+      request.set_model_id("shared");
+      metaload::v1::LoadModelResponse response;
+      grpc::ClientContext context;
+      if (stub->LoadModel(&context, request, &response).ok()) {
+        ++ok;
+        hits += response.cache_hit();
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(ok.load(), 32);
+  // Exactly one load ran: the others coalesced onto it or hit the cache after it.
+  EXPECT_EQ(loads() - before, 1.0);
+  EXPECT_LE(hits.load(), 31);
+  ASSERT_TRUE(Unload("shared").ok());
+}
+
+TEST_F(ServiceTest, ErrorTable) {
+  struct Case {
+    const char* what;
+    std::function<void(metaload::v1::LoadModelRequest*)> edit;
+    grpc::StatusCode code;
+    const char* message;
+  };
+  const std::string outside = *dir_ / "outside.safetensors";
+  std::vector<Case> cases = {
+      {"empty path", [](auto* r) { r->set_path(""); }, grpc::StatusCode::INVALID_ARGUMENT,
+       "path is empty"},
+      {"unknown dtype", [](auto* r) { r->set_dtype("float8"); }, grpc::StatusCode::INVALID_ARGUMENT,
+       "float8"},
+      {"unknown device", [](auto* r) { r->set_device("tpu"); }, grpc::StatusCode::INVALID_ARGUMENT,
+       "tpu"},
+      {"dot-dot", [](auto* r) { r->set_path("../outside.safetensors"); },
+       grpc::StatusCode::INVALID_ARGUMENT, ".."},
+      {"absolute outside", [outside](auto* r) { r->set_path(outside); },
+       grpc::StatusCode::INVALID_ARGUMENT, "outside the model roots"},
+      {"/proc", [](auto* r) { r->set_path("/proc/self/environ"); },
+       grpc::StatusCode::INVALID_ARGUMENT, "outside the model roots"},
+      {"symlink out", [](auto* r) { r->set_path("escape.safetensors"); },
+       grpc::StatusCode::INVALID_ARGUMENT, "symlink"},
+      {"NUL byte", [](auto* r) { r->set_path(std::string("a\0b", 3)); },
+       grpc::StatusCode::INVALID_ARGUMENT, "NUL"},
+      {"64 KiB path", [](auto* r) { r->set_path(std::string(65536, 'a')); },
+       grpc::StatusCode::INVALID_ARGUMENT, "longer than"},
+      {"missing", [](auto* r) { r->set_path("nope.safetensors"); }, grpc::StatusCode::NOT_FOUND,
+       "nope.safetensors"},
+      {"corrupt", [](auto* r) { r->set_path("corrupt.safetensors"); }, grpc::StatusCode::DATA_LOSS,
+       "corrupt.safetensors"},
+      {"unknown architecture", [](auto* r) { r->set_architecture("resnet"); },
+       grpc::StatusCode::FAILED_PRECONDITION, "resnet"},
+      {"shape mismatch",
+       [](auto* r) {
+         r->set_path("mlp_small");
+         r->set_architecture("gpt2");
+         r->set_model_id("x");
+       },
+       grpc::StatusCode::FAILED_PRECONDITION, "gpt2"},
+      {"cuda", [](auto* r) { r->set_device("cuda:0"); }, grpc::StatusCode::FAILED_PRECONDITION,
+       "CUDA"},
+  };
+  for (const Case& c : cases) {
+    metaload::v1::LoadModelResponse response;
+    grpc::Status s = Load("mlp_tiny", &response, c.edit);
+    EXPECT_EQ(s.error_code(), c.code) << c.what << ": " << s.error_message();
+    EXPECT_NE(s.error_message().find(c.message), std::string::npos)
+        << c.what << ": " << s.error_message();
+    // Echoing the caller's own path is fine; revealing where a symlink points is not.
+    if (std::string(c.what) == "symlink out") {
+      EXPECT_EQ(s.error_message().find("outside.safetensors"), std::string::npos)
+          << "leaks a path: " << s.error_message();
+    }
+  }
+
+  // ALREADY_EXISTS: the same id for another checkpoint without replace; with replace it swaps.
+  metaload::v1::LoadModelResponse first;
+  ASSERT_TRUE(Load("mlp_tiny", &first, [](auto* r) { r->set_model_id("slot"); }).ok());
+  metaload::v1::LoadModelResponse second;
+  grpc::Status exists = Load("mlp_small", &second, [](auto* r) { r->set_model_id("slot"); });
+  EXPECT_EQ(exists.error_code(), grpc::StatusCode::ALREADY_EXISTS) << exists.error_message();
+  grpc::Status replaced = Load("mlp_small", &second, [](auto* r) {
+    r->set_model_id("slot");
+    r->set_replace(true);
+  });
+  ASSERT_TRUE(replaced.ok()) << replaced.error_message();
+  EXPECT_EQ(second.model().path(), "mlp_small");
+
+  // Infer errors.
+  metaload::v1::InferRequest bad;
+  bad.set_model_id("slot");
+  *bad.add_inputs() =
+      Fp32Tensor("input", {2, 256}, std::vector<float>(10), true);  // 40 bytes, needs 2048
+  metaload::v1::InferResponse out;
+  grpc::Status wrong_bytes = Infer(bad, &out);
+  EXPECT_EQ(wrong_bytes.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(wrong_bytes.error_message().find("raw_data has 40 bytes"), std::string::npos)
+      << wrong_bytes.error_message();
+  bad.mutable_inputs(0)->set_datatype("FP8");
+  EXPECT_EQ(Infer(bad, &out).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  bad.mutable_inputs(0)->set_datatype("FP32");
+  bad.mutable_inputs(0)->clear_shape();
+  bad.mutable_inputs(0)->add_shape(int64_t{1} << 40);
+  bad.mutable_inputs(0)->add_shape(int64_t{1} << 40);
+  grpc::Status overflow = Infer(bad, &out);
+  EXPECT_EQ(overflow.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << overflow.error_message();
+  bad.set_model_id("nobody");
+  EXPECT_EQ(Infer(bad, &out).error_code(), grpc::StatusCode::NOT_FOUND);
+  ASSERT_TRUE(Unload("slot").ok());
+}
+
+TEST_F(ServiceTest, MetricsReportLoadsAndForgetUnloadedModels) {
+  metaload::v1::LoadModelResponse r;
+  ASSERT_TRUE(Load("mlp_tiny", &r, [](auto* q) { q->set_model_id("m1"); }).ok());
+  ASSERT_TRUE(Load("mlp_small", &r, [](auto* q) { q->set_model_id("m2"); }).ok());
+  const int64_t m2_bytes = r.model().resident_bytes();
+  ASSERT_TRUE(Unload("m1").ok());
+  std::optional<std::string> metrics = testing::HttpGet(daemon_->metrics_port(), "/metrics");
+  ASSERT_TRUE(metrics);
+  EXPECT_FALSE(testing::PromValue(*metrics, "metaload_load_peak_host_bytes", "{model_id=\"m1\"}")
+                   .has_value());
+  std::optional<double> peak =
+      testing::PromValue(*metrics, "metaload_load_peak_host_bytes", "{model_id=\"m2\"}");
+  ASSERT_TRUE(peak) << *metrics;
+  EXPECT_GE(*peak, 0.9 * m2_bytes);
+  EXPECT_TRUE(testing::PromValue(*metrics, "metaload_models", "{device=\"cpu\",state=\"READY\"}")
+                  .has_value());
+  EXPECT_GT(
+      testing::PromValue(*metrics, "metaload_memory_budget_bytes", "{device=\"cpu\"}").value_or(0),
+      0);
+  EXPECT_GE(testing::PromValue(*metrics, "metaload_rpc_duration_seconds_count",
+                               "{code=\"OK\",method=\"LoadModel\"}")
+                .value_or(0),
+            2);
+  ASSERT_TRUE(Unload("m2").ok());
+}
+
+TEST(ServiceBudgetTest, EvictsLeastRecentlyUsedThenRefuses) {
+  testing::TempDir dir;
+  std::filesystem::create_directories(dir / "m");
+  for (const char* name : {"a", "b", "c"}) {
+    testing::CommandResult r =
+        testing::RunCommand({METALOAD_CLI_PATH, "synth", "--arch=mlp", "--preset=small",
+                             "--seed=" + std::to_string(name[0]), dir / ("m/" + std::string(name))},
+                            dir / "synth");
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+  }
+  // A small mlp is 6.3 MB: the budget fits two.
+  DaemonProcess daemon(dir, {"--model_root=" + (dir / "m"), "--memory_budget=cpu=14MiB"});
+  ASSERT_GT(daemon.grpc_port(), 0) << daemon.process().Stderr();
+  auto stub = ModelLoader::NewStub(daemon.Channel());
+  auto load = [&](const std::string& path, bool pin = false) {
+    metaload::v1::LoadModelRequest request;
+    request.set_path(path);
+    request.set_pin(pin);
+    metaload::v1::LoadModelResponse response;
+    grpc::ClientContext context;
+    return stub->LoadModel(&context, request, &response);
+  };
+  auto ids = [&] {
+    metaload::v1::ListModelsResponse list;
+    grpc::ClientContext context;
+    stub->ListModels(&context, metaload::v1::ListModelsRequest(), &list);
+    std::set<std::string> out;
+    for (const auto& m : list.models()) out.insert(m.model_id());
+    return out;
+  };
+  ASSERT_TRUE(load("a").ok());
+  ASSERT_TRUE(load("b").ok());
+  ASSERT_TRUE(load("a").ok());  // a is now more recently used than b
+  ASSERT_TRUE(load("c").ok());
+  EXPECT_EQ(ids(), (std::set<std::string>{"a", "c"}));
+  std::optional<std::string> metrics = testing::HttpGet(daemon.metrics_port(), "/metrics");
+  EXPECT_EQ(testing::PromValue(*metrics, "metaload_cache_evictions_total", "{device=\"cpu\"}"),
+            1.0);
+
+  // Pinned models are never evicted; when nothing can go, the answer comes before any allocation.
+  testing::TempDir big;
+  std::filesystem::create_directories(dir / "m/big");
+  ASSERT_EQ(
+      testing::RunCommand(
+          {METALOAD_CLI_PATH, "synth", "--arch=mlp", "--preset=medium", dir / "m/big"}, dir / "s")
+          .exit_code,
+      0);
+  grpc::Status too_big = load("big");
+  EXPECT_EQ(too_big.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << too_big.error_message();
+  EXPECT_NE(too_big.error_message().find("budget"), std::string::npos);
+  daemon.process().Signal(SIGTERM);
+  EXPECT_TRUE(daemon.process().Wait(10s).has_value());
+}
+
+TEST(ServiceAuthTest, TokenRequiredExceptForHealth) {
+  testing::TempDir dir;
+  std::ofstream(dir / "token") << "s3cret\n";
+  DaemonProcess daemon(dir, {"--auth_token_file=" + (dir / "token")});
+  ASSERT_GT(daemon.grpc_port(), 0) << daemon.process().Stderr();
+  auto stub = ModelLoader::NewStub(daemon.Channel());
+  for (const char* token : {"", "Bearer wrong", "Bearer s3cret"}) {
+    grpc::ClientContext context;
+    if (*token) context.AddMetadata("authorization", token);
+    metaload::v1::ListModelsResponse list;
+    grpc::Status s = stub->ListModels(&context, metaload::v1::ListModelsRequest(), &list);
+    if (std::string(token) == "Bearer s3cret") {
+      EXPECT_TRUE(s.ok()) << s.error_message();
+    } else {
+      EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAUTHENTICATED) << token;
+    }
+  }
+  testing::CommandResult health = testing::RunCommand(
+      {METALOAD_CLI_PATH, "health", "--address=127.0.0.1:" + std::to_string(daemon.grpc_port())},
+      dir / "health");
+  EXPECT_EQ(health.exit_code, 0) << health.err;
+}
+
+}  // namespace
+}  // namespace metaload
