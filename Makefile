@@ -33,10 +33,10 @@ run: build
 	@echo ""
 	@echo "metaloadd: gRPC on $(LISTEN), metrics on http://$(METRICS)/metrics, models in $(MODEL_ROOT)/"
 	@echo "  try:  $(BUILD_DIR)/client/metaload health --address=$(LISTEN)"
-	@echo "        grpcurl -plaintext $(LISTEN) list"
+	@echo "        grpcurl -plaintext -d '{\"path\": \"demo-gpt2\"}' $(LISTEN) metaload.v1.ModelLoader/LoadModel"
 	@echo "        curl -s http://$(METRICS)/metrics | grep ^metaload_"
 	@echo ""
-	@exec $(BUILD_DIR)/server/metaloadd --listen=$(LISTEN) --metrics_listen=$(METRICS) --model_root=$(MODEL_ROOT)
+	@exec $(BUILD_DIR)/server/metaloadd --listen=$(LISTEN) --metrics_listen=$(METRICS) --model_root=$(MODEL_ROOT) --state_dir=var/state
 
 # A fixed-seed slice of every fuzzer, then the unit, e2e and reference tests.
 test: build

@@ -8,3 +8,6 @@ mkdir -p "$root"
 if [ ! -f "$root/demo-mlp/config.json" ]; then
   "$metaload" synth --arch=mlp --preset=tiny "$root/demo-mlp"
 fi
+if [ ! -f "$root/demo-gpt2/config.json" ]; then
+  "$metaload" synth --arch=gpt2 --preset=tiny "$root/demo-gpt2"
+fi

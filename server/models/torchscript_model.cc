@@ -21,7 +21,7 @@ class TorchScriptModel : public Model {
   std::vector<EntrySpec> Entries() const override {
     EntrySpec e{"forward", {}, {{"output", std::nullopt, {}}}};
     for (const std::string& name : arguments_) e.inputs.push_back({name, std::nullopt, {}});
-    return e.inputs.empty() && !loaded_ ? std::vector<EntrySpec>{e} : std::vector<EntrySpec>{e};
+    return {e};
   }
 
   absl::StatusOr<core::LoadReport> Load(const core::CheckpointSource&,
@@ -48,7 +48,6 @@ class TorchScriptModel : public Model {
       return absl::DataLossError(absl::StrCat(
           path_, ": TorchScript archive does not load: ", what.substr(0, what.find('\n'))));
     }
-    loaded_ = true;
     core::LoadReport report;
     for (const auto& p : module_.parameters()) report.loaded_bytes += p.nbytes();
     for (const auto& b : module_.buffers()) report.loaded_bytes += b.nbytes();
@@ -120,7 +119,6 @@ class TorchScriptModel : public Model {
   torch::jit::Module module_;
   std::vector<std::string> arguments_;
   c10::Device device_ = c10::Device(c10::kCPU);
-  bool loaded_ = false;
 };
 
 }  // namespace
