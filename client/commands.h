@@ -11,6 +11,13 @@ namespace metaload::client {
 // metaload inspect PATH [--json] [--tensors]: offline validation and summary of a checkpoint.
 int RunInspect(const std::vector<std::string>& argv);
 
+// The daemon's RPCs (rpc_commands.cc). Exit 1 with the gRPC code name on an RPC error.
+int RunLoad(const std::vector<std::string>& argv);
+int RunUnload(const std::vector<std::string>& argv);
+int RunGet(const std::vector<std::string>& argv);
+int RunList(const std::vector<std::string>& argv);
+int RunInfer(const std::vector<std::string>& argv);
+
 }  // namespace metaload::client
 
 #endif  // METALOAD_CLIENT_COMMANDS_H_

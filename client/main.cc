@@ -33,6 +33,13 @@ const char kUsageText[] =
     "Commands:\n"
     "  health [--address=HOST:PORT] [--service=NAME] [--timeout=SECONDS] [--json]\n"
     "      Asks grpc.health.v1.Health; exit 0 when SERVING.\n"
+    "  load PATH [--id=ID] [--arch=A] [--device=cpu|cuda:N] [--dtype=D] [--override=prefix=D,...]\n"
+    "       [--allow_missing_keys] [--zero_copy] [--replace] [--pin] [--json] [--quiet]\n"
+    "      Loads a checkpoint (path relative to a model root) with a progress bar on a TTY.\n"
+    "  list | get ID | unload ID [--json]\n"
+    "      The loaded models: an aligned table, one model's details, or unloading one.\n"
+    "  infer ID --input=NAME=TYPE:DIMS:VALUES ... [--entry=E] [--json]\n"
+    "      Runs a forward pass, e.g. --input=input_ids=INT64:1x4:1,5,42,7 (TYPE: FP32, INT64).\n"
     "  inspect PATH [--json] [--tensors] [--sha256]\n"
     "      Validates a checkpoint offline (safetensors file or HF directory, torch.save zip,\n"
     "      TorchScript) and prints its format, tensors, bytes per dtype, metadata and\n"
@@ -42,7 +49,8 @@ const char kUsageText[] =
     "        [--shards=N] [--seed=N] [--json] OUT_DIR\n"
     "      Writes a synthetic Hugging Face style checkpoint (config.json + safetensors).\n"
     "\n"
-    "Common flags: --address (default 127.0.0.1:50051), --timeout (default 10 s), --json.\n";
+    "Common flags: --address (default 127.0.0.1:50051), --timeout=SECONDS, --token_file=F,\n"
+    "  --tls_ca=F [--tls_cert=F --tls_key=F], --json.\n";
 
 int UsageError(const std::string& message) {
   std::fprintf(stderr, "metaload: %s\n(run 'metaload help' for usage)\n", message.c_str());
@@ -173,6 +181,11 @@ int Main(int argc, char** argv) {
   if (command == "health") return Health(rest);
   if (command == "synth") return Synth(rest);
   if (command == "inspect") return metaload::client::RunInspect(rest);
+  if (command == "load") return metaload::client::RunLoad(rest);
+  if (command == "unload") return metaload::client::RunUnload(rest);
+  if (command == "get") return metaload::client::RunGet(rest);
+  if (command == "list") return metaload::client::RunList(rest);
+  if (command == "infer") return metaload::client::RunInfer(rest);
   return UsageError(absl::StrCat("unknown command '", command, "'"));
 }
 

@@ -110,7 +110,7 @@ class Machine {
   }
 
   absl::Status Memoize(uint64_t index) {
-    PickleRef top;
+    PickleRef top = nullptr;
     absl::Status s = Top(&top);
     if (!s.ok()) return s;
     memo_[index] = top;

@@ -40,7 +40,7 @@ class ServiceTest : public ::testing::Test {
       ASSERT_EQ(r.exit_code, 0) << r.err;
     }
     std::ofstream(*dir_ / "models/corrupt.safetensors", std::ios::binary)
-        << std::string("\x10\0\0\0\0\0\0\0{\"a\": 1}  ", 20);
+        << std::string("\x0a\0\0\0\0\0\0\0{\"a\": 1}  ", 18);
     std::ofstream(*dir_ / "outside.safetensors") << "x";
     std::filesystem::create_symlink(*dir_ / "outside.safetensors",
                                     *dir_ / "models/escape.safetensors");

@@ -1,0 +1,70 @@
+// The `metaload` RPC subcommands against the real daemon: output, --json and exit codes.
+#include <gtest/gtest.h>
+
+#include <nlohmann/json.hpp>
+
+#include "tests/e2e/daemon_process.h"
+#include "tests/test_util.h"
+
+namespace metaload {
+namespace {
+
+TEST(CliTest, LoadListGetInferUnloadAndErrors) {
+  testing::TempDir dir;
+  ASSERT_EQ(testing::RunCommand({METALOAD_CLI_PATH, "synth", "--arch=gpt2", dir / "g"}, dir / "s")
+                .exit_code,
+            0);
+  DaemonProcess daemon(dir);
+  ASSERT_GT(daemon.grpc_port(), 0) << daemon.process().Stderr();
+  const std::string address = "--address=127.0.0.1:" + std::to_string(daemon.grpc_port());
+  auto cli = [&](std::vector<std::string> args) {
+    args.insert(args.begin(), METALOAD_CLI_PATH);
+    args.push_back(address);
+    return testing::RunCommand(args, dir / "cli");
+  };
+
+  testing::CommandResult load = cli({"load", "g", "--id=tiny", "--dtype=bfloat16"});
+  ASSERT_EQ(load.exit_code, 0) << load.err;
+  EXPECT_NE(load.out.find("loaded tiny: gpt2 on cpu (bfloat16)"), std::string::npos) << load.out;
+  EXPECT_EQ(load.err.find('\r'), std::string::npos) << "progress bar on a non-TTY";
+
+  testing::CommandResult again = cli({"load", "g", "--id=tiny", "--dtype=bfloat16", "--json"});
+  ASSERT_EQ(again.exit_code, 0);
+  nlohmann::json j = nlohmann::json::parse(again.out);
+  EXPECT_EQ(j["cache_hit"], true);
+  EXPECT_EQ(j["model"]["architecture"], "gpt2");
+
+  testing::CommandResult list = cli({"list"});
+  ASSERT_EQ(list.exit_code, 0);
+  EXPECT_NE(list.out.find("ID    ARCH  DEVICE  DTYPE     STATE"), std::string::npos) << list.out;
+  EXPECT_NE(list.out.find("tiny  gpt2  cpu     bfloat16  READY"), std::string::npos) << list.out;
+
+  testing::CommandResult get = cli({"get", "tiny", "--json"});
+  ASSERT_EQ(get.exit_code, 0);
+  EXPECT_EQ(nlohmann::json::parse(get.out)["state"], "READY");
+
+  testing::CommandResult infer =
+      cli({"infer", "tiny", "--input=input_ids=INT64:1x3:1,2,3", "--json"});
+  ASSERT_EQ(infer.exit_code, 0) << infer.err;
+  nlohmann::json out = nlohmann::json::parse(infer.out);
+  EXPECT_EQ(out["outputs"][0]["name"], "logits");
+  EXPECT_EQ(out["outputs"][0]["shape"], nlohmann::json({"1", "3", "128"}));
+  EXPECT_EQ(out["outputs"][0]["fp32_contents"].size(), 3u * 128u);
+
+  testing::CommandResult missing = cli({"get", "nobody"});
+  EXPECT_EQ(missing.exit_code, 1);
+  EXPECT_NE(missing.err.find("NOT_FOUND"), std::string::npos) << missing.err;
+  testing::CommandResult bad_input = cli({"infer", "tiny", "--input=input_ids=INT64:1x3:1,2"});
+  EXPECT_EQ(bad_input.exit_code, 2);
+  EXPECT_EQ(cli({"load"}).exit_code, 2);
+  EXPECT_EQ(cli({"list", "--bogus"}).exit_code, 2);
+
+  testing::CommandResult unload = cli({"unload", "tiny"});
+  ASSERT_EQ(unload.exit_code, 0);
+  EXPECT_EQ(cli({"get", "tiny"}).exit_code, 1);
+  daemon.process().Signal(SIGTERM);
+  EXPECT_TRUE(daemon.process().Wait(10s).has_value());
+}
+
+}  // namespace
+}  // namespace metaload
