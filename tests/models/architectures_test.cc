@@ -23,6 +23,8 @@ struct Case {
   double tolerance;   // relative to max |expected|
 };
 
+void PrintTo(const Case& c, std::ostream* os) { *os << c.name; }
+
 class ArchitectureTest : public ::testing::TestWithParam<Case> {};
 
 at::Tensor FromJson(const nlohmann::json& j, at::ScalarType type) {
