@@ -45,6 +45,7 @@ ABSL_FLAG(
     "File holding a token; every RPC but health must then carry 'authorization: Bearer <token>'");
 ABSL_FLAG(int, load_threads, 2, "Loads running at once");
 ABSL_FLAG(int, infer_threads, 2, "Infer calls running at once");
+ABSL_FLAG(int, intra_op_threads, 0, "Threads one forward pass may use (0: LibTorch's default)");
 ABSL_FLAG(std::string, state_dir, "", "Directory for persistent state (checkpoint sha256 cache)");
 ABSL_FLAG(std::string, preload, "", "JSON list of LoadModel requests to load at start");
 ABSL_FLAG(absl::Duration, keepalive_time, absl::Minutes(2),
@@ -149,6 +150,7 @@ int main(int argc, char** argv) {
   options.version = METALOAD_VERSION;
   options.load_threads = absl::GetFlag(FLAGS_load_threads);
   options.infer_threads = absl::GetFlag(FLAGS_infer_threads);
+  options.intra_op_threads = absl::GetFlag(FLAGS_intra_op_threads);
   options.state_dir = absl::GetFlag(FLAGS_state_dir);
   options.preload_file = absl::GetFlag(FLAGS_preload);
   options.keepalive_time = absl::GetFlag(FLAGS_keepalive_time);

@@ -1,6 +1,7 @@
 #include "server/core/torch_types.h"
 
 #include <ATen/Context.h>
+#include <ATen/Parallel.h>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -66,5 +67,11 @@ absl::StatusOr<c10::Device> ParseDevice(const std::string& text) {
   }
   return c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(index));
 }
+
+void SetIntraOpThreads(int threads) {
+  if (threads > 0) at::set_num_threads(threads);
+}
+
+int IntraOpThreads() { return at::get_num_threads(); }
 
 }  // namespace metaload::core

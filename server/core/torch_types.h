@@ -20,6 +20,10 @@ std::optional<DType> FromScalarType(at::ScalarType type);
 // for CUDA when this build or machine has no CUDA device N.
 absl::StatusOr<c10::Device> ParseDevice(const std::string& text);
 
+// Threads one forward pass may use (LibTorch's intra-op pool); <= 0 keeps LibTorch's default.
+void SetIntraOpThreads(int threads);
+int IntraOpThreads();
+
 }  // namespace metaload::core
 
 #endif  // METALOAD_SERVER_CORE_TORCH_TYPES_H_

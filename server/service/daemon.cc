@@ -18,6 +18,7 @@
 #include "server/core/byte_size.h"
 #include "server/core/checksum_store.h"
 #include "server/core/log.h"
+#include "server/core/torch_types.h"
 #include "server/metrics/loader_metrics.h"
 #include "server/metrics/metrics_server.h"
 #include "server/service/call_tracker.h"
@@ -115,6 +116,11 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(Options options) {
     const int64_t available = core::MemAvailableBytes();
     if (available > 0) cache_options.budgets["cpu"] = available / 10 * 8;
   }
+  core::SetIntraOpThreads(o.intra_op_threads);
+  core::LogInfo("threads")
+      .Kv("load", o.load_threads)
+      .Kv("infer", o.infer_threads)
+      .Kv("intra_op", core::IntraOpThreads());
   cache_options.load_threads = std::max(1, o.load_threads);
   cache_options.infer_threads = std::max(1, o.infer_threads);
   cache_options.checksums = daemon->checksums_.get();

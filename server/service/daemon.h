@@ -65,6 +65,8 @@ class Daemon {
     std::string auth_token;
     int load_threads = 2;
     int infer_threads = 2;
+    // Threads one forward pass may use; 0 keeps LibTorch's default (the number of cores).
+    int intra_op_threads = 0;
     // Where sha256 results persist; empty: memory only.
     std::string state_dir;
     // JSON list of LoadModel requests (proto JSON field names) loaded at start.

@@ -127,13 +127,15 @@ TEST(DaemonTest, RepeatedModelRootsAreAllUsed) {
   testing::TempDir dir;
   std::filesystem::create_directory(dir / "a");
   std::filesystem::create_directory(dir / "b");
-  DaemonProcess daemon(dir, {"--model_root=" + (dir / "a"), "--model_root", dir / "b"});
+  DaemonProcess daemon(dir, {"--model_root=" + (dir / "a"), "--model_root", dir / "b",
+                             "--intra_op_threads=1", "--infer_threads=3"});
   ASSERT_GT(daemon.grpc_port(), 0) << daemon.process().Stderr();
   daemon.process().Signal(SIGTERM);
   ASSERT_TRUE(daemon.process().Wait(5s).has_value());
   std::string log = daemon.process().Stderr();
   EXPECT_NE(log.find("model_roots=2"), std::string::npos) << log;
   EXPECT_NE(log.find("event=model_root path=" + (dir / "b")), std::string::npos) << log;
+  EXPECT_NE(log.find("event=threads load=2 infer=3 intra_op=1"), std::string::npos) << log;
 }
 
 TEST(DaemonTest, BadStartupOptionsExitWithAMessage) {

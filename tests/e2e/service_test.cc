@@ -472,3 +472,75 @@ TEST(ServiceAuthTest, TokenRequiredExceptForHealth) {
 
 }  // namespace
 }  // namespace metaload
+
+namespace metaload {
+namespace {
+
+// A fresh daemon, so every counter is exact: two loads, one Infer, one unload.
+TEST(ServiceMetricsTest, ExactCountsAndPeakBytes) {
+  testing::TempDir dir;
+  for (const char* name : {"big", "small"}) {
+    testing::CommandResult r = testing::RunCommand(
+        {METALOAD_CLI_PATH, "synth", "--arch=mlp",
+         std::string("--preset=") + (std::string(name) == "big" ? "medium" : "tiny"), dir / name},
+        dir / "synth");
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+  }
+  DaemonProcess daemon(dir);
+  ASSERT_GT(daemon.grpc_port(), 0) << daemon.process().Stderr();
+  auto stub = ModelLoader::NewStub(daemon.Channel());
+  int64_t big_bytes = 0;
+  for (const char* name : {"big", "small"}) {
+    metaload::v1::LoadModelRequest request;
+    request.set_path(name);
+    metaload::v1::LoadModelResponse response;
+    grpc::ClientContext context;
+    ASSERT_TRUE(stub->LoadModel(&context, request, &response).ok());
+    if (std::string(name) == "big") big_bytes = response.model().resident_bytes();
+  }
+  metaload::v1::InferRequest infer;
+  infer.set_model_id("small");
+  *infer.add_inputs() = Fp32Tensor("input", {1, 16}, std::vector<float>(16, 0.5f), false);
+  metaload::v1::InferResponse out;
+  {
+    grpc::ClientContext context;
+    ASSERT_TRUE(stub->Infer(&context, infer, &out).ok());
+  }
+  {
+    metaload::v1::UnloadModelRequest unload;
+    unload.set_model_id("small");
+    metaload::v1::UnloadModelResponse response;
+    grpc::ClientContext context;
+    ASSERT_TRUE(stub->UnloadModel(&context, unload, &response).ok());
+  }
+  std::optional<std::string> m = testing::HttpGet(daemon.metrics_port(), "/metrics");
+  ASSERT_TRUE(m);
+  EXPECT_EQ(testing::PromValue(*m, "metaload_cache_requests_total", "{result=\"miss\"}"), 2.0);
+  EXPECT_EQ(testing::PromValue(*m, "metaload_cache_requests_total", "{result=\"hit\"}"), 0.0);
+  EXPECT_EQ(testing::PromValue(*m, "metaload_load_duration_seconds_count",
+                               "{architecture=\"mlp\",device=\"cpu\",outcome=\"ok\"}"),
+            2.0);
+  EXPECT_EQ(testing::PromValue(*m, "metaload_rpc_duration_seconds_count",
+                               "{code=\"OK\",method=\"Infer\"}"),
+            1.0);
+  EXPECT_EQ(testing::PromValue(*m, "metaload_models", "{device=\"cpu\",state=\"READY\"}"), 1.0);
+  EXPECT_EQ(testing::PromValue(*m, "metaload_resident_bytes", "{device=\"cpu\"}"),
+            static_cast<double>(big_bytes));
+  std::optional<double> peak =
+      testing::PromValue(*m, "metaload_load_peak_host_bytes", "{model_id=\"big\"}");
+  ASSERT_TRUE(peak);
+  EXPECT_GE(*peak, static_cast<double>(big_bytes));
+  EXPECT_LE(*peak, static_cast<double>(big_bytes) + (96 << 20));
+  EXPECT_FALSE(
+      testing::PromValue(*m, "metaload_load_peak_host_bytes", "{model_id=\"small\"}").has_value());
+  EXPECT_FALSE(
+      testing::PromValue(*m, "metaload_infer_duration_seconds_count", "{model_id=\"small\"}")
+          .has_value());
+  EXPECT_EQ(testing::PromValue(*m, "metaload_loaded_bytes_total", "{device=\"cpu\"}"),
+            static_cast<double>(big_bytes + 1864 * 4));
+  daemon.process().Signal(SIGTERM);
+  EXPECT_TRUE(daemon.process().Wait(10s).has_value());
+}
+
+}  // namespace
+}  // namespace metaload
