@@ -1,0 +1,157 @@
+// ModelCache in-process: single flight, waiters that leave, admission before allocation.
+#include "server/cache/model_cache.h"
+
+#include <gtest/gtest.h>
+
+#include <condition_variable>
+#include <future>
+#include <thread>
+
+#include "server/core/process_memory.h"
+#include "server/models/synth.h"
+#include "tests/test_util.h"
+
+namespace metaload::cache {
+namespace {
+
+using namespace std::chrono_literals;
+
+class CountingObserver : public CacheObserver {
+ public:
+  void OnCacheRequest(const std::string& result) override {
+    std::lock_guard<std::mutex> lock(mu);
+    ++requests[result];
+  }
+  void OnLoadFinished(const std::string&, const std::string&, const std::string&,
+                      const std::string& outcome, const LoadStats&, int64_t) override {
+    std::lock_guard<std::mutex> lock(mu);
+    ++loads[outcome];
+    cv.notify_all();
+  }
+  bool WaitForLoads(const std::string& outcome, int n) {
+    std::unique_lock<std::mutex> lock(mu);
+    return cv.wait_for(lock, 30s, [&] { return loads[outcome] >= n; });
+  }
+  std::mutex mu;
+  std::condition_variable cv;
+  std::map<std::string, int> requests, loads;
+};
+
+class ModelCacheTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    dir_ = new testing::TempDir();
+    models::SynthOptions medium;
+    medium.preset = "medium";  // ~200 MB: long enough to leave while it loads
+    ASSERT_TRUE(models::Synthesize(medium, *dir_ / "medium").ok());
+    ASSERT_TRUE(models::Synthesize(models::SynthOptions(), *dir_ / "tiny").ok());
+  }
+  static void TearDownTestSuite() { delete dir_; }
+
+  LoadSpec Spec(const std::string& name, const std::string& id) {
+    LoadSpec spec;
+    spec.model_id = id;
+    spec.path = *dir_ / name;
+    spec.display_path = name;
+    return spec;
+  }
+
+  static testing::TempDir* dir_;
+};
+
+testing::TempDir* ModelCacheTest::dir_ = nullptr;
+
+TEST_F(ModelCacheTest, IdenticalConcurrentLoadsShareOne) {
+  CountingObserver observer;
+  ModelCache::Options options;
+  options.observer = &observer;
+  ModelCache cache(options);
+  std::vector<std::promise<absl::StatusOr<LoadResult>>> results(8);
+  std::vector<std::shared_ptr<LoadWaiter>> waiters;
+  for (auto& r : results) {
+    waiters.push_back(cache.Load(Spec("tiny", "t"), nullptr, [&r](absl::StatusOr<LoadResult> res) {
+      r.set_value(std::move(res));
+    }));
+  }
+  for (auto& r : results) {
+    absl::StatusOr<LoadResult> res = r.get_future().get();
+    ASSERT_TRUE(res.ok()) << res.status();
+    EXPECT_EQ(res->model.state, "READY");
+  }
+  EXPECT_EQ(observer.requests["miss"], 1);
+  EXPECT_EQ(observer.requests["coalesced"] + observer.requests["hit"], 7);
+  EXPECT_EQ(observer.loads["ok"], 1);
+}
+
+TEST_F(ModelCacheTest, OneCallerLeavingDoesNotCancelTheOthers) {
+  CountingObserver observer;
+  ModelCache::Options options;
+  options.observer = &observer;
+  ModelCache cache(options);
+  std::atomic<bool> a_called{false};
+  std::promise<absl::StatusOr<LoadResult>> b;
+  auto waiter_a = cache.Load(Spec("medium", "m"), nullptr,
+                             [&](absl::StatusOr<LoadResult>) { a_called = true; });
+  auto waiter_b = cache.Load(Spec("medium", "m"), nullptr,
+                             [&](absl::StatusOr<LoadResult> r) { b.set_value(std::move(r)); });
+  EXPECT_TRUE(waiter_a->Cancel());
+  absl::StatusOr<LoadResult> result = b.get_future().get();
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_EQ(result->model.state, "READY");
+  EXPECT_FALSE(a_called.load());
+  EXPECT_FALSE(waiter_b->Cancel());  // already done
+  EXPECT_EQ(observer.loads["ok"], 1);
+}
+
+TEST_F(ModelCacheTest, LastCallerLeavingAbortsAndFrees) {
+  CountingObserver observer;
+  ModelCache::Options options;
+  options.observer = &observer;
+  ModelCache cache(options);
+  const int64_t before = core::ReadProcessMemory()->rss_bytes;
+  std::atomic<bool> called{false};
+  auto waiter =
+      cache.Load(Spec("medium", "m"), nullptr, [&](absl::StatusOr<LoadResult>) { called = true; });
+  EXPECT_TRUE(waiter->Cancel());
+  ASSERT_TRUE(observer.WaitForLoads("cancelled", 1));
+  EXPECT_FALSE(called.load());
+  EXPECT_TRUE(cache.ResidentBytes().empty());
+  EXPECT_TRUE(absl::IsNotFound(cache.Get("m").status()));
+  EXPECT_LT(core::ReadProcessMemory()->rss_bytes - before, 64 << 20) << "memory not returned";
+}
+
+TEST_F(ModelCacheTest, ResourceExhaustedBeforeAllocating) {
+  ModelCache::Options options;
+  options.budgets["cpu"] = 50 << 20;  // the medium model needs ~200 MB
+  ModelCache cache(options);
+  const int64_t before = core::ReadProcessMemory()->rss_bytes;
+  std::promise<absl::StatusOr<LoadResult>> done;
+  cache.Load(Spec("medium", "m"), nullptr,
+             [&](absl::StatusOr<LoadResult> r) { done.set_value(std::move(r)); });
+  absl::StatusOr<LoadResult> r = done.get_future().get();
+  EXPECT_TRUE(absl::IsResourceExhausted(r.status())) << r.status();
+  EXPECT_NE(r.status().message().find("medium"), std::string::npos);
+  EXPECT_LT(core::ReadProcessMemory()->rss_bytes - before, 16 << 20);
+  EXPECT_TRUE(absl::IsNotFound(cache.Get("m").status()));
+}
+
+TEST_F(ModelCacheTest, ReplaceKeepsServingTheOldModelUntilTheNewIsReady) {
+  ModelCache cache({});
+  std::promise<absl::StatusOr<LoadResult>> first;
+  cache.Load(Spec("tiny", "x"), nullptr,
+             [&](absl::StatusOr<LoadResult> r) { first.set_value(std::move(r)); });
+  ASSERT_TRUE(first.get_future().get().ok());
+  LoadSpec replacement = Spec("medium", "x");
+  replacement.replace = true;
+  std::promise<absl::StatusOr<LoadResult>> second;
+  cache.Load(replacement, nullptr,
+             [&](absl::StatusOr<LoadResult> r) { second.set_value(std::move(r)); });
+  absl::StatusOr<ModelInfo> during = cache.Get("x");
+  ASSERT_TRUE(during.ok());
+  EXPECT_EQ(during->path, "tiny");  // still the old one while the new loads
+  ASSERT_TRUE(second.get_future().get().ok());
+  EXPECT_EQ(cache.Get("x")->path, "medium");
+}
+
+}  // namespace
+}  // namespace metaload::cache
