@@ -328,6 +328,9 @@ void ModelCache::RunFlight(std::shared_ptr<Flight> flight) {
       std::lock_guard<std::mutex> lock(mu_);
       auto budget = options_.budgets.find(spec.device);
       if (budget != options_.budgets.end()) {
+        // A model being replaced serves until its successor is ready, unless the budget cannot
+        // hold both: then the swap becomes unload-then-load (the web UI's checkpoint switch).
+        bool spare_replaced = true;
         while (UsedBytesLocked(spec.device) + need > budget->second) {
           std::string victim;
           int64_t oldest = INT64_MAX;
@@ -336,11 +339,15 @@ void ModelCache::RunFlight(std::shared_ptr<Flight> flight) {
             if (!l || l->device != spec.device || l->pinned || l->active.load() > 0) continue;
             bool wanted = false;
             for (const auto& w : flight->waiters) wanted |= w->model_id_ == id;
-            if (wanted) continue;  // a model being replaced serves until its successor is ready
+            if (wanted && spare_replaced) continue;
             if (l->last_used_ms.load() < oldest) {
               oldest = l->last_used_ms.load();
               victim = id;
             }
+          }
+          if (victim.empty() && spare_replaced) {
+            spare_replaced = false;
+            continue;
           }
           if (victim.empty()) break;
           std::shared_ptr<Loaded> gone = slots_[victim]->current;

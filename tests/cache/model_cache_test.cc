@@ -155,3 +155,30 @@ TEST_F(ModelCacheTest, ReplaceKeepsServingTheOldModelUntilTheNewIsReady) {
 
 }  // namespace
 }  // namespace metaload::cache
+
+namespace metaload::cache {
+namespace {
+
+TEST_F(ModelCacheTest, ReplaceUnderATightBudgetSwapsInsteadOfFailing) {
+  ModelCache::Options options;
+  options.budgets["cpu"] = 180 << 20;  // one medium model (160 MiB), not two
+  ModelCache cache(options);
+  models::SynthOptions other;
+  other.preset = "medium";
+  other.seed = 7;
+  ASSERT_TRUE(models::Synthesize(other, *dir_ / "medium2").ok());
+  std::promise<absl::StatusOr<LoadResult>> first;
+  cache.Load(Spec("medium", "sd"), nullptr, [&](absl::StatusOr<LoadResult> r) { first.set_value(std::move(r)); });
+  ASSERT_TRUE(first.get_future().get().ok());
+  LoadSpec next = Spec("medium2", "sd");
+  next.replace = true;
+  std::promise<absl::StatusOr<LoadResult>> second;
+  cache.Load(next, nullptr, [&](absl::StatusOr<LoadResult> r) { second.set_value(std::move(r)); });
+  absl::StatusOr<LoadResult> r = second.get_future().get();
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(cache.Get("sd")->path, "medium2");
+  EXPECT_LE(cache.ResidentBytes()["cpu"], 180 << 20);
+}
+
+}  // namespace
+}  // namespace metaload::cache
