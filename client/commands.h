@@ -17,6 +17,8 @@ int RunUnload(const std::vector<std::string>& argv);
 int RunGet(const std::vector<std::string>& argv);
 int RunList(const std::vector<std::string>& argv);
 int RunInfer(const std::vector<std::string>& argv);
+// metaload bench infer|load-hit|switch: a bounded load tester (bench_command.cc).
+int RunBench(const std::vector<std::string>& argv);
 
 }  // namespace metaload::client
 

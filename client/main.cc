@@ -40,6 +40,9 @@ const char kUsageText[] =
     "      The loaded models: an aligned table, one model's details, or unloading one.\n"
     "  infer ID --input=NAME=TYPE:DIMS:VALUES ... [--entry=E] [--json]\n"
     "      Runs a forward pass, e.g. --input=input_ids=INT64:1x4:1,5,42,7 (TYPE: FP32, INT64).\n"
+    "  bench infer --model=ID --input=... | load-hit --path=P | switch --paths=A,B\n"
+    "        [--concurrency=N] [--duration=S | --requests=N] [--json]\n"
+    "      Load tester: requests/s, p50/p90/p99/max latency, errors by code.\n"
     "  inspect PATH [--json] [--tensors] [--sha256]\n"
     "      Validates a checkpoint offline (safetensors file or HF directory, torch.save zip,\n"
     "      TorchScript) and prints its format, tensors, bytes per dtype, metadata and\n"
@@ -186,6 +189,7 @@ int Main(int argc, char** argv) {
   if (command == "get") return metaload::client::RunGet(rest);
   if (command == "list") return metaload::client::RunList(rest);
   if (command == "infer") return metaload::client::RunInfer(rest);
+  if (command == "bench") return metaload::client::RunBench(rest);
   return UsageError(absl::StrCat("unknown command '", command, "'"));
 }
 

@@ -342,7 +342,11 @@ int RunList(const std::vector<std::string>& argv) {
 }
 
 // --input name=TYPE:DIMS:VALUES, e.g. input_ids=INT64:1x6:1,5,42,7,99,3
+absl::Status ParseInputSpec(const std::string& spec, metaload::v1::Tensor* t);
 absl::Status ParseInput(const std::string& spec, metaload::v1::Tensor* t) {
+  return ParseInputSpec(spec, t);
+}
+absl::Status ParseInputSpec(const std::string& spec, metaload::v1::Tensor* t) {
   std::pair<std::string, std::string> nv = absl::StrSplit(spec, absl::MaxSplits('=', 1));
   std::vector<std::string> parts = absl::StrSplit(nv.second, absl::MaxSplits(':', 2));
   if (nv.first.empty() || parts.size() != 3) {
@@ -444,6 +448,8 @@ int RunInfer(const std::vector<std::string>& argv) {
   }
   return kOk;
 }
+
+const char* GrpcCode(grpc::StatusCode code) { return CodeName(code); }
 
 std::string JsonQuote(const std::string& s) {
   std::string out = "\"";

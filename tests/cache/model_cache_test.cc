@@ -168,7 +168,8 @@ TEST_F(ModelCacheTest, ReplaceUnderATightBudgetSwapsInsteadOfFailing) {
   other.seed = 7;
   ASSERT_TRUE(models::Synthesize(other, *dir_ / "medium2").ok());
   std::promise<absl::StatusOr<LoadResult>> first;
-  cache.Load(Spec("medium", "sd"), nullptr, [&](absl::StatusOr<LoadResult> r) { first.set_value(std::move(r)); });
+  cache.Load(Spec("medium", "sd"), nullptr,
+             [&](absl::StatusOr<LoadResult> r) { first.set_value(std::move(r)); });
   ASSERT_TRUE(first.get_future().get().ok());
   LoadSpec next = Spec("medium2", "sd");
   next.replace = true;

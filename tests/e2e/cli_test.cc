@@ -51,6 +51,24 @@ TEST(CliTest, LoadListGetInferUnloadAndErrors) {
   EXPECT_EQ(out["outputs"][0]["shape"], nlohmann::json({"1", "3", "128"}));
   EXPECT_EQ(out["outputs"][0]["fp32_contents"].size(), 3u * 128u);
 
+  testing::CommandResult bench =
+      cli({"bench", "infer", "--model=tiny", "--input=input_ids=INT64:1x3:1,2,3", "--concurrency=2",
+           "--duration=2", "--json"});
+  ASSERT_EQ(bench.exit_code, 0) << bench.err;
+  nlohmann::json b = nlohmann::json::parse(bench.out);
+  EXPECT_GT(b["requests"].get<int>(), 10);
+  EXPECT_EQ(b["ok"], b["requests"]);
+  EXPECT_GE(b["seconds"].get<double>(), 2.0);
+  EXPECT_LT(b["seconds"].get<double>(), 10.0);
+  EXPECT_GT(b["latency_ms"]["p50"].get<double>(), 0.0);
+  EXPECT_LE(b["latency_ms"]["p50"].get<double>(), b["latency_ms"]["p99"].get<double>());
+  EXPECT_LE(b["latency_ms"]["p99"].get<double>(), b["latency_ms"]["max"].get<double>());
+  EXPECT_TRUE(b["errors"].empty());
+  testing::CommandResult bench_hits =
+      cli({"bench", "load-hit", "--path=g", "--model=tiny", "--requests=50", "--json"});
+  EXPECT_EQ(bench_hits.exit_code, 1);  // different dtype policy: ALREADY_EXISTS, counted by code
+  EXPECT_EQ(nlohmann::json::parse(bench_hits.out)["errors"]["ALREADY_EXISTS"], 50);
+
   testing::CommandResult missing = cli({"get", "nobody"});
   EXPECT_EQ(missing.exit_code, 1);
   EXPECT_NE(missing.err.find("NOT_FOUND"), std::string::npos) << missing.err;
