@@ -16,6 +16,7 @@
 #include "absl/strings/str_split.h"
 #include "client/args.h"
 #include "client/commands.h"
+#include "client/npy.h"
 #include "metaload/v1/metaload.grpc.pb.h"
 
 namespace metaload::client {
@@ -349,11 +350,17 @@ absl::Status ParseInput(const std::string& spec, metaload::v1::Tensor* t) {
 absl::Status ParseInputSpec(const std::string& spec, metaload::v1::Tensor* t) {
   std::pair<std::string, std::string> nv = absl::StrSplit(spec, absl::MaxSplits('=', 1));
   std::vector<std::string> parts = absl::StrSplit(nv.second, absl::MaxSplits(':', 2));
-  if (nv.first.empty() || parts.size() != 3) {
+  if (nv.first.empty() || (parts.size() != 3 && (nv.second.empty() || nv.second[0] != '@'))) {
     return absl::InvalidArgumentError(
         absl::StrCat("--input '", spec, "': expected name=TYPE:DIMS:VALUES"));
   }
   t->set_name(nv.first);
+  if (!nv.second.empty() && nv.second[0] == '@') {  // name=@file.npy
+    absl::Status s = ReadNpy(nv.second.substr(1), t);
+    if (!s.ok())
+      return absl::InvalidArgumentError(absl::StrCat("--input '", spec, "': ", s.message()));
+    return absl::OkStatus();
+  }
   t->set_datatype(parts[0]);
   int64_t numel = 1;
   for (absl::string_view d : absl::StrSplit(parts[1], 'x', absl::SkipEmpty())) {
@@ -402,7 +409,7 @@ int RunInfer(const std::vector<std::string>& argv) {
       rest.push_back(argv[i]);
     }
   }
-  absl::StatusOr<Args> args = Args::Parse(rest, With({"entry"}), {"json"});
+  absl::StatusOr<Args> args = Args::Parse(rest, With({"entry", "output_dir"}), {"json"});
   if (!args.ok()) return Usage("infer", std::string(args.status().message()));
   if (args->positionals().size() != 1) return Usage("infer", "needs exactly one MODEL_ID");
   absl::StatusOr<Connection> conn = Connect(*args, 60);

@@ -1,6 +1,7 @@
 // The `metaload` RPC subcommands against the real daemon: output, --json and exit codes.
 #include <gtest/gtest.h>
 
+#include <filesystem>
 #include <nlohmann/json.hpp>
 
 #include "tests/e2e/daemon_process.h"
