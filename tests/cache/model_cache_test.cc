@@ -5,6 +5,7 @@
 
 #include <condition_variable>
 #include <future>
+#include <random>
 #include <thread>
 
 #include "server/core/process_memory.h"
@@ -179,6 +180,102 @@ TEST_F(ModelCacheTest, ReplaceUnderATightBudgetSwapsInsteadOfFailing) {
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_EQ(cache.Get("sd")->path, "medium2");
   EXPECT_LE(cache.ResidentBytes()["cpu"], 180 << 20);
+}
+
+}  // namespace
+}  // namespace metaload::cache
+
+namespace metaload::cache {
+namespace {
+
+std::vector<WireTensor> MlpInput(int64_t batch, int64_t width) {
+  WireTensor t;
+  t.name = "input";
+  t.datatype = "FP32";
+  t.shape = {batch, width};
+  t.raw_data.assign(static_cast<size_t>(batch * width * 4), '\0');
+  return {t};
+}
+
+TEST_F(ModelCacheTest, UnloadDuringALongInferLetsItFinish) {
+  ModelCache cache({});
+  std::promise<absl::StatusOr<LoadResult>> loaded;
+  cache.Load(Spec("medium", "m"), nullptr,
+             [&](absl::StatusOr<LoadResult> r) { loaded.set_value(std::move(r)); });
+  ASSERT_TRUE(loaded.get_future().get().ok());
+  std::promise<absl::StatusOr<std::vector<WireTensor>>> inferred;
+  cache.Infer("m", "", MlpInput(1024, 1024), false,
+              [&](absl::StatusOr<std::vector<WireTensor>> r) { inferred.set_value(std::move(r)); });
+  std::this_thread::sleep_for(50ms);  // the forward pass (~86 GFLOP, about a second) is running now
+  absl::StatusOr<ModelInfo> unloaded = cache.Unload("m");
+  ASSERT_TRUE(unloaded.ok());
+  EXPECT_EQ(unloaded->state, "UNLOADING");
+  EXPECT_TRUE(absl::IsNotFound(cache.Get("m").status()));
+  EXPECT_GT(cache.ResidentBytes()["cpu"], 0);  // still held by the running Infer
+  absl::StatusOr<std::vector<WireTensor>> out = inferred.get_future().get();
+  ASSERT_TRUE(out.ok()) << out.status();
+  EXPECT_EQ(out->front().shape, (std::vector<int64_t>{1024, 1024}));
+  for (int i = 0; i < 100 && !cache.ResidentBytes().empty() && cache.ResidentBytes()["cpu"] > 0;
+       ++i) {
+    std::this_thread::sleep_for(10ms);
+  }
+  EXPECT_EQ(cache.ResidentBytes()["cpu"], 0);  // freed with the last handle
+}
+
+// Load, unload, infer and replace racing on the same ids; afterwards every id the cache lists
+// is gettable and READY, and every callback ran exactly once.
+TEST_F(ModelCacheTest, RacesOnTheSameIdsStayConsistent) {
+  models::SynthOptions small;
+  small.preset = "small";
+  ASSERT_TRUE(models::Synthesize(small, *dir_ / "small").ok());
+  ModelCache::Options options;
+  options.load_threads = 2;
+  options.infer_threads = 2;
+  ModelCache cache(options);
+  std::atomic<int64_t> issued{0}, finished{0};
+  std::atomic<bool> stop{false};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 6; ++t) {
+    threads.emplace_back([&, t] {
+      std::mt19937 rng(t);
+      while (!stop.load()) {
+        const std::string id = "id" + std::to_string(rng() % 3);
+        switch (rng() % 4) {
+          case 0:
+          case 1: {
+            LoadSpec spec = Spec(rng() % 2 ? "tiny" : "small", id);
+            spec.replace = rng() % 2;
+            ++issued;
+            auto w = cache.Load(spec, nullptr, [&](absl::StatusOr<LoadResult>) { ++finished; });
+            if (rng() % 5 == 0 && w->Cancel()) ++finished;  // a caller that leaves
+            break;
+          }
+          case 2:
+            (void)cache.Unload(id);
+            break;
+          default: {
+            ++issued;
+            absl::StatusOr<ModelInfo> info = cache.Get(id);
+            const int64_t width = info.ok() && info->parameter_count > 10000 ? 256 : 16;
+            cache.Infer(id, "", MlpInput(2, width), rng() % 2, [&](auto) { ++finished; });
+          }
+        }
+        std::this_thread::sleep_for(std::chrono::microseconds(rng() % 2000));
+      }
+    });
+  }
+  std::this_thread::sleep_for(3s);
+  stop.store(true);
+  for (auto& t : threads) t.join();
+  for (int i = 0; i < 1000 && finished.load() < issued.load(); ++i)
+    std::this_thread::sleep_for(10ms);
+  EXPECT_EQ(finished.load(), issued.load());
+  EXPECT_GT(issued.load(), 100);
+  for (const ModelInfo& info : cache.List()) {
+    absl::StatusOr<ModelInfo> again = cache.Get(info.model_id);
+    ASSERT_TRUE(again.ok()) << info.model_id;
+    EXPECT_EQ(again->state, "READY");
+  }
 }
 
 }  // namespace
