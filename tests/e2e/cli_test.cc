@@ -29,6 +29,16 @@ TEST(CliTest, LoadListGetInferUnloadAndErrors) {
   EXPECT_NE(load.out.find("loaded tiny: gpt2 on cpu (bfloat16)"), std::string::npos) << load.out;
   EXPECT_EQ(load.err.find('\r'), std::string::npos) << "progress bar on a non-TTY";
 
+  // On a terminal (util-linux `script` provides one) the same command draws a progress bar.
+  testing::CommandResult tty = testing::RunCommand(
+      {"/usr/bin/script", "-qec", std::string(METALOAD_CLI_PATH) + " load g --id=tty " + address,
+       "/dev/null"},
+      dir / "tty");
+  ASSERT_EQ(tty.exit_code, 0) << tty.out << tty.err;
+  EXPECT_NE(tty.out.find('\r'), std::string::npos) << tty.out;
+  EXPECT_NE(tty.out.find("] "), std::string::npos) << tty.out;
+  EXPECT_NE(tty.out.find("loaded tty: gpt2"), std::string::npos) << tty.out;
+
   testing::CommandResult again = cli({"load", "g", "--id=tiny", "--dtype=bfloat16", "--json"});
   ASSERT_EQ(again.exit_code, 0);
   nlohmann::json j = nlohmann::json::parse(again.out);
