@@ -29,6 +29,7 @@ class DaemonProcess {
     for (const std::string& e : extra) own_root |= e.rfind("--model_root", 0) == 0;
     if (!own_root) argv.push_back("--model_root=" + dir.path());
     argv.insert(argv.end(), extra.begin(), extra.end());
+    ::unlink((dir / "ports").c_str());  // a previous daemon's ports must not be read
     process_ = std::make_unique<testing::Subprocess>(argv, dir / "metaloadd");
     auto deadline = std::chrono::steady_clock::now() + 30s;
     while (std::chrono::steady_clock::now() < deadline) {
