@@ -18,6 +18,7 @@
 #include <nlohmann/json.hpp>
 #include <thread>
 
+#include "absl/status/status.h"
 #include "absl/strings/str_split.h"
 #include "client/args.h"
 #include "client/commands.h"
@@ -26,7 +27,6 @@
 namespace metaload::client {
 
 absl::Status ParseInputSpec(const std::string& spec, metaload::v1::Tensor* t);  // rpc_commands.cc
-const char* GrpcCode(grpc::StatusCode code);                                    // rpc_commands.cc
 
 namespace {
 
@@ -161,7 +161,7 @@ int RunBench(const std::vector<std::string>& argv) {
     if (s.code == grpc::StatusCode::OK) {
       ok_ms.push_back(s.ms);
     } else {
-      ++errors[GrpcCode(s.code)];
+      ++errors[absl::StatusCodeToString(static_cast<absl::StatusCode>(s.code))];
     }
   }
   std::sort(ok_ms.begin(), ok_ms.end());

@@ -7,6 +7,7 @@
 #include "absl/strings/str_join.h"
 #include "client/args.h"
 #include "client/commands.h"
+#include "server/core/byte_size.h"
 #include "server/core/checkpoint.h"
 #include "server/core/checksum_store.h"
 #include "server/models/architecture_detector.h"
@@ -16,32 +17,6 @@ namespace {
 
 constexpr int kOk = 0;
 constexpr int kInvalid = 2;
-
-std::string HumanBytes(uint64_t bytes) {
-  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
-  double v = static_cast<double>(bytes);
-  int u = 0;
-  while (v >= 1024 && u < 4) {
-    v /= 1024;
-    ++u;
-  }
-  return u == 0 ? absl::StrCat(bytes, " B") : absl::StrFormat("%.1f %s", v, units[u]);
-}
-
-const char* CodeName(absl::StatusCode code) {
-  switch (code) {
-    case absl::StatusCode::kNotFound:
-      return "NOT_FOUND";
-    case absl::StatusCode::kDataLoss:
-      return "DATA_LOSS";
-    case absl::StatusCode::kFailedPrecondition:
-      return "FAILED_PRECONDITION";
-    case absl::StatusCode::kInvalidArgument:
-      return "INVALID_ARGUMENT";
-    default:
-      return "INTERNAL";
-  }
-}
 
 }  // namespace
 
@@ -63,12 +38,13 @@ int RunInspect(const std::vector<std::string>& argv) {
       std::cout << nlohmann::json{{"path", path},
                                   {"valid", false},
                                   {"error",
-                                   {{"code", CodeName(source.status().code())},
+                                   {{"code", absl::StatusCodeToString(source.status().code())},
                                     {"message", std::string(source.status().message())}}}}
                        .dump()
                 << "\n";
     } else {
-      std::fprintf(stderr, "metaload inspect: invalid: %s: %s\n", CodeName(source.status().code()),
+      std::fprintf(stderr, "metaload inspect: invalid: %s: %s\n",
+                   absl::StatusCodeToString(source.status().code()).c_str(),
                    std::string(source.status().message()).c_str());
     }
     return kInvalid;
@@ -82,7 +58,8 @@ int RunInspect(const std::vector<std::string>& argv) {
     absl::StatusOr<std::unique_ptr<core::ChecksumStore>> store = core::ChecksumStore::Create({});
     absl::StatusOr<std::string> sha = (*store)->Compute(index.files);
     if (!sha.ok()) {
-      std::fprintf(stderr, "metaload inspect: invalid: %s: %s\n", CodeName(sha.status().code()),
+      std::fprintf(stderr, "metaload inspect: invalid: %s: %s\n",
+                   absl::StatusCodeToString(sha.status().code()).c_str(),
                    std::string(sha.status().message()).c_str());
       return kInvalid;
     }
@@ -134,14 +111,15 @@ int RunInspect(const std::vector<std::string>& argv) {
 
   std::printf("path:          %s\n", path.c_str());
   std::printf("format:        %s\n", std::string(core::CheckpointFormatName(index.format)).c_str());
-  std::printf("files:         %zu (%s)\n", index.files.size(), HumanBytes(file_bytes).c_str());
+  std::printf("files:         %zu (%s)\n", index.files.size(),
+              core::HumanBytes(file_bytes).c_str());
   std::printf("tensors:       %zu\n", index.tensors.size());
   std::printf("parameters:    %lld\n", static_cast<long long>(index.parameter_count()));
   std::printf("tensor bytes:  %llu (%s)\n", static_cast<unsigned long long>(index.total_bytes()),
-              HumanBytes(index.total_bytes()).c_str());
+              core::HumanBytes(index.total_bytes()).c_str());
   for (const auto& [dtype, bytes] : index.bytes_by_dtype()) {
     std::printf("  %-10s   %llu (%s) in %d tensors\n", std::string(core::DTypeName(dtype)).c_str(),
-                static_cast<unsigned long long>(bytes), HumanBytes(bytes).c_str(),
+                static_cast<unsigned long long>(bytes), core::HumanBytes(bytes).c_str(),
                 tensors_by_dtype[dtype]);
   }
   if (!index.metadata.empty()) {

@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "client/args.h"
 #include "client/commands.h"
@@ -62,28 +63,6 @@ int UsageError(const std::string& message) {
   return kUsage;
 }
 
-const char* GrpcCodeName(grpc::StatusCode code) {
-  static const char* const kNames[] = {"OK",
-                                       "CANCELLED",
-                                       "UNKNOWN",
-                                       "INVALID_ARGUMENT",
-                                       "DEADLINE_EXCEEDED",
-                                       "NOT_FOUND",
-                                       "ALREADY_EXISTS",
-                                       "PERMISSION_DENIED",
-                                       "RESOURCE_EXHAUSTED",
-                                       "FAILED_PRECONDITION",
-                                       "ABORTED",
-                                       "OUT_OF_RANGE",
-                                       "UNIMPLEMENTED",
-                                       "INTERNAL",
-                                       "UNAVAILABLE",
-                                       "DATA_LOSS",
-                                       "UNAUTHENTICATED"};
-  int i = static_cast<int>(code);
-  return i >= 0 && i < static_cast<int>(sizeof(kNames) / sizeof(kNames[0])) ? kNames[i] : "UNKNOWN";
-}
-
 int Health(const std::vector<std::string>& argv) {
   absl::StatusOr<Args> args = Args::Parse(argv, {"address", "service", "timeout"}, {"json"});
   if (!args.ok()) return UsageError(std::string(args.status().message()));
@@ -103,13 +82,16 @@ int Health(const std::vector<std::string>& argv) {
     if (json) {
       std::cout << nlohmann::json{{"address", address},
                                   {"error",
-                                   {{"code", GrpcCodeName(status.error_code())},
+                                   {{"code", absl::StatusCodeToString(static_cast<absl::StatusCode>(
+                                                 status.error_code()))},
                                     {"message", status.error_message()}}}}
                        .dump()
                 << "\n";
     } else {
-      std::fprintf(stderr, "metaload health: %s: %s: %s\n", address.c_str(),
-                   GrpcCodeName(status.error_code()), status.error_message().c_str());
+      std::fprintf(
+          stderr, "metaload health: %s: %s: %s\n", address.c_str(),
+          absl::StatusCodeToString(static_cast<absl::StatusCode>(status.error_code())).c_str(),
+          status.error_message().c_str());
     }
     return kFailed;
   }

@@ -9,6 +9,7 @@
 #include <iostream>
 #include <sstream>
 
+#include "absl/status/status.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -18,6 +19,7 @@
 #include "client/commands.h"
 #include "client/npy.h"
 #include "metaload/v1/metaload.grpc.pb.h"
+#include "server/core/byte_size.h"
 
 namespace metaload::client {
 
@@ -32,31 +34,14 @@ constexpr int kUsage = 2;
 const std::set<std::string> kConnectionFlags = {"address", "timeout",  "token_file",
                                                 "tls_ca",  "tls_cert", "tls_key"};
 
+// "NOT_FOUND", ...: gRPC and Abseil share the code numbering.
+std::string CodeName(grpc::StatusCode code) {
+  return absl::StatusCodeToString(static_cast<absl::StatusCode>(code));
+}
+
 std::set<std::string> With(std::set<std::string> extra) {
   extra.insert(kConnectionFlags.begin(), kConnectionFlags.end());
   return extra;
-}
-
-const char* CodeName(grpc::StatusCode code) {
-  static const char* const kNames[] = {"OK",
-                                       "CANCELLED",
-                                       "UNKNOWN",
-                                       "INVALID_ARGUMENT",
-                                       "DEADLINE_EXCEEDED",
-                                       "NOT_FOUND",
-                                       "ALREADY_EXISTS",
-                                       "PERMISSION_DENIED",
-                                       "RESOURCE_EXHAUSTED",
-                                       "FAILED_PRECONDITION",
-                                       "ABORTED",
-                                       "OUT_OF_RANGE",
-                                       "UNIMPLEMENTED",
-                                       "INTERNAL",
-                                       "UNAVAILABLE",
-                                       "DATA_LOSS",
-                                       "UNAUTHENTICATED"};
-  int i = static_cast<int>(code);
-  return i >= 0 && i <= 16 ? kNames[i] : "UNKNOWN";
 }
 
 int Usage(const std::string& command, const std::string& message) {
@@ -67,10 +52,10 @@ int Usage(const std::string& command, const std::string& message) {
 
 int RpcError(const std::string& command, const grpc::Status& s, bool json) {
   if (json) {
-    std::printf("{\"error\":{\"code\":\"%s\",\"message\":%s}}\n", CodeName(s.error_code()),
+    std::printf("{\"error\":{\"code\":\"%s\",\"message\":%s}}\n", CodeName(s.error_code()).c_str(),
                 JsonQuote(s.error_message()).c_str());
   } else {
-    std::fprintf(stderr, "metaload %s: %s: %s\n", command.c_str(), CodeName(s.error_code()),
+    std::fprintf(stderr, "metaload %s: %s: %s\n", command.c_str(), CodeName(s.error_code()).c_str(),
                  s.error_message().c_str());
   }
   return kFailed;
@@ -136,17 +121,6 @@ std::string Json(const google::protobuf::Message& m) {
   return out;
 }
 
-std::string Human(int64_t bytes) {
-  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
-  double v = static_cast<double>(bytes);
-  int u = 0;
-  while (v >= 1024 && u < 4) {
-    v /= 1024;
-    ++u;
-  }
-  return u == 0 ? absl::StrCat(bytes, " B") : absl::StrFormat("%.1f %s", v, units[u]);
-}
-
 std::string Ago(int64_t unix_ms) {
   if (unix_ms <= 0) return "-";
   const int64_t now = std::chrono::duration_cast<std::chrono::milliseconds>(
@@ -165,7 +139,7 @@ void PrintModel(const metaload::v1::ModelInfo& m) {
   std::printf("architecture:  %s\n", m.architecture().c_str());
   std::printf("device/dtype:  %s / %s\n", m.device().c_str(), m.dtype().c_str());
   std::printf("parameters:    %lld (%s resident)\n", static_cast<long long>(m.parameter_count()),
-              Human(m.resident_bytes()).c_str());
+              core::HumanBytes(m.resident_bytes()).c_str());
   if (!m.sha256().empty())
     std::printf("sha256:        %s [%s]\n", m.sha256().c_str(), m.short_hash().c_str());
   for (const auto& e : m.entries()) {
@@ -235,8 +209,9 @@ int RunLoad(const std::vector<std::string>& argv) {
       const double eta = rate > 0 && total > done ? (total - done) / rate : 0;
       std::fprintf(stderr, "\r%-6s [%s%s] %3.0f%% %s / %s  %s/s  ETA %.0fs   ",
                    event.phase().c_str(), std::string(filled, '#').c_str(),
-                   std::string(width - filled, ' ').c_str(), 100 * fraction, Human(done).c_str(),
-                   Human(total).c_str(), Human(static_cast<int64_t>(rate)).c_str(), eta);
+                   std::string(width - filled, ' ').c_str(), 100 * fraction,
+                   core::HumanBytes(done).c_str(), core::HumanBytes(total).c_str(),
+                   core::HumanBytes(static_cast<int64_t>(rate)).c_str(), eta);
     } else if (total > 0 &&
                std::chrono::steady_clock::now() - last_line >= std::chrono::seconds(1)) {
       last_line = std::chrono::steady_clock::now();
@@ -256,8 +231,8 @@ int RunLoad(const std::vector<std::string>& argv) {
       "%s %s: %s on %s (%s), %lld parameters, %s in %.2f s, peak host %s%s\n",
       result.cache_hit() ? "cached" : "loaded", m.model_id().c_str(), m.architecture().c_str(),
       m.device().c_str(), m.dtype().c_str(), static_cast<long long>(m.parameter_count()),
-      Human(m.resident_bytes()).c_str(), result.stats().total_seconds(),
-      Human(result.stats().peak_host_bytes()).c_str(),
+      core::HumanBytes(m.resident_bytes()).c_str(), result.stats().total_seconds(),
+      core::HumanBytes(result.stats().peak_host_bytes()).c_str(),
       result.stats().unexpected_keys_size() > 0
           ? absl::StrCat(", ", result.stats().unexpected_keys_size(), " unexpected keys").c_str()
           : "");
@@ -327,7 +302,7 @@ int RunList(const std::vector<std::string>& argv) {
       {"ID", "ARCH", "DEVICE", "DTYPE", "STATE", "RESIDENT", "LAST USED"}};
   for (const auto& m : list.models()) {
     rows.push_back({m.model_id(), m.architecture(), m.device(), m.dtype(), m.state(),
-                    Human(m.resident_bytes()), Ago(m.last_used_unix_ms())});
+                    core::HumanBytes(m.resident_bytes()), Ago(m.last_used_unix_ms())});
   }
   std::vector<size_t> width(rows[0].size(), 0);
   for (const auto& r : rows)
@@ -343,10 +318,6 @@ int RunList(const std::vector<std::string>& argv) {
 }
 
 // --input name=TYPE:DIMS:VALUES, e.g. input_ids=INT64:1x6:1,5,42,7,99,3
-absl::Status ParseInputSpec(const std::string& spec, metaload::v1::Tensor* t);
-absl::Status ParseInput(const std::string& spec, metaload::v1::Tensor* t) {
-  return ParseInputSpec(spec, t);
-}
 absl::Status ParseInputSpec(const std::string& spec, metaload::v1::Tensor* t) {
   std::pair<std::string, std::string> nv = absl::StrSplit(spec, absl::MaxSplits('=', 1));
   std::vector<std::string> parts = absl::StrSplit(nv.second, absl::MaxSplits(':', 2));
@@ -419,7 +390,7 @@ int RunInfer(const std::vector<std::string>& argv) {
   request.set_entry(args->Get("entry"));
   request.set_typed_outputs(true);
   for (const std::string& spec : inputs) {
-    absl::Status s = ParseInput(spec, request.add_inputs());
+    absl::Status s = ParseInputSpec(spec, request.add_inputs());
     if (!s.ok()) return Usage("infer", std::string(s.message()));
   }
   auto stub = metaload::v1::ModelLoader::NewStub(conn->channel);
@@ -455,8 +426,6 @@ int RunInfer(const std::vector<std::string>& argv) {
   }
   return kOk;
 }
-
-const char* GrpcCode(grpc::StatusCode code) { return CodeName(code); }
 
 std::string JsonQuote(const std::string& s) {
   std::string out = "\"";

@@ -59,36 +59,6 @@ struct ModelCache::Slot {
   std::shared_ptr<Flight> pending;
 };
 
-namespace {
-
-// Waiter callbacks run under the waiter's own mutex, so Cancel() can promise that none runs
-// after it returned true.
-struct WaiterSync {
-  std::mutex mu;
-  bool cancelled = false;
-  bool finished = false;
-};
-
-std::mutex g_sync_mu;
-std::map<const LoadWaiter*, std::shared_ptr<WaiterSync>>& Syncs() {
-  static auto* syncs = new std::map<const LoadWaiter*, std::shared_ptr<WaiterSync>>();
-  return *syncs;
-}
-
-std::shared_ptr<WaiterSync> SyncOf(const LoadWaiter* w) {
-  std::lock_guard<std::mutex> lock(g_sync_mu);
-  std::shared_ptr<WaiterSync>& s = Syncs()[w];
-  if (!s) s = std::make_shared<WaiterSync>();
-  return s;
-}
-
-void DropSync(const LoadWaiter* w) {
-  std::lock_guard<std::mutex> lock(g_sync_mu);
-  Syncs().erase(w);
-}
-
-}  // namespace
-
 ModelCache::ModelCache(Options options)
     : options_(std::move(options)),
       load_pool_(std::make_unique<core::ThreadPool>(options_.load_threads)),
@@ -106,13 +76,24 @@ ModelCache::~ModelCache() {
 }
 
 bool LoadWaiter::Cancel() {
-  std::shared_ptr<WaiterSync> sync = SyncOf(this);
   {
-    std::lock_guard<std::mutex> lock(sync->mu);
-    if (sync->finished) return false;
-    sync->cancelled = true;
+    std::lock_guard<std::mutex> lock(callback_mu_);
+    if (finished_) return false;
+    cancelled_ = true;
   }
   return cache_->CancelWaiter(this);
+}
+
+void LoadWaiter::Deliver(const LoadProgressEvent& event) {
+  std::lock_guard<std::mutex> lock(callback_mu_);
+  if (!cancelled_ && !finished_ && progress_) progress_(event);
+}
+
+void LoadWaiter::Finish(absl::StatusOr<LoadResult> result) {
+  std::lock_guard<std::mutex> lock(callback_mu_);
+  if (cancelled_ || finished_) return;
+  finished_ = true;
+  done_(std::move(result));
 }
 
 bool ModelCache::CancelWaiter(LoadWaiter* waiter) {
@@ -138,34 +119,9 @@ bool ModelCache::CancelWaiter(LoadWaiter* waiter) {
   return true;
 }
 
-namespace {
-
-void Deliver(const std::shared_ptr<LoadWaiter>& w, const ModelCache::ProgressFn& fn,
-             const LoadProgressEvent& e) {
-  std::shared_ptr<WaiterSync> sync = SyncOf(w.get());
-  std::lock_guard<std::mutex> lock(sync->mu);
-  if (!sync->cancelled && !sync->finished && fn) fn(e);
-}
-
-void Finish(const std::shared_ptr<LoadWaiter>& w, const ModelCache::DoneFn& fn,
-            absl::StatusOr<LoadResult> result) {
-  std::shared_ptr<WaiterSync> sync = SyncOf(w.get());
-  {
-    std::lock_guard<std::mutex> lock(sync->mu);
-    if (sync->cancelled || sync->finished) return;
-    sync->finished = true;
-    fn(std::move(result));
-  }
-}
-
-}  // namespace
-
 std::shared_ptr<LoadWaiter> ModelCache::Load(const LoadSpec& spec, ProgressFn progress,
                                              DoneFn done) {
-  auto waiter = std::shared_ptr<LoadWaiter>(new LoadWaiter(), [](LoadWaiter* w) {
-    DropSync(w);
-    delete w;
-  });
+  auto waiter = std::shared_ptr<LoadWaiter>(new LoadWaiter());
   waiter->cache_ = this;
   waiter->model_id_ = spec.model_id;
   waiter->progress_ = std::move(progress);
@@ -186,7 +142,7 @@ std::shared_ptr<LoadWaiter> ModelCache::Load(const LoadSpec& spec, ProgressFn pr
     early = absl::NotFoundError(absl::StrCat("path '", spec.display_path, "' does not exist"));
   }
   if (!early.ok()) {
-    Finish(waiter, waiter->done_, early);
+    waiter->Finish(early);
     return waiter;
   }
   LoadSpec canonical = spec;
@@ -205,7 +161,7 @@ std::shared_ptr<LoadWaiter> ModelCache::Load(const LoadSpec& spec, ProgressFn pr
     LoadResult result{InfoLocked(spec.model_id, *loaded, "READY"), true, loaded->stats};
     lock.unlock();
     if (options_.observer) options_.observer->OnCacheRequest("hit");
-    Finish(waiter, waiter->done_, std::move(result));
+    waiter->Finish(std::move(result));
     return waiter;
   }
   if (slot->pending && slot->pending->key == key) {
@@ -217,19 +173,17 @@ std::shared_ptr<LoadWaiter> ModelCache::Load(const LoadSpec& spec, ProgressFn pr
   }
   if (slot->pending) {
     lock.unlock();
-    Finish(waiter, waiter->done_,
-           absl::AlreadyExistsError(absl::StrCat(
-               "model_id '", spec.model_id, "' is already loading '",
-               slot->pending->spec.display_path, "'; wait for it or unload it first")));
+    waiter->Finish(absl::AlreadyExistsError(
+        absl::StrCat("model_id '", spec.model_id, "' is already loading '",
+                     slot->pending->spec.display_path, "'; wait for it or unload it first")));
     return waiter;
   }
   if (slot->current && !spec.replace) {
     const std::string other = slot->current->path;
     lock.unlock();
-    Finish(waiter, waiter->done_,
-           absl::AlreadyExistsError(
-               absl::StrCat("model_id '", spec.model_id, "' already holds '", other,
-                            "' (other options or file); pass replace to swap it")));
+    waiter->Finish(absl::AlreadyExistsError(
+        absl::StrCat("model_id '", spec.model_id, "' already holds '", other,
+                     "' (other options or file); pass replace to swap it")));
     return waiter;
   }
   // Another id already holds or is loading the same key: share it.
@@ -241,7 +195,7 @@ std::shared_ptr<LoadWaiter> ModelCache::Load(const LoadSpec& spec, ProgressFn pr
       LoadResult result{InfoLocked(spec.model_id, *loaded, "READY"), true, loaded->stats};
       lock.unlock();
       if (options_.observer) options_.observer->OnCacheRequest("hit");
-      Finish(waiter, waiter->done_, std::move(result));
+      waiter->Finish(std::move(result));
       return waiter;
     }
   }
@@ -263,7 +217,7 @@ std::shared_ptr<LoadWaiter> ModelCache::Load(const LoadSpec& spec, ProgressFn pr
   slot->pending = flight;
   lock.unlock();
   if (options_.observer) options_.observer->OnCacheRequest("miss");
-  Deliver(waiter, waiter->progress_, {"queued", 0, 0});
+  waiter->Deliver({"queued", 0, 0});
   load_pool_->Submit([this, flight] { RunFlight(flight); });
   return waiter;
 }
@@ -287,7 +241,7 @@ void ModelCache::RunFlight(std::shared_ptr<Flight> flight) {
       std::lock_guard<std::mutex> lock(mu_);
       waiters = flight->waiters;
     }
-    for (const auto& w : waiters) Deliver(w, w->progress_, e);
+    for (const auto& w : waiters) w->Deliver(e);
   };
   int64_t reserved = 0;
   std::shared_ptr<Loaded> loaded;
@@ -409,8 +363,9 @@ void ModelCache::RunFlight(std::shared_ptr<Flight> flight) {
     loaded->path = spec.display_path;
     loaded->architecture = model->architecture();
     loaded->device = spec.device;
-    loaded->dtype = core::DtypePolicy::Create(spec.dtype, spec.dtype_overrides)->Describe();
-    if (spec.dtype_overrides.empty()) loaded->dtype = spec.dtype.empty() ? "keep" : spec.dtype;
+    loaded->dtype = !spec.dtype_overrides.empty() ? policy->Describe()
+                    : spec.dtype.empty()          ? "keep"
+                                                  : spec.dtype;
     loaded->files = (*source)->index().files;
     loaded->parameter_count = model->ParameterCount();
     loaded->resident_bytes = static_cast<int64_t>(model->ResidentBytes());
@@ -482,7 +437,7 @@ void ModelCache::RunFlight(std::shared_ptr<Flight> flight) {
   } else {
     core::LogWarning("load_failed").Kv("model_id", spec.model_id).Kv("error", status.ToString());
   }
-  for (auto& [w, result] : results) Finish(w, w->done_, std::move(result));
+  for (auto& [w, result] : results) w->Finish(std::move(result));
 }
 
 void ModelCache::StartHash(const std::shared_ptr<Loaded>& loaded) {
@@ -594,8 +549,7 @@ absl::StatusOr<ModelInfo> ModelCache::Unload(const std::string& model_id) {
     slots_.erase(it);  // the model goes with its last handle
   }
   for (const auto& w : cancelled) {
-    Finish(
-        w, w->done_,
+    w->Finish(
         absl::CancelledError(absl::StrCat("model_id '", model_id, "' was unloaded while loading")));
   }
   if (options_.observer) options_.observer->OnModelRemoved(model_id);

@@ -164,12 +164,19 @@ class LoadWaiter {
 
  private:
   friend class ModelCache;
+  // The callbacks run under callback_mu_, so Cancel() can promise that none runs after it
+  // returned true.
+  void Deliver(const LoadProgressEvent& event);
+  void Finish(absl::StatusOr<LoadResult> result);
+
   ModelCache* cache_ = nullptr;
   std::string model_id_;
   ModelCache::ProgressFn progress_;
   ModelCache::DoneFn done_;
-  bool finished_ = false;  // guarded by the cache's mu_
-  std::weak_ptr<Flight> flight_;
+  std::weak_ptr<Flight> flight_;  // guarded by the cache's mu_
+  std::mutex callback_mu_;
+  bool cancelled_ = false;  // guarded by callback_mu_
+  bool finished_ = false;   // guarded by callback_mu_
 };
 
 }  // namespace metaload::cache

@@ -182,12 +182,12 @@ absl::StatusOr<LoadReport> LoadModule(Module& module, const CheckpointSource& so
     AdviseHugePages(p.tensor);
     p.needs_copy = true;
     report.loaded_bytes += static_cast<uint64_t>(p.tensor.nbytes());
-    for (uint64_t b = 0; b < p.info->nbytes; b += options.chunk_bytes) {
-      // Chunks end on element boundaries so each converts on its own.
-      const uint64_t item = static_cast<uint64_t>(DTypeSize(p.info->dtype));
-      uint64_t end = std::min(p.info->nbytes, b + options.chunk_bytes / item * item);
+    // Chunks end on element boundaries so each converts on its own.
+    const uint64_t item = static_cast<uint64_t>(DTypeSize(p.info->dtype));
+    const uint64_t step = std::max(item, options.chunk_bytes / item * item);
+    for (uint64_t b = 0, end = 0; b < p.info->nbytes; b = end) {
+      end = std::min(p.info->nbytes, b + step);
       chunks.push_back({i, b, end});
-      b = end - options.chunk_bytes;  // the loop adds chunk_bytes back
     }
     total += p.info->nbytes;
   }

@@ -2,29 +2,10 @@
 
 #include <chrono>
 
+#include "absl/status/status.h"
+
 namespace metaload::service {
 namespace {
-
-const char* CodeName(int code) {
-  static const char* const kNames[] = {"OK",
-                                       "CANCELLED",
-                                       "UNKNOWN",
-                                       "INVALID_ARGUMENT",
-                                       "DEADLINE_EXCEEDED",
-                                       "NOT_FOUND",
-                                       "ALREADY_EXISTS",
-                                       "PERMISSION_DENIED",
-                                       "RESOURCE_EXHAUSTED",
-                                       "FAILED_PRECONDITION",
-                                       "ABORTED",
-                                       "OUT_OF_RANGE",
-                                       "UNIMPLEMENTED",
-                                       "INTERNAL",
-                                       "UNAVAILABLE",
-                                       "DATA_LOSS",
-                                       "UNAUTHENTICATED"};
-  return code >= 0 && code <= 16 ? kNames[code] : "UNKNOWN";
-}
 
 // Lives exactly as long as its call: gRPC creates it with the call and destroys it after the
 // status has been sent.
@@ -87,7 +68,8 @@ void CallTracker::CallStarted() {
 }
 
 void CallTracker::CallFinished(const std::string& method, int code, double seconds) {
-  if (observer_) observer_(method, CodeName(code), seconds);
+  if (observer_)
+    observer_(method, absl::StatusCodeToString(static_cast<absl::StatusCode>(code)), seconds);
   std::lock_guard<std::mutex> lock(mu_);
   if (--active_ == 0) idle_.notify_all();
 }
