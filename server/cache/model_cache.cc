@@ -172,10 +172,12 @@ std::shared_ptr<LoadWaiter> ModelCache::Load(const LoadSpec& spec, ProgressFn pr
     return waiter;
   }
   if (slot->pending) {
+    // Copied under the lock: once it is released, Unload may erase the slot.
+    const std::string other = slot->pending->spec.display_path;
     lock.unlock();
     waiter->Finish(absl::AlreadyExistsError(
-        absl::StrCat("model_id '", spec.model_id, "' is already loading '",
-                     slot->pending->spec.display_path, "'; wait for it or unload it first")));
+        absl::StrCat("model_id '", spec.model_id, "' is already loading '", other,
+                     "'; wait for it or unload it first")));
     return waiter;
   }
   if (slot->current && !spec.replace) {
