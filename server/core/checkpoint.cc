@@ -372,12 +372,20 @@ void CheckpointSource::Release(const TensorInfo& tensor) const {
 }
 
 absl::Status CheckpointSource::CheckUnchanged() const {
-  for (const CheckpointFile& f : index_.files) {
-    CheckpointFile now;
-    absl::Status s = StatFile(f.path, &now);
-    if (!s.ok() || now.size != f.size || now.mtime_ns != f.mtime_ns) {
-      return absl::FailedPreconditionError(
-          absl::StrCat(f.path, ": changed on disk while it was being loaded"));
+  // fstat on the descriptors the bytes came from: a file replaced by rename left this load's
+  // bytes intact, one truncated or rewritten in place did not.
+  for (size_t i = 0; i < index_.files.size(); ++i) {
+    const CheckpointFile& f = index_.files[i];
+    struct stat st;
+    if (::fstat(fds_[i], &st) != 0) {
+      return absl::DataLossError(absl::StrCat(f.path, ": ", std::strerror(errno)));
+    }
+    const int64_t mtime_ns =
+        static_cast<int64_t>(st.st_mtim.tv_sec) * 1'000'000'000 + st.st_mtim.tv_nsec;
+    if (static_cast<uint64_t>(st.st_size) != f.size || mtime_ns != f.mtime_ns) {
+      return absl::DataLossError(
+          absl::StrCat(f.path, ": changed on disk while it was being loaded (size ", f.size, " -> ",
+                       st.st_size, "); load it again once it is written"));
     }
   }
   return absl::OkStatus();

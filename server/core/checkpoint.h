@@ -118,7 +118,7 @@ class CheckpointSource {
   // them for the next load. A no-op when the file is not mapped.
   void Release(const TensorInfo& tensor) const;
 
-  // FAILED_PRECONDITION naming the file when a file's size or mtime changed since Open.
+  // DATA_LOSS naming the file when a file's size or mtime changed since it was indexed.
   absl::Status CheckUnchanged() const;
 
  private:

@@ -256,6 +256,8 @@ absl::StatusOr<LoadReport> LoadModule(Module& module, const CheckpointSource& so
   for (const Planned& p : plan) {
     if (p.info != nullptr && p.needs_copy) report.bytes_read += p.info->nbytes;
   }
+  // A file rewritten in place while it was read gives a mix of old and new bytes: refuse it.
+  if (absl::Status unchanged = source.CheckUnchanged(); !unchanged.ok()) return unchanged;
 
   // Commit: swap every slot at once, then check nothing is left on meta.
   for (Planned& p : plan) *p.slot.tensor = std::move(p.tensor);

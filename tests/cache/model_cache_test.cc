@@ -1,9 +1,12 @@
 // ModelCache in-process: single flight, waiters that leave, admission before allocation.
 #include "server/cache/model_cache.h"
 
+#include <fcntl.h>
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <condition_variable>
+#include <filesystem>
 #include <future>
 #include <random>
 #include <thread>
@@ -134,6 +137,50 @@ TEST_F(ModelCacheTest, ResourceExhaustedBeforeAllocating) {
   EXPECT_NE(r.status().message().find("medium"), std::string::npos);
   EXPECT_LT(core::ReadProcessMemory()->rss_bytes - before, 16 << 20);
   EXPECT_TRUE(absl::IsNotFound(cache.Get("m").status()));
+}
+
+// The file changes under a running load (the first progress event does it, on the loading
+// thread, so the timing is fixed): DATA_LOSS naming the file, nothing left in the cache, and the
+// cache keeps working.
+TEST_F(ModelCacheTest, FileTruncatedOrRewrittenWhileLoadingIsDataLoss) {
+  for (const bool truncate : {true, false}) {
+    SCOPED_TRACE(truncate ? "truncated" : "rewritten in place");
+    const std::filesystem::path victim = *dir_ / "victim";
+    std::filesystem::remove_all(victim);
+    models::SynthOptions medium;
+    medium.preset = "medium";
+    ASSERT_TRUE(models::Synthesize(medium, victim).ok());
+    const std::string file = victim / "model.safetensors";
+    const off_t size = static_cast<off_t>(std::filesystem::file_size(file));
+    ModelCache cache({});
+    std::atomic<bool> changed{false};
+    auto progress = [&](const LoadProgressEvent& e) {
+      if (e.phase != "read" || e.bytes_done == 0 || changed.exchange(true)) return;
+      if (truncate) {
+        ASSERT_EQ(::truncate(file.c_str(), size / 2), 0);
+      } else {
+        int fd = ::open(file.c_str(), O_WRONLY);
+        ASSERT_GE(fd, 0);
+        ASSERT_EQ(::pwrite(fd, "\x7f\x7f\x7f\x7f", 4, size - 4), 4);
+        ::close(fd);
+      }
+    };
+    std::promise<absl::StatusOr<LoadResult>> done;
+    cache.Load(Spec("victim", "v"), progress,
+               [&](absl::StatusOr<LoadResult> r) { done.set_value(std::move(r)); });
+    absl::StatusOr<LoadResult> r = done.get_future().get();
+    ASSERT_TRUE(changed.load()) << "no read progress before the end of the load";
+    EXPECT_TRUE(absl::IsDataLoss(r.status())) << r.status();
+    EXPECT_NE(r.status().message().find("model.safetensors"), std::string::npos) << r.status();
+    EXPECT_TRUE(absl::IsNotFound(cache.Get("v").status()));
+    EXPECT_TRUE(cache.List().empty());
+    EXPECT_TRUE(cache.ResidentBytes().empty());
+
+    std::promise<absl::StatusOr<LoadResult>> next;
+    cache.Load(Spec("tiny", "t"), nullptr,
+               [&](absl::StatusOr<LoadResult> r) { next.set_value(std::move(r)); });
+    EXPECT_TRUE(next.get_future().get().ok());
+  }
 }
 
 TEST_F(ModelCacheTest, ReplaceKeepsServingTheOldModelUntilTheNewIsReady) {
