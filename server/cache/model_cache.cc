@@ -66,6 +66,7 @@ ModelCache::ModelCache(Options options)
       hash_pool_(std::make_unique<core::ThreadPool>(1)) {}
 
 ModelCache::~ModelCache() {
+  stopping_.store(true);  // stops a checksum in progress (a 10 GB file takes seconds)
   {
     std::lock_guard<std::mutex> lock(mu_);
     for (auto& [key, flight] : flights_) flight->cancel.store(true);
@@ -175,9 +176,9 @@ std::shared_ptr<LoadWaiter> ModelCache::Load(const LoadSpec& spec, ProgressFn pr
     // Copied under the lock: once it is released, Unload may erase the slot.
     const std::string other = slot->pending->spec.display_path;
     lock.unlock();
-    waiter->Finish(absl::AlreadyExistsError(
-        absl::StrCat("model_id '", spec.model_id, "' is already loading '", other,
-                     "'; wait for it or unload it first")));
+    waiter->Finish(
+        absl::AlreadyExistsError(absl::StrCat("model_id '", spec.model_id, "' is already loading '",
+                                              other, "'; wait for it or unload it first")));
     return waiter;
   }
   if (slot->current && !spec.replace) {
@@ -447,13 +448,16 @@ void ModelCache::StartHash(const std::shared_ptr<Loaded>& loaded) {
   std::weak_ptr<Loaded> weak = loaded;
   std::vector<core::CheckpointFile> files = loaded->files;
   core::ChecksumStore* store = options_.checksums;
-  hash_pool_->Submit([weak, files, store] {
+  const std::atomic<bool>* stopping = &stopping_;  // outlives hash_pool_, which runs this
+  hash_pool_->Submit([weak, files, store, stopping] {
     if (weak.expired()) return;
     std::optional<std::string> sha = store->Lookup(files);
     if (!sha) {
-      absl::StatusOr<std::string> computed = store->Compute(files);
+      absl::StatusOr<std::string> computed = store->Compute(files, stopping);
       if (!computed.ok()) {
-        core::LogWarning("hash_failed").Kv("error", computed.status().ToString());
+        if (!absl::IsCancelled(computed.status())) {
+          core::LogWarning("hash_failed").Kv("error", computed.status().ToString());
+        }
         return;
       }
       sha = *computed;

@@ -153,6 +153,7 @@ class ModelCache {
   std::unique_ptr<core::ThreadPool> load_pool_;
   std::unique_ptr<core::ThreadPool> infer_pool_;
   std::unique_ptr<core::ThreadPool> hash_pool_;
+  std::atomic<bool> stopping_{false};  // set by the destructor
 };
 
 // One caller's interest in a load.

@@ -1,12 +1,19 @@
 #include "server/metrics/metrics_server.h"
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <prometheus/collectable.h>
 #include <prometheus/exposer.h>
 #include <prometheus/gauge.h>
 #include <prometheus/metric_family.h>
 #include <prometheus/registry.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
+#include <atomic>
+#include <chrono>
 #include <exception>
+#include <thread>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -72,6 +79,12 @@ absl::StatusOr<std::unique_ptr<MetricsServer>> MetricsServer::Create(const Optio
   server->exposer_->RegisterCollectable(server->process_collector_);
   std::vector<int> ports = server->exposer_->GetListeningPorts();
   server->port_ = ports.empty() ? 0 : ports.front();
+  // Where ~MetricsServer can reach the listener: its own address, or loopback for a wildcard.
+  const std::string host = options.listen.substr(0, options.listen.rfind(':'));
+  in_addr parsed{};
+  server->knock_address_ = host != "0.0.0.0" && ::inet_pton(AF_INET, host.c_str(), &parsed) == 1
+                               ? parsed.s_addr
+                               : htonl(INADDR_LOOPBACK);
   return server;
 }
 
@@ -80,8 +93,27 @@ void MetricsServer::AddCollectable(const std::shared_ptr<prometheus::Collectable
 }
 
 MetricsServer::~MetricsServer() {
-  // Stop serving before the collectables it reads go away.
+  // Stop serving before the collectables it reads go away. civetweb's listener notices its stop
+  // flag only when its poll() returns, which without traffic takes up to two seconds: knock on
+  // our own port until it has stopped, so the daemon exits within its shutdown grace.
+  std::atomic<bool> stopped{false};
+  std::thread knocker([this, &stopped] {
+    while (!stopped.load()) {
+      int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+      if (fd >= 0) {
+        sockaddr_in addr{};
+        addr.sin_family = AF_INET;
+        addr.sin_port = htons(static_cast<uint16_t>(port_));
+        addr.sin_addr.s_addr = knock_address_;
+        (void)::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
+        ::close(fd);
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+  });
   exposer_.reset();
+  stopped.store(true);
+  knocker.join();
 }
 
 }  // namespace metaload::metrics

@@ -7,6 +7,7 @@
 #ifndef METALOAD_SERVER_METRICS_METRICS_SERVER_H_
 #define METALOAD_SERVER_METRICS_METRICS_SERVER_H_
 
+#include <cstdint>
 #include <memory>
 #include <string>
 
@@ -50,6 +51,7 @@ class MetricsServer {
   std::shared_ptr<ProcessCollector> process_collector_;
   std::unique_ptr<prometheus::Exposer> exposer_;
   int port_ = 0;
+  uint32_t knock_address_ = 0;  // IPv4, network byte order
 };
 
 }  // namespace metaload::metrics
