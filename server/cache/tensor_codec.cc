@@ -11,67 +11,26 @@
 namespace metaload::cache {
 
 absl::StatusOr<at::Tensor> DecodeTensor(const WireTensor& wire) {
-  const std::string who = absl::StrCat("input '", wire.name, "'");
-  std::optional<core::DType> dtype = core::DTypeFromKServeName(wire.datatype);
-  if (!dtype) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(who, ": unknown datatype '", wire.datatype,
-                     "' (FP32 FP16 BF16 FP64 INT64 INT32 INT8 UINT8 BOOL)"));
+  absl::StatusOr<WireLayout> layout = CheckWireTensor(wire);
+  if (!layout.ok()) return layout.status();
+  const void* values = nullptr;
+  switch (layout->field) {
+    case WireLayout::Field::kRaw:
+      values = wire.raw_data.data();
+      break;
+    case WireLayout::Field::kFp32:
+      values = wire.fp32_contents.data();
+      break;
+    case WireLayout::Field::kInt64:
+      values = wire.int64_contents.data();
+      break;
+    case WireLayout::Field::kNone:
+      break;
   }
-  if (wire.shape.size() > 16)
-    return absl::InvalidArgumentError(absl::StrCat(who, ": rank above 16"));
-  int64_t numel = 1;
-  for (int64_t d : wire.shape) {
-    if (d < 0) return absl::InvalidArgumentError(absl::StrCat(who, ": negative dimension ", d));
-    if (__builtin_mul_overflow(numel, d, &numel)) {
-      return absl::InvalidArgumentError(absl::StrCat(who, ": shape product overflows"));
-    }
-  }
-  int64_t nbytes = 0;
-  if (__builtin_mul_overflow(numel, static_cast<int64_t>(core::DTypeSize(*dtype)), &nbytes) ||
-      nbytes > kMaxWireTensorBytes) {
-    return absl::InvalidArgumentError(absl::StrCat(who, ": tensor too large"));
-  }
-  const int fields =
-      !wire.raw_data.empty() + !wire.fp32_contents.empty() + !wire.int64_contents.empty();
-  if (fields > 1) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(who, ": set raw_data or one typed *_contents field, not several"));
-  }
-  const at::TensorOptions options = at::TensorOptions().dtype(core::ToScalarType(*dtype));
-  if (!wire.fp32_contents.empty()) {
-    if (*dtype != core::DType::kFloat32) {
-      return absl::InvalidArgumentError(absl::StrCat(who, ": fp32_contents needs datatype FP32"));
-    }
-    if (static_cast<int64_t>(wire.fp32_contents.size()) != numel) {
-      return absl::InvalidArgumentError(absl::StrCat(who, ": ", wire.fp32_contents.size(),
-                                                     " fp32_contents for a shape of ", numel,
-                                                     " elements"));
-    }
-    at::Tensor t = at::empty(wire.shape, options);
-    std::memcpy(t.data_ptr(), wire.fp32_contents.data(), static_cast<size_t>(nbytes));
-    return t;
-  }
-  if (!wire.int64_contents.empty()) {
-    if (*dtype != core::DType::kInt64) {
-      return absl::InvalidArgumentError(absl::StrCat(who, ": int64_contents needs datatype INT64"));
-    }
-    if (static_cast<int64_t>(wire.int64_contents.size()) != numel) {
-      return absl::InvalidArgumentError(absl::StrCat(who, ": ", wire.int64_contents.size(),
-                                                     " int64_contents for a shape of ", numel,
-                                                     " elements"));
-    }
-    at::Tensor t = at::empty(wire.shape, options);
-    std::memcpy(t.data_ptr(), wire.int64_contents.data(), static_cast<size_t>(nbytes));
-    return t;
-  }
-  if (static_cast<int64_t>(wire.raw_data.size()) != nbytes) {
-    return absl::InvalidArgumentError(absl::StrCat(who, ": raw_data has ", wire.raw_data.size(),
-                                                   " bytes, shape x datatype needs ", nbytes));
-  }
-  at::Tensor t = at::empty(wire.shape, options);
-  if (nbytes > 0) std::memcpy(t.data_ptr(), wire.raw_data.data(), static_cast<size_t>(nbytes));
-  if (*dtype == core::DType::kBool) t = t.ne(0);  // any non-zero byte is true
+  at::Tensor t =
+      at::empty(wire.shape, at::TensorOptions().dtype(core::ToScalarType(layout->dtype)));
+  if (values != nullptr) std::memcpy(t.data_ptr(), values, static_cast<size_t>(layout->nbytes));
+  if (layout->dtype == core::DType::kBool) t = t.ne(0);  // any non-zero byte is true
   return t;
 }
 

@@ -1,7 +1,5 @@
-// WireTensor <-> at::Tensor. Decoding checks everything a remote caller controls before
-// allocating: a known datatype, non-negative dimensions whose product (and byte size) fits,
-// exactly one of raw_data or a typed field matching the datatype, and a byte or element count
-// equal to what the shape needs. Failures are INVALID_ARGUMENT naming the tensor.
+// WireTensor <-> at::Tensor. Decoding allocates only after CheckWireTensor (wire_tensor.h) has
+// accepted everything a remote caller controls.
 #ifndef METALOAD_SERVER_CACHE_TENSOR_CODEC_H_
 #define METALOAD_SERVER_CACHE_TENSOR_CODEC_H_
 
@@ -11,9 +9,6 @@
 #include "server/cache/wire_tensor.h"
 
 namespace metaload::cache {
-
-// Largest tensor accepted in a request (also bounded by the gRPC message size).
-inline constexpr int64_t kMaxWireTensorBytes = int64_t{1} << 32;
 
 absl::StatusOr<at::Tensor> DecodeTensor(const WireTensor& wire);
 

@@ -24,6 +24,7 @@
 #include "server/service/call_tracker.h"
 #include "server/service/model_loader_service.h"
 #include "server/service/path_resolver.h"
+#include "server/service/request_codec.h"
 
 namespace metaload::service {
 namespace {

@@ -6,6 +6,7 @@
 #include "absl/strings/str_cat.h"
 #include "server/core/dtype.h"
 #include "server/service/grpc_status.h"
+#include "server/service/request_codec.h"
 
 namespace metaload::service {
 namespace {
@@ -17,36 +18,6 @@ bool ConstantTimeEquals(const std::string& a, const std::string& b) {
   unsigned char diff = 0;
   for (size_t i = 0; i < a.size(); ++i) diff |= static_cast<unsigned char>(a[i] ^ b[i]);
   return diff == 0;
-}
-
-void ToProto(const models::TensorSpec& spec, metaload::v1::TensorSpec* out) {
-  out->set_name(spec.name);
-  // An empty datatype means "the model's floating dtype" (whatever it was loaded as).
-  if (spec.dtype) {
-    std::optional<absl::string_view> name = core::KServeName(*spec.dtype);
-    if (name) out->set_datatype(std::string(*name));
-  }
-  for (int64_t d : spec.shape) out->add_shape(d);
-}
-
-cache::WireTensor FromProto(metaload::v1::Tensor* t) {
-  cache::WireTensor w;
-  w.name = t->name();
-  w.datatype = t->datatype();
-  w.shape.assign(t->shape().begin(), t->shape().end());
-  w.raw_data.swap(*t->mutable_raw_data());
-  w.fp32_contents.assign(t->fp32_contents().begin(), t->fp32_contents().end());
-  w.int64_contents.assign(t->int64_contents().begin(), t->int64_contents().end());
-  return w;
-}
-
-void ToProto(cache::WireTensor* w, metaload::v1::Tensor* out) {
-  out->set_name(w->name);
-  out->set_datatype(w->datatype);
-  for (int64_t d : w->shape) out->add_shape(d);
-  if (!w->raw_data.empty()) out->mutable_raw_data()->swap(w->raw_data);
-  out->mutable_fp32_contents()->Add(w->fp32_contents.begin(), w->fp32_contents.end());
-  out->mutable_int64_contents()->Add(w->int64_contents.begin(), w->int64_contents.end());
 }
 
 // LoadModel: finishes when the cache calls back; a cancelled call leaves the load (which stops
@@ -193,74 +164,6 @@ class InferReactor : public grpc::ServerUnaryReactor {
 };
 
 }  // namespace
-
-absl::StatusOr<cache::LoadSpec> MakeLoadSpec(const metaload::v1::LoadModelRequest& request,
-                                             const PathResolver& resolver) {
-  cache::LoadSpec spec;
-  if (request.path().empty()) return absl::InvalidArgumentError("path is empty");
-  if (!request.dtype().empty() && request.dtype() != "float32" && request.dtype() != "float16" &&
-      request.dtype() != "bfloat16") {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "dtype '", request.dtype(), "': expected float32, float16 or bfloat16 (or empty to keep)"));
-  }
-  const std::string device = request.device().empty() ? "cpu" : request.device();
-  if (device != "cpu" && device != "cuda" && device.rfind("cuda:", 0) != 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("device '", device, "': expected cpu, cuda or cuda:N"));
-  }
-  absl::StatusOr<std::string> path = resolver.Resolve(request.path());
-  if (!path.ok()) return path.status();
-  spec.model_id =
-      request.model_id().empty() ? PathResolver::Stem(request.path()) : request.model_id();
-  if (spec.model_id.size() > 256)
-    return absl::InvalidArgumentError("model_id is longer than 256 bytes");
-  spec.path = *path;
-  spec.display_path = request.path();
-  spec.architecture = request.architecture();
-  spec.device = device;
-  spec.dtype = request.dtype();
-  spec.dtype_overrides.insert(request.dtype_overrides().begin(), request.dtype_overrides().end());
-  spec.allow_missing_keys = request.allow_missing_keys();
-  spec.zero_copy = request.zero_copy();
-  spec.replace = request.replace();
-  spec.pin = request.pin();
-  return spec;
-}
-
-void ToProto(const cache::ModelInfo& info, metaload::v1::ModelInfo* out) {
-  out->set_model_id(info.model_id);
-  out->set_path(info.path);
-  out->set_architecture(info.architecture);
-  out->set_device(info.device);
-  out->set_dtype(info.dtype);
-  out->set_state(info.state);
-  out->set_parameter_count(info.parameter_count);
-  out->set_resident_bytes(info.resident_bytes);
-  out->set_sha256(info.sha256);
-  out->set_short_hash(info.short_hash);
-  for (const models::EntrySpec& e : info.entries) {
-    metaload::v1::Entry* entry = out->add_entries();
-    entry->set_name(e.name);
-    for (const models::TensorSpec& t : e.inputs) ToProto(t, entry->add_inputs());
-    for (const models::TensorSpec& t : e.outputs) ToProto(t, entry->add_outputs());
-  }
-  out->set_loaded_at_unix_ms(info.loaded_at_unix_ms);
-  out->set_last_used_unix_ms(info.last_used_unix_ms);
-  out->set_infer_count(info.infer_count);
-}
-
-void ToProto(const cache::LoadResult& result, metaload::v1::LoadModelResponse* out) {
-  ToProto(result.model, out->mutable_model());
-  out->set_cache_hit(result.cache_hit);
-  metaload::v1::LoadStats* s = out->mutable_stats();
-  s->set_total_seconds(result.stats.total_seconds);
-  s->set_build_seconds(result.stats.build_seconds);
-  s->set_read_seconds(result.stats.read_seconds);
-  s->set_bytes_read(result.stats.bytes_read);
-  s->set_peak_host_bytes(result.stats.peak_host_bytes);
-  s->set_peak_device_bytes(result.stats.peak_device_bytes);
-  for (const std::string& k : result.stats.unexpected_keys) s->add_unexpected_keys(k);
-}
 
 grpc::Status ModelLoaderService::Admit(grpc::CallbackServerContext* context) const {
   if (draining_.load()) {

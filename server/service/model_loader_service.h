@@ -19,14 +19,6 @@
 
 namespace metaload::service {
 
-// Converts a request to the cache's LoadSpec: validates dtype, device and path (resolved
-// against the roots), defaults model_id to the path's stem.
-absl::StatusOr<cache::LoadSpec> MakeLoadSpec(const metaload::v1::LoadModelRequest& request,
-                                             const PathResolver& resolver);
-
-void ToProto(const cache::ModelInfo& info, metaload::v1::ModelInfo* out);
-void ToProto(const cache::LoadResult& result, metaload::v1::LoadModelResponse* out);
-
 class ModelLoaderService final : public metaload::v1::ModelLoader::CallbackService {
  public:
   struct Options {
