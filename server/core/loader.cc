@@ -1,7 +1,13 @@
 #include "server/core/loader.h"
 
 #include <ATen/ATen.h>
+#include <c10/core/Event.h>
+#include <c10/core/StreamGuard.h>
+#include <c10/core/impl/VirtualGuardImpl.h>
 #include <sys/mman.h>
+#if METALOAD_CUDA_LIBTORCH
+#include <c10/cuda/CUDACachingAllocator.h>
+#endif
 
 #include <chrono>
 #include <mutex>
@@ -12,6 +18,7 @@
 #include "absl/strings/str_join.h"
 #include "server/core/dtype_policy.h"
 #include "server/core/process_memory.h"
+#include "server/core/staging_ring.h"
 #include "server/core/torch_types.h"
 
 namespace metaload::core {
@@ -86,6 +93,104 @@ class ProgressReporter {
   Clock::time_point last_time_;  // guarded by mu_
 };
 
+// The device end of a StagingRing: copies a leased slot's bytes into a destination.
+class StagedCopier : public StagingRing::Device {
+ public:
+  // `count` elements of `stored` from the slot into `dst` (a flat view of the destination),
+  // converting to dst's dtype. The slot may be refilled once WaitSlot(slot) returns.
+  virtual void Copy(int slot, int64_t count, at::ScalarType stored, const at::Tensor& dst) = 0;
+  // Waits until every copy has landed.
+  virtual void Finish() = 0;
+};
+
+// CPU: plain slots, synchronous copies (the conversion runs here).
+class HostCopier : public StagedCopier {
+ public:
+  char* AllocateHost(size_t bytes) override {
+    slots_.push_back(at::empty({static_cast<int64_t>(bytes)}, at::kByte));
+    return static_cast<char*>(slots_.back().data_ptr());
+  }
+  void FreeHost(char*) override {}  // the tensors go with this object
+  void WaitSlot(int) override {}
+  void Copy(int slot, int64_t count, at::ScalarType stored, const at::Tensor& dst) override {
+    dst.copy_(Slot(slot, count, stored));
+  }
+  void Finish() override {}
+
+ protected:
+  at::Tensor Slot(int slot, int64_t count, at::ScalarType stored) const {
+    const int64_t bytes = count * static_cast<int64_t>(c10::elementSize(stored));
+    return slots_[static_cast<size_t>(slot)].narrow(0, 0, bytes).view(stored);
+  }
+  std::vector<at::Tensor> slots_;
+};
+
+// A GPU: pinned slots, copies enqueued on a side stream in the stored dtype and converted on the
+// device, an event recorded after each slot's copy. Device-generic (c10::Stream, c10::Event), so
+// it compiles against the CPU-only LibTorch.
+class DeviceCopier : public HostCopier {
+ public:
+  DeviceCopier(c10::Device device, int slots)
+      : impl_(device.type()), stream_(impl_.getStreamFromGlobalPool(device)) {
+    for (int i = 0; i < slots; ++i) events_.emplace_back(device.type());
+    // Destinations may reuse blocks the default stream freed while its work is still queued:
+    // the side stream starts after everything queued there so far.
+    c10::Event ready(device.type());
+    ready.record(impl_.getStream(device));
+    ready.block(stream_);
+  }
+  ~DeviceCopier() override { Finish(); }
+  char* AllocateHost(size_t bytes) override {
+    slots_.push_back(at::empty({static_cast<int64_t>(bytes)},
+                               at::TensorOptions().dtype(at::kByte).pinned_memory(true)));
+    return static_cast<char*>(slots_.back().data_ptr());
+  }
+  void WaitSlot(int slot) override {
+    while (!events_[static_cast<size_t>(slot)].query()) {
+      std::this_thread::sleep_for(std::chrono::microseconds(20));
+    }
+  }
+  void Copy(int slot, int64_t count, at::ScalarType stored, const at::Tensor& dst) override {
+    c10::StreamGuard guard(stream_);
+    at::Tensor src = Slot(slot, count, stored);
+    if (stored == dst.scalar_type()) {
+      dst.copy_(src, /*non_blocking=*/true);
+    } else {
+      // The stored bytes cross the bus; the conversion runs on the device. The scratch block
+      // returns to the allocator for this stream, so its reuse stays in stream order.
+      at::Tensor scratch = at::empty({count}, dst.options().dtype(stored));
+      scratch.copy_(src, /*non_blocking=*/true);
+      dst.copy_(scratch, /*non_blocking=*/true);
+    }
+    events_[static_cast<size_t>(slot)].record(stream_);
+  }
+  void Finish() override { impl_.synchronizeStream(stream_); }
+
+ private:
+  c10::impl::VirtualGuardImpl impl_;
+  c10::Stream stream_;
+  std::vector<c10::Event> events_;
+};
+
+// The caching allocator's view of a CUDA device, where this LibTorch has CUDA.
+int64_t DeviceAllocatedBytes(const c10::Device& device, bool peak) {
+#if METALOAD_CUDA_LIBTORCH
+  if (device.is_cuda()) {
+    namespace alloc = c10::cuda::CUDACachingAllocator;
+    const auto stats = alloc::getDeviceStats(device.index());
+    const auto& s = stats.allocated_bytes[static_cast<size_t>(alloc::StatType::AGGREGATE)];
+    return peak ? s.peak : s.current;
+  }
+#endif
+  return 0;
+}
+
+void ResetDevicePeak(const c10::Device& device) {
+#if METALOAD_CUDA_LIBTORCH
+  if (device.is_cuda()) c10::cuda::CUDACachingAllocator::resetPeakStats(device.index());
+#endif
+}
+
 }  // namespace
 
 absl::StatusOr<LoadReport> LoadModule(Module& module, const CheckpointSource& source,
@@ -109,6 +214,8 @@ absl::StatusOr<LoadReport> LoadModule(Module& module, const CheckpointSource& so
     return m.ok() ? m->rss_bytes : 0;
   }();
   const bool peak_reset = ResetPeakRss();
+  const int64_t device_before = DeviceAllocatedBytes(*device, /*peak=*/false);
+  ResetDevicePeak(*device);
 
   // Plan: match module tensors with checkpoint keys, check shapes, choose dtypes.
   LoadReport report;
@@ -192,6 +299,25 @@ absl::StatusOr<LoadReport> LoadModule(Module& module, const CheckpointSource& so
     total += p.info->nbytes;
   }
 
+  // Off the CPU (or when asked), chunks travel through a ring of staging slots.
+  std::unique_ptr<StagedCopier> copier;
+  std::unique_ptr<StagingRing> ring;  // declared after copier: goes first
+  if ((!device->is_cpu() || options.staged) && !chunks.empty()) {
+    uint64_t slot_bytes = 0;
+    for (const Chunk& c : chunks) slot_bytes = std::max(slot_bytes, c.end - c.begin);
+    // Two slots per worker keep a read and a copy in flight each; more only holds memory.
+    const uint64_t cap = 2 * static_cast<uint64_t>(std::max(1, options.threads));
+    const int slots =
+        static_cast<int>(std::clamp<uint64_t>(options.staging_bytes / slot_bytes, 2, cap));
+    if (device->is_cpu()) {
+      copier = std::make_unique<HostCopier>();
+    } else {
+      copier = std::make_unique<DeviceCopier>(*device, slots);
+    }
+    ring = std::make_unique<StagingRing>(copier.get(), slots, slot_bytes);
+    report.staging_slots = slots;
+  }
+
   // Fill: workers take chunks in file order.
   ProgressReporter progress(options.progress, total);
   std::atomic<size_t> next{0};
@@ -217,26 +343,32 @@ absl::StatusOr<LoadReport> LoadModule(Module& module, const CheckpointSource& so
         Planned& p = plan[chunk.planned];
         const uint64_t n = chunk.end - chunk.begin;
         const at::ScalarType stored = ToScalarType(p.info->dtype);
-        if (device->is_cpu() && stored == p.target) {
+        const int64_t item = DTypeSize(p.info->dtype);
+        const int64_t count = static_cast<int64_t>(n) / item;
+        if (ring != nullptr) {
+          const StagingRing::Lease lease = ring->Acquire();
+          struct Release {
+            StagingRing* ring;
+            const StagingRing::Lease& lease;
+            ~Release() { ring->Release(lease); }
+          } release{ring.get(), lease};
+          absl::Status s = source.Read(*p.info, chunk.begin, n, lease.data);
+          if (!s.ok()) return fail(std::move(s));
+          copier->Copy(
+              lease.slot, count, stored,
+              p.tensor.view({-1}).narrow(0, static_cast<int64_t>(chunk.begin) / item, count));
+        } else if (stored == p.target) {
           char* dst = static_cast<char*>(p.tensor.data_ptr()) + chunk.begin;
           absl::Status s = source.Read(*p.info, chunk.begin, n, dst);
           if (!s.ok()) return fail(std::move(s));
         } else {
+          // CPU, converting: through this worker's buffer.
           if (staging.size() < n) staging.resize(n);
           absl::Status s = source.Read(*p.info, chunk.begin, n, staging.data());
           if (!s.ok()) return fail(std::move(s));
-          const int64_t item = DTypeSize(p.info->dtype);
-          const int64_t count = static_cast<int64_t>(n) / item;
           at::Tensor src =
               at::from_blob(staging.data(), {count}, at::TensorOptions().dtype(stored));
-          at::Tensor dst =
-              p.tensor.view({-1}).narrow(0, static_cast<int64_t>(chunk.begin) / item, count);
-          if (device->is_cpu()) {
-            dst.copy_(src);  // converts on the CPU
-          } else {
-            // Move the stored bytes to the device first, then convert there.
-            dst.copy_(src.to(*device, /*non_blocking=*/false, /*copy=*/true));
-          }
+          p.tensor.view({-1}).narrow(0, static_cast<int64_t>(chunk.begin) / item, count).copy_(src);
         }
         progress.Add(n);
       }
@@ -249,6 +381,14 @@ absl::StatusOr<LoadReport> LoadModule(Module& module, const CheckpointSource& so
   for (int i = 1; i < threads; ++i) workers.emplace_back(worker);
   worker();
   for (std::thread& w : workers) w.join();
+  // Every queued copy lands before the destinations are committed or freed.
+  if (copier != nullptr) {
+    try {
+      copier->Finish();
+    } catch (const std::exception& e) {
+      fail(absl::InternalError(absl::StrCat(index.path, ": ", e.what())));
+    }
+  }
   if (failed.load()) {
     plan.clear();  // frees every destination this load allocated; the module still holds meta
     return error;
@@ -275,6 +415,8 @@ absl::StatusOr<LoadReport> LoadModule(Module& module, const CheckpointSource& so
     report.peak_host_bytes = std::max<int64_t>(
         0, (peak_reset ? after->peak_rss_bytes : after->rss_bytes) - baseline_rss);
   }
+  report.peak_device_bytes =
+      std::max<int64_t>(0, DeviceAllocatedBytes(*device, /*peak=*/true) - device_before);
   report.seconds = std::chrono::duration<double>(Clock::now() - start).count();
   return report;
 }

@@ -17,8 +17,12 @@
 // Failure or cancellation (checked between chunks) leaves the module untouched (still on meta)
 // and frees everything the load allocated before returning.
 //
-// Devices: "cpu", "cuda", "cuda:N" through device-generic ATen calls: the same pipeline copies
-// each chunk to the device and converts it there. Thread-safe for distinct modules.
+// Devices: "cpu", "cuda", "cuda:N" through device-generic ATen calls. Off the CPU, chunks go
+// through a StagingRing of pinned host buffers: a worker reads a chunk into a free slot, the
+// copy to the device runs asynchronously on a side stream (in the stored dtype; the conversion
+// runs on the device), and an event per slot tells when the slot may be refilled. The same
+// staged pipeline runs on CPU with `staged` (the tests do), with plain buffers and synchronous
+// copies. Thread-safe for distinct modules.
 #ifndef METALOAD_SERVER_CORE_LOADER_H_
 #define METALOAD_SERVER_CORE_LOADER_H_
 
@@ -56,6 +60,11 @@ struct LoadOptions {
   int threads = 2;
   // Bytes one worker moves at a time (and its staging buffer when converting).
   uint64_t chunk_bytes = 16 << 20;
+  // Host staging for devices other than the CPU: up to this many bytes of pinned memory, in
+  // slots of chunk_bytes (at least two, at most two per worker).
+  uint64_t staging_bytes = 64 << 20;
+  // Use the staged pipeline on the CPU too (tests exercise the GPU path's code this way).
+  bool staged = false;
   // Set to true (from any thread) to abort; the load then returns CANCELLED.
   const std::atomic<bool>* cancel = nullptr;
   // Called (serialised, from a loader thread) at least every 100 ms or 64 MiB, and once with
@@ -68,14 +77,17 @@ struct LoadOptions {
 
 struct LoadReport {
   double seconds = 0;
-  uint64_t bytes_read = 0;        // checkpoint bytes read (0 for zero-copy views)
-  uint64_t loaded_bytes = 0;      // bytes of the loaded tensors
-  int64_t peak_host_bytes = 0;    // high-water RSS above the pre-load baseline
-  int64_t peak_device_bytes = 0;  // the device allocator's peak; 0 on CPU
+  uint64_t bytes_read = 0;      // checkpoint bytes read (0 for zero-copy views)
+  uint64_t loaded_bytes = 0;    // bytes of the loaded tensors
+  int64_t peak_host_bytes = 0;  // high-water RSS above the pre-load baseline
+  // The CUDA caching allocator's peak during the load above what it held before; 0 on CPU and
+  // with a LibTorch built without CUDA.
+  int64_t peak_device_bytes = 0;
   int tensors = 0;
   int converted = 0;            // tensors whose dtype changed
   int zero_copy = 0;            // tensors viewing the mapping
   int zero_copy_fallbacks = 0;  // zero_copy asked for but copied (conversion or misalignment)
+  int staging_slots = 0;        // staged pipeline: slots in the ring (0: direct reads)
   std::vector<std::string> missing_keys;     // with allow_missing_keys: zero-filled
   std::vector<std::string> unexpected_keys;  // in the checkpoint, not in the module
 };

@@ -74,4 +74,6 @@ void SetIntraOpThreads(int threads) {
 
 int IntraOpThreads() { return at::get_num_threads(); }
 
+bool CudaAvailable() { return at::hasCUDA() && at::getNumGPUs() > 0; }
+
 }  // namespace metaload::core

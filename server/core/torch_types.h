@@ -20,6 +20,9 @@ std::optional<DType> FromScalarType(at::ScalarType type);
 // for CUDA when this build or machine has no CUDA device N.
 absl::StatusOr<c10::Device> ParseDevice(const std::string& text);
 
+// Whether this LibTorch was built with CUDA and sees at least one device.
+bool CudaAvailable();
+
 // Threads one forward pass may use (LibTorch's intra-op pool); <= 0 keeps LibTorch's default.
 void SetIntraOpThreads(int threads);
 int IntraOpThreads();

@@ -17,6 +17,7 @@
 #include "server/cache/model_cache.h"
 #include "server/core/byte_size.h"
 #include "server/core/checksum_store.h"
+#include "server/core/cuda_memory.h"
 #include "server/core/log.h"
 #include "server/core/torch_types.h"
 #include "server/metrics/loader_metrics.h"
@@ -117,6 +118,14 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(Options options) {
     const int64_t available = core::MemAvailableBytes();
     if (available > 0) cache_options.budgets["cpu"] = available / 10 * 8;
   }
+  if (core::CudaAvailable()) {
+    for (const core::CudaDeviceMemory& m : core::ReadCudaDeviceMemory()) {
+      const std::string device = absl::StrCat("cuda:", m.index);
+      if (!cache_options.budgets.count(device)) {
+        cache_options.budgets[device] = core::DefaultCudaBudget(m);
+      }
+    }
+  }
   core::SetIntraOpThreads(o.intra_op_threads);
   core::LogInfo("threads")
       .Kv("load", o.load_threads)
@@ -170,7 +179,10 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(Options options) {
     return absl::UnavailableError(absl::StrCat("grpc: cannot listen on ", o.listen));
   }
   daemon->server_->GetHealthCheckService()->SetServingStatus(true);
-  daemon->Preload();
+  if (absl::Status preload = daemon->Preload(); !preload.ok()) {
+    daemon->Drain(absl::ZeroDuration());
+    return preload;
+  }
   return daemon;
 }
 
@@ -194,34 +206,43 @@ void Daemon::Drain(absl::Duration grace) {
   core::LogDebug("metrics_stopped");
 }
 
-void Daemon::Preload() {
-  if (options_.preload_file.empty()) return;
-  std::ifstream in(options_.preload_file);
+absl::Status Daemon::Preload() {
+  if (options_.preload_file.empty()) return absl::OkStatus();
+  const std::string& file = options_.preload_file;
+  std::ifstream in(file);
+  if (!in) return absl::InvalidArgumentError(absl::StrCat("--preload=", file, ": cannot read"));
   std::stringstream ss;
   ss << in.rdbuf();
   nlohmann::json list = nlohmann::json::parse(ss.str(), nullptr, /*allow_exceptions=*/false);
-  if (!in || !list.is_array()) {
-    core::LogError("preload_failed")
-        .Kv("file", options_.preload_file)
-        .Kv("error", "not a JSON list");
-    return;
+  if (!list.is_array()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--preload=", file, ": expected a JSON list of LoadModel requests"));
   }
-  for (const nlohmann::json& item : list) {
+  // Check every entry before loading any, so a typo stops the start instead of half a preload.
+  std::vector<cache::LoadSpec> specs;
+  for (size_t i = 0; i < list.size(); ++i) {
     metaload::v1::LoadModelRequest request;
-    google::protobuf::util::JsonParseOptions parse;
-    if (!google::protobuf::util::JsonStringToMessage(item.dump(), &request, parse).ok()) {
-      core::LogError("preload_failed").Kv("file", options_.preload_file).Kv("request", item.dump());
-      continue;
+    if (!google::protobuf::util::JsonStringToMessage(list[i].dump(), &request).ok()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--preload=", file, ": entry ", i, " is not a LoadModel request: ", list[i].dump()));
     }
     absl::StatusOr<cache::LoadSpec> spec = MakeLoadSpec(request, *resolver_);
-    if (!spec.ok()) {
+    if (absl::IsNotFound(spec.status())) {
+      // A model not there (yet) is the operator's to fix; the daemon serves the others.
       core::LogError("preload_failed")
           .Kv("path", request.path())
           .Kv("error", spec.status().ToString());
       continue;
     }
-    const std::string id = spec->model_id;
-    cache_->Load(*spec, nullptr, [id](absl::StatusOr<cache::LoadResult> r) {
+    if (!spec.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--preload=", file, ": entry ", i, ": ", spec.status().message()));
+    }
+    specs.push_back(*std::move(spec));
+  }
+  for (const cache::LoadSpec& spec : specs) {
+    const std::string id = spec.model_id;
+    cache_->Load(spec, nullptr, [id](absl::StatusOr<cache::LoadResult> r) {
       if (r.ok()) {
         core::LogInfo("preloaded").Kv("model_id", id);
       } else {
@@ -229,6 +250,7 @@ void Daemon::Preload() {
       }
     });
   }
+  return absl::OkStatus();
 }
 
 }  // namespace metaload::service

@@ -92,8 +92,8 @@ class Daemon {
  private:
   explicit Daemon(Options options);
 
-  // Loads the --preload requests; failures are logged, never fatal.
-  void Preload();
+  // Starts the --preload loads; INVALID_ARGUMENT for an unreadable file or a malformed entry.
+  absl::Status Preload();
 
   Options options_;
   std::unique_ptr<metrics::MetricsServer> metrics_;

@@ -183,6 +183,54 @@ TEST_F(LoaderTest, CopyModesGiveTheSourceValues) {
   }
 }
 
+// The pipeline GPUs use (a ring of staging slots, copies handed to the device, conversion at the
+// destination), run on the CPU: same values, with and without conversion, many tiny chunks
+// through two slots, and with more workers than slots.
+TEST_F(LoaderTest, StagedPipelineGivesTheSameValues) {
+  const auto ref = Reference();
+  auto source = Open(WriteCheckpoint(dir_, ref));
+  for (int threads : {1, 4}) {
+    for (const std::string& dtype : {std::string(), std::string("bfloat16")}) {
+      auto net = MetaNet();
+      LoadOptions options;
+      options.staged = true;
+      options.threads = threads;
+      options.dtype = dtype;
+      options.chunk_bytes = 12;   // many chunks, each a slot's worth
+      options.staging_bytes = 0;  // the minimum: two slots
+      absl::StatusOr<LoadReport> r = LoadModule(*net, *source, options);
+      ASSERT_TRUE(r.ok()) << r.status();
+      EXPECT_EQ(r->staging_slots, 2);
+      std::map<std::string, at::Tensor> got = SlotMap(*net);
+      for (const auto& [name, want] : ref) {
+        const at::Tensor expected =
+            dtype.empty() || !want.is_floating_point() ? want : want.to(at::kBFloat16);
+        EXPECT_TRUE(at::equal(got[name], expected)) << name << " " << dtype;
+      }
+    }
+  }
+  LoadOptions direct;
+  auto net = MetaNet();
+  absl::StatusOr<LoadReport> r = LoadModule(*net, *source, direct);
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(r->staging_slots, 0);  // the CPU reads straight into the destinations by default
+  EXPECT_EQ(r->peak_device_bytes, 0);
+}
+
+TEST_F(LoaderTest, StagedPipelineFailsCleanlyOnATruncatedFile) {
+  const auto ref = Reference(64);
+  const std::string path = WriteCheckpoint(dir_, ref);
+  auto source = Open(path);
+  ASSERT_EQ(::truncate(path.c_str(), static_cast<off_t>(source->index().files[0].size / 2)), 0);
+  auto net = MetaNet(64);
+  LoadOptions options;
+  options.staged = true;
+  options.chunk_bytes = 64;
+  absl::Status s = LoadModule(*net, *source, options).status();
+  EXPECT_TRUE(absl::IsDataLoss(s)) << s;
+  for (const TensorSlot& slot : net->Slots()) EXPECT_TRUE(slot.tensor->is_meta()) << slot.name;
+}
+
 TEST_F(LoaderTest, ForwardUsesTheLoadedWeights) {
   const auto ref = Reference();
   auto source = Open(WriteCheckpoint(dir_, ref));

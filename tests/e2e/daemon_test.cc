@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <map>
 #include <memory>
 #include <set>
 #include <thread>
@@ -173,6 +174,69 @@ TEST(DaemonTest, BusyPortIsReportedByAddress) {
   EXPECT_NE(second.err.find("cannot listen on " + taken), std::string::npos) << second.err;
   first.process().Signal(SIGTERM);
   EXPECT_TRUE(first.process().Wait(5s).has_value());
+}
+
+}  // namespace
+}  // namespace metaload
+
+namespace metaload {
+namespace {
+
+// --preload: the listed models load at start (pin honoured); a missing one is logged and the
+// others still load; a malformed file or entry stops the start with a message naming it.
+TEST(DaemonTest, PreloadLoadsTheListAtStart) {
+  testing::TempDir dir;
+  for (const char* preset : {"tiny", "small"}) {
+    testing::CommandResult r =
+        testing::RunCommand({METALOAD_CLI_PATH, "synth", "--arch=mlp",
+                             std::string("--preset=") + preset, dir / (std::string("m/") + preset)},
+                            dir / "synth");
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+  }
+  std::ofstream(dir / "preload.json") << R"([
+    {"path": "tiny", "modelId": "first", "pin": true},
+    {"path": "small", "model_id": "second", "dtype": "bfloat16"},
+    {"path": "gone.safetensors"}
+  ])";
+  DaemonProcess daemon(dir, {"--model_root=" + (dir / "m"), "--preload=" + (dir / "preload.json")});
+  ASSERT_GT(daemon.grpc_port(), 0) << daemon.process().Stderr();
+  auto stub = metaload::v1::ModelLoader::NewStub(daemon.Channel());
+  std::map<std::string, metaload::v1::ModelInfo> models;
+  for (int i = 0; i < 500; ++i) {
+    grpc::ClientContext context;
+    metaload::v1::ListModelsResponse list;
+    ASSERT_TRUE(stub->ListModels(&context, metaload::v1::ListModelsRequest(), &list).ok());
+    models.clear();
+    int ready = 0;
+    for (const auto& m : list.models()) {
+      models[m.model_id()] = m;
+      ready += m.state() == "READY";
+    }
+    if (ready == 2) break;
+    std::this_thread::sleep_for(20ms);
+  }
+  ASSERT_EQ(models.size(), 2u) << daemon.process().Stderr();
+  EXPECT_EQ(models["first"].state(), "READY");
+  EXPECT_EQ(models["first"].path(), "tiny");
+  EXPECT_EQ(models["second"].dtype(), "bfloat16");
+  const std::string log = daemon.process().Stderr();
+  EXPECT_NE(log.find("event=preloaded model_id=first"), std::string::npos) << log;
+  EXPECT_NE(log.find("error event=preload_failed path=gone.safetensors"), std::string::npos) << log;
+
+  for (const auto& [name, text] : std::vector<std::pair<std::string, std::string>>{
+           {"object", R"({"path": "tiny"})"},
+           {"field", R"([{"path": "tiny", "colour": "red"}])"},
+           {"dtype", R"([{"path": "tiny"}, {"path": "small", "dtype": "float8"}])"},
+       }) {
+    std::ofstream(dir / (name + ".json")) << text;
+    testing::CommandResult bad = testing::RunCommand(
+        {METALOADD_PATH, "--listen=127.0.0.1:0", "--metrics_listen=127.0.0.1:0",
+         "--model_root=" + (dir / "m"), "--preload=" + (dir / (name + ".json"))},
+        dir / ("bad_" + name), 30s);
+    EXPECT_EQ(bad.exit_code, 1) << name << ": " << bad.err;
+    EXPECT_NE(bad.err.find("--preload=" + (dir / (name + ".json"))), std::string::npos)
+        << name << ": " << bad.err;
+  }
 }
 
 }  // namespace
