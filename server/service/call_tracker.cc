@@ -18,15 +18,13 @@ class CountingInterceptor : public grpc::experimental::Interceptor {
     tracker_->CallStarted();
   }
   ~CountingInterceptor() override {
-    const size_t slash = method_.rfind('/');
-    tracker_->CallFinished(
-        slash == std::string::npos ? method_ : method_.substr(slash + 1), code_,
-        std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count());
+    if (!reported_) Report(static_cast<int>(grpc::StatusCode::CANCELLED));  // cut, no status
+    tracker_->CallEnded();
   }
   void Intercept(grpc::experimental::InterceptorBatchMethods* methods) override {
     if (methods->QueryInterceptionHookPoint(
             grpc::experimental::InterceptionHookPoints::PRE_SEND_STATUS)) {
-      code_ = static_cast<int>(methods->GetSendStatus().error_code());
+      Report(static_cast<int>(methods->GetSendStatus().error_code()));
     }
     methods->Proceed();
   }
@@ -35,7 +33,15 @@ class CountingInterceptor : public grpc::experimental::Interceptor {
   CallTracker* tracker_;
   std::string method_;
   std::chrono::steady_clock::time_point start_;
-  int code_ = static_cast<int>(grpc::StatusCode::CANCELLED);  // no status sent: the call was cut
+  bool reported_ = false;
+
+  void Report(int code) {
+    reported_ = true;
+    const size_t slash = method_.rfind('/');
+    tracker_->CallCompleted(
+        slash == std::string::npos ? method_ : method_.substr(slash + 1), code,
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count());
+  }
 };
 
 class CountingFactory : public grpc::experimental::ServerInterceptorFactoryInterface {
@@ -67,9 +73,12 @@ void CallTracker::CallStarted() {
   ++active_;
 }
 
-void CallTracker::CallFinished(const std::string& method, int code, double seconds) {
+void CallTracker::CallCompleted(const std::string& method, int code, double seconds) {
   if (observer_)
     observer_(method, absl::StatusCodeToString(static_cast<absl::StatusCode>(code)), seconds);
+}
+
+void CallTracker::CallEnded() {
   std::lock_guard<std::mutex> lock(mu_);
   if (--active_ == 0) idle_.notify_all();
 }

@@ -37,7 +37,10 @@ class CallTracker {
 
   // Called by the interceptors.
   void CallStarted();
-  void CallFinished(const std::string& method, int code, double seconds);
+  // The call's outcome, for the observer; reported as its status is sent (before the client can
+  // see it), or when the call ends without one (CANCELLED).
+  void CallCompleted(const std::string& method, int code, double seconds);
+  void CallEnded();
 
  private:
   mutable std::mutex mu_;
