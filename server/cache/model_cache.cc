@@ -603,8 +603,14 @@ void ModelCache::Infer(const std::string& model_id, const std::string& entry,
     loaded->last_used_ms = NowMs();
     loaded->active.fetch_sub(1);
     if (options_.observer && result.ok()) {
-      options_.observer->OnInfer(model_id,
-                                 std::chrono::duration<double>(Clock::now() - start).count());
+      // Only while the id still holds this model: an Infer that outlives an Unload must not
+      // bring back the per-model series OnModelRemoved dropped.
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = slots_.find(model_id);
+      if (it != slots_.end() && it->second->current == loaded) {
+        options_.observer->OnInfer(model_id,
+                                   std::chrono::duration<double>(Clock::now() - start).count());
+      }
     }
     done(std::move(result));
   });

@@ -91,6 +91,7 @@ class CacheObserver {
                               const LoadStats& stats, int64_t loaded_bytes) {}
   virtual void OnEviction(const std::string& device) {}
   virtual void OnModelRemoved(const std::string& model_id) {}
+  // A successful Infer, reported only while model_id still holds the model that ran it.
   virtual void OnInfer(const std::string& model_id, double seconds) {}
 };
 

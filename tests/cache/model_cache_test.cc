@@ -32,13 +32,17 @@ class CountingObserver : public CacheObserver {
     ++loads[outcome];
     cv.notify_all();
   }
+  void OnInfer(const std::string& model_id, double) override {
+    std::lock_guard<std::mutex> lock(mu);
+    ++infers[model_id];
+  }
   bool WaitForLoads(const std::string& outcome, int n) {
     std::unique_lock<std::mutex> lock(mu);
     return cv.wait_for(lock, 30s, [&] { return loads[outcome] >= n; });
   }
   std::mutex mu;
   std::condition_variable cv;
-  std::map<std::string, int> requests, loads;
+  std::map<std::string, int> requests, loads, infers;
 };
 
 class ModelCacheTest : public ::testing::Test {
@@ -245,7 +249,10 @@ std::vector<WireTensor> MlpInput(int64_t batch, int64_t width) {
 }
 
 TEST_F(ModelCacheTest, UnloadDuringALongInferLetsItFinish) {
-  ModelCache cache({});
+  CountingObserver observer;
+  ModelCache::Options options;
+  options.observer = &observer;
+  ModelCache cache(options);
   std::promise<absl::StatusOr<LoadResult>> loaded;
   cache.Load(Spec("medium", "m"), nullptr,
              [&](absl::StatusOr<LoadResult> r) { loaded.set_value(std::move(r)); });
@@ -267,6 +274,9 @@ TEST_F(ModelCacheTest, UnloadDuringALongInferLetsItFinish) {
     std::this_thread::sleep_for(10ms);
   }
   EXPECT_EQ(cache.ResidentBytes()["cpu"], 0);  // freed with the last handle
+  // The metrics heard of the unload and not of the Infer that outlived it.
+  std::lock_guard<std::mutex> lock(observer.mu);
+  EXPECT_EQ(observer.infers["m"], 0);
 }
 
 // Load, unload, infer and replace racing on the same ids; afterwards every id the cache lists
