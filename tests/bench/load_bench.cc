@@ -32,6 +32,7 @@
 #include "server/core/module.h"
 #include "server/core/process_memory.h"
 #include "server/core/safetensors_writer.h"
+#include "server/core/torch_types.h"
 
 namespace {
 
@@ -164,7 +165,8 @@ int RunMode(const std::string& mode, const std::string& path) {
       model = std::make_unique<SpecModule>(Gpt2Medium());
     }
     metaload::core::LoadOptions options;
-    if (mode == "bf16") options.dtype = "bfloat16";
+    if (mode == "bf16" || mode == "cuda_bf16") options.dtype = "bfloat16";
+    if (mode == "cuda_keep" || mode == "cuda_bf16") options.device = "cuda:0";
     if (mode == "zero_copy") options.zero_copy = true;
     auto report = metaload::core::LoadModule(*model, **source, options);
     if (!report.ok()) {
@@ -270,6 +272,15 @@ int main(int argc, char** argv) {
       absl::StrFormat("<= 1.4 x floor: %s", bf16.seconds <= 1.4 * floor.seconds ? "yes" : "NO"));
   row("metaload cpu, zero_copy", zero,
       absl::StrFormat("<= 20 ms: %s", zero.seconds <= 0.020 ? "yes" : "NO"));
+  if (metaload::core::CudaAvailable()) {
+    // The GPU rows: host peak is the staging ring, not the model.
+    row("metaload cuda:0, keep dtype", Median(argv[0], "cuda_keep", path, runs),
+        "host peak: the staging ring");
+    row("metaload cuda:0, fp32 -> bf16", Median(argv[0], "cuda_bf16", path, runs),
+        "conversion on the GPU");
+  } else {
+    std::printf("(no CUDA device: the cuda:0 rows are skipped)\n");
+  }
   std::printf(
       "peak host bytes, copy mode: %.0f MiB for a %.0f MiB model (<= model + 96 MiB: %s; "
       "naive: %.0f MiB)\n",

@@ -217,6 +217,32 @@ TEST_F(LoaderTest, StagedPipelineGivesTheSameValues) {
   EXPECT_EQ(r->peak_device_bytes, 0);
 }
 
+// On a machine with a CUDA LibTorch and a GPU: the staged pipeline to cuda:0 gives the source
+// values, converts on the device, and reports the allocator's peak. Skipped elsewhere.
+TEST_F(LoaderTest, CudaLoadGivesTheSourceValues) {
+  if (!CudaAvailable()) GTEST_SKIP() << "no CUDA device";
+  const auto ref = Reference(4096);
+  auto source = Open(WriteCheckpoint(dir_, ref));
+  for (const std::string& dtype : {std::string(), std::string("bfloat16")}) {
+    auto net = MetaNet(4096);
+    LoadOptions options;
+    options.device = "cuda:0";
+    options.dtype = dtype;
+    options.chunk_bytes = 1 << 16;  // many chunks through the ring
+    absl::StatusOr<LoadReport> r = LoadModule(*net, *source, options);
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_GE(r->staging_slots, 2);
+    EXPECT_GE(r->peak_device_bytes, static_cast<int64_t>(r->loaded_bytes) / 2);
+    std::map<std::string, at::Tensor> got = SlotMap(*net);
+    for (const auto& [name, want] : ref) {
+      EXPECT_TRUE(got[name].is_cuda()) << name;
+      const at::Tensor expected =
+          dtype.empty() || !want.is_floating_point() ? want : want.to(at::kBFloat16);
+      EXPECT_TRUE(at::equal(got[name].cpu(), expected)) << name << " " << dtype;
+    }
+  }
+}
+
 TEST_F(LoaderTest, StagedPipelineFailsCleanlyOnATruncatedFile) {
   const auto ref = Reference(64);
   const std::string path = WriteCheckpoint(dir_, ref);
