@@ -83,6 +83,7 @@ soak: build
 
 # Benchmarks print ratios and figures; see README "Performance" for the recorded table.
 bench: build
+	cmake --build $(BUILD_DIR) -j $(JOBS) --target load_bench
 	@$(BUILD_DIR)/tests/bench/parse_bench
 	@$(BUILD_DIR)/tests/bench/load_bench --dir=$(BUILD_DIR)/bench-data
 
