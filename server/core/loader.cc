@@ -139,7 +139,12 @@ class DeviceCopier : public HostCopier {
     ready.record(impl_.getStream(device));
     ready.block(stream_);
   }
-  ~DeviceCopier() override { Finish(); }
+  ~DeviceCopier() override {
+    try {
+      Finish();  // LoadModule already waited; this covers an exception on the way out
+    } catch (const std::exception&) {
+    }
+  }
   char* AllocateHost(size_t bytes) override {
     slots_.push_back(at::empty({static_cast<int64_t>(bytes)},
                                at::TensorOptions().dtype(at::kByte).pinned_memory(true)));
