@@ -9,7 +9,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 
 import numpy as np
 import torch
@@ -17,15 +16,12 @@ import torch
 
 def main():
     metaloadd, cli, src, stubs = sys.argv[1:5]
-    sys.path[:0] = [stubs, os.path.join(src, "client/python")]
+    sys.path[:0] = [stubs, os.path.join(src, "client/python"), os.path.join(src, "tests/tools")]
     from metaload_client import Client, MetaloadError
     import grpc
+    import harness
 
-    results = []
-
-    def check(name, ok, detail=""):
-        results.append(bool(ok))
-        print(("ok   " if ok else "FAIL ") + name + ("" if ok else ": " + str(detail)))
+    check = harness.Checks()
 
     work = tempfile.mkdtemp(prefix="metaload-py-")
     daemon = None
@@ -36,15 +32,8 @@ def main():
         for name, seed in (("gpt_a", "1"), ("gpt_b", "2")):
             subprocess.run([cli, "synth", "--arch=gpt2", "--seed=" + seed, os.path.join(models, name)],
                            check=True, capture_output=True)
-        port_file = os.path.join(work, "ports")
-        daemon = subprocess.Popen([metaloadd, "--listen=127.0.0.1:0", "--metrics_listen=127.0.0.1:0",
-                                   "--port_file=" + port_file, "--model_root=" + models],
-                                  stderr=open(os.path.join(work, "daemon.log"), "w"))
-        for _ in range(300):
-            if os.path.exists(port_file):
-                break
-            time.sleep(0.05)
-        kv = dict(line.split("=") for line in open(port_file).read().split())
+        daemon, kv = harness.start_daemon(metaloadd, work, models,
+                                          stderr=open(os.path.join(work, "daemon.log"), "w"))
         address = "127.0.0.1:" + kv["grpc_port"]
 
         with Client(address, timeout=60) as client:
@@ -99,12 +88,9 @@ def main():
               r.stdout + r.stderr)
     finally:
         if daemon:
-            daemon.terminate()
-            daemon.wait(timeout=15)
+            harness.stop([daemon])
         shutil.rmtree(work, ignore_errors=True)
-    passed = sum(results)
-    print("%d passed, %d failed" % (passed, len(results) - passed))
-    return 0 if all(results) else 1
+    return check.summary()
 
 
 if __name__ == "__main__":

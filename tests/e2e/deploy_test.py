@@ -12,7 +12,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 
 import yaml
@@ -21,11 +20,10 @@ import yaml
 def main():
     metaloadd, cli, src = sys.argv[1:4]
     deploy = os.path.join(src, "deploy")
-    results = []
+    sys.path.insert(0, os.path.join(src, "tests/tools"))
+    import harness
 
-    def check(name, ok, detail=""):
-        results.append(bool(ok))
-        print(("ok   " if ok else "FAIL ") + name + ("" if ok else ": " + str(detail)))
+    check = harness.Checks()
 
     r = subprocess.run(["docker-compose", "-f", os.path.join(deploy, "docker-compose.yml"), "config", "-q"],
                        capture_output=True, text=True)
@@ -78,15 +76,7 @@ def main():
     daemon = None
     try:
         subprocess.run([cli, "synth", "--arch=mlp", os.path.join(work, "m")], check=True, capture_output=True)
-        port_file = os.path.join(work, "ports")
-        daemon = subprocess.Popen([metaloadd, "--listen=127.0.0.1:0", "--metrics_listen=127.0.0.1:0",
-                                   "--port_file=" + port_file, "--model_root=" + work],
-                                  stderr=subprocess.DEVNULL)
-        for _ in range(300):
-            if os.path.exists(port_file):
-                break
-            time.sleep(0.05)
-        kv = dict(line.split("=") for line in open(port_file).read().split())
+        daemon, kv = harness.start_daemon(metaloadd, work, work)
         address = "--address=127.0.0.1:" + kv["grpc_port"]
         subprocess.run([cli, "load", "m", "--quiet", address], check=True, capture_output=True)
         subprocess.run([cli, "infer", "m", "--input=input=FP32:1x16:" + ",".join(["1"] * 16), address],
@@ -98,13 +88,9 @@ def main():
               not missing, missing)
     finally:
         if daemon:
-            daemon.terminate()
-            daemon.wait(timeout=15)
+            harness.stop([daemon])
         shutil.rmtree(work, ignore_errors=True)
-
-    passed = sum(results)
-    print("%d passed, %d failed" % (passed, len(results) - passed))
-    return 0 if all(results) else 1
+    return check.summary()
 
 
 if __name__ == "__main__":

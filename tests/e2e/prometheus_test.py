@@ -40,11 +40,10 @@ def sample(text, name, labels=""):
 
 def main():
     metaloadd, cli, src = sys.argv[1:4]
-    results = []
+    sys.path.insert(0, os.path.join(src, "tests/tools"))
+    import harness
 
-    def check(name, ok, detail=""):
-        results.append(ok)
-        print(("ok   " if ok else "FAIL ") + name + ("" if ok else ": " + detail))
+    check = harness.Checks()
 
     promtool = shutil.which("promtool")
     prometheus = shutil.which("prometheus")
@@ -61,16 +60,9 @@ def main():
         models = os.path.join(work, "models")
         subprocess.run([cli, "synth", "--arch=mlp", "--preset=small", os.path.join(models, "m")],
                        check=True, capture_output=True)
-        ports = os.path.join(work, "ports")
-        daemon = subprocess.Popen([metaloadd, "--listen=127.0.0.1:0", "--metrics_listen=127.0.0.1:0",
-                                   "--port_file=" + ports, "--model_root=" + models],
-                                  stderr=open(os.path.join(work, "metaloadd.log"), "w"))
+        daemon, kv = harness.start_daemon(metaloadd, work, models,
+                                          stderr=open(os.path.join(work, "metaloadd.log"), "w"))
         procs.append(daemon)
-        for _ in range(300):
-            if os.path.exists(ports):
-                break
-            time.sleep(0.05)
-        kv = dict(line.split("=") for line in open(ports).read().split())
         grpc_port, metrics_port = kv["grpc_port"], kv["metrics_port"]
         for model_id in ("first", "second"):
             subprocess.run([cli, "load", "m", "--id=" + model_id, "--quiet",
@@ -120,17 +112,9 @@ def main():
         up = query('up{job="metaload"}')
         check("the scrape target is up", len(up) == 1 and up[0]["value"][1] == "1", repr(up))
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        harness.stop(procs)
         shutil.rmtree(work, ignore_errors=True)
-    passed = sum(results)
-    print("%d passed, %d failed" % (passed, len(results) - passed))
-    return 0 if all(results) else 1
+    return check.summary()
 
 
 if __name__ == "__main__":

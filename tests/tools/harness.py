@@ -1,0 +1,45 @@
+"""Shared by the Python end-to-end tests: named checks with a summary, and a metaloadd on ports
+the kernel picks (read back from --port_file)."""
+import os
+import subprocess
+import time
+
+
+class Checks:
+    """Records named checks, prints each as it goes, and gives the exit code at the end."""
+
+    def __init__(self):
+        self.results = []
+
+    def __call__(self, name, ok, detail=""):
+        self.results.append(bool(ok))
+        print(("ok   " if ok else "FAIL ") + name + ("" if ok else ": " + str(detail)))
+
+    def summary(self):
+        passed = sum(self.results)
+        print("%d passed, %d failed" % (passed, len(self.results) - passed))
+        return 0 if all(self.results) else 1
+
+
+def start_daemon(metaloadd, work, model_root, stderr=subprocess.DEVNULL):
+    """Starts metaloadd on loopback; returns (process, {"grpc_port": .., "metrics_port": ..})."""
+    port_file = os.path.join(work, "ports")
+    daemon = subprocess.Popen([metaloadd, "--listen=127.0.0.1:0", "--metrics_listen=127.0.0.1:0",
+                               "--port_file=" + port_file, "--model_root=" + model_root],
+                              stderr=stderr)
+    for _ in range(300):
+        if os.path.exists(port_file):
+            break
+        time.sleep(0.05)
+    return daemon, dict(line.split("=") for line in open(port_file).read().split())
+
+
+def stop(procs):
+    """SIGTERM, then SIGKILL for whatever has not exited within 15 s."""
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            p.kill()
