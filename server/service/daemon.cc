@@ -143,6 +143,8 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(Options options) {
   }
   daemon->cache_ = std::make_unique<cache::ModelCache>(cache_options);
   daemon->metrics_->AddCollectable(daemon->loader_metrics_->CacheCollector(daemon->cache_.get()));
+  // Before the server starts: a bad preload file stops the start without ever serving.
+  if (absl::Status preload = daemon->Preload(); !preload.ok()) return preload;
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
@@ -179,10 +181,6 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(Options options) {
     return absl::UnavailableError(absl::StrCat("grpc: cannot listen on ", o.listen));
   }
   daemon->server_->GetHealthCheckService()->SetServingStatus(true);
-  if (absl::Status preload = daemon->Preload(); !preload.ok()) {
-    daemon->Drain(absl::ZeroDuration());
-    return preload;
-  }
   return daemon;
 }
 
