@@ -304,14 +304,22 @@ absl::StatusOr<LoadReport> LoadModule(Module& module, const CheckpointSource& so
     total += p.info->nbytes;
   }
 
-  // Off the CPU (or when asked), chunks travel through a ring of staging slots.
+  // Chunks travel through a ring of staging slots off the CPU, when asked, and on the CPU for
+  // conversions; unconverted CPU chunks are read straight into their destinations.
+  auto staged = [&](const Planned& p) {
+    return !device->is_cpu() || options.staged || ToScalarType(p.info->dtype) != p.target;
+  };
   std::unique_ptr<StagedCopier> copier;
   std::unique_ptr<StagingRing> ring;  // declared after copier: goes first
-  if ((!device->is_cpu() || options.staged) && !chunks.empty()) {
-    uint64_t slot_bytes = 0;
-    for (const Chunk& c : chunks) slot_bytes = std::max(slot_bytes, c.end - c.begin);
-    // Two slots per worker keep a read and a copy in flight each; more only holds memory.
-    const uint64_t cap = 2 * static_cast<uint64_t>(std::max(1, options.threads));
+  uint64_t slot_bytes = 0;
+  for (const Chunk& c : chunks) {
+    if (staged(plan[c.planned])) slot_bytes = std::max(slot_bytes, c.end - c.begin);
+  }
+  if (slot_bytes > 0) {
+    // On a device, two slots per worker keep a read and a copy in flight each; on the CPU copies
+    // are synchronous, so one each is enough. More only holds memory.
+    const uint64_t cap = std::max<uint64_t>(
+        2, (device->is_cpu() ? 1 : 2) * static_cast<uint64_t>(std::max(1, options.threads)));
     const int slots =
         static_cast<int>(std::clamp<uint64_t>(options.staging_bytes / slot_bytes, 2, cap));
     if (device->is_cpu()) {
@@ -335,7 +343,6 @@ absl::StatusOr<LoadReport> LoadModule(Module& module, const CheckpointSource& so
     failed.store(true);
   };
   auto worker = [&] {
-    std::vector<char> staging;
     try {
       while (!failed.load(std::memory_order_relaxed)) {
         if (options.cancel != nullptr && options.cancel->load(std::memory_order_relaxed)) {
@@ -350,7 +357,7 @@ absl::StatusOr<LoadReport> LoadModule(Module& module, const CheckpointSource& so
         const at::ScalarType stored = ToScalarType(p.info->dtype);
         const int64_t item = DTypeSize(p.info->dtype);
         const int64_t count = static_cast<int64_t>(n) / item;
-        if (ring != nullptr) {
+        if (staged(p)) {
           const StagingRing::Lease lease = ring->Acquire();
           struct Release {
             StagingRing* ring;
@@ -362,18 +369,10 @@ absl::StatusOr<LoadReport> LoadModule(Module& module, const CheckpointSource& so
           copier->Copy(
               lease.slot, count, stored,
               p.tensor.view({-1}).narrow(0, static_cast<int64_t>(chunk.begin) / item, count));
-        } else if (stored == p.target) {
+        } else {
           char* dst = static_cast<char*>(p.tensor.data_ptr()) + chunk.begin;
           absl::Status s = source.Read(*p.info, chunk.begin, n, dst);
           if (!s.ok()) return fail(std::move(s));
-        } else {
-          // CPU, converting: through this worker's buffer.
-          if (staging.size() < n) staging.resize(n);
-          absl::Status s = source.Read(*p.info, chunk.begin, n, staging.data());
-          if (!s.ok()) return fail(std::move(s));
-          at::Tensor src =
-              at::from_blob(staging.data(), {count}, at::TensorOptions().dtype(stored));
-          p.tensor.view({-1}).narrow(0, static_cast<int64_t>(chunk.begin) / item, count).copy_(src);
         }
         progress.Add(n);
       }

@@ -20,9 +20,9 @@
 // Devices: "cpu", "cuda", "cuda:N" through device-generic ATen calls. Off the CPU, chunks go
 // through a StagingRing of pinned host buffers: a worker reads a chunk into a free slot, the
 // copy to the device runs asynchronously on a side stream (in the stored dtype; the conversion
-// runs on the device), and an event per slot tells when the slot may be refilled. The same
-// staged pipeline runs on CPU with `staged` (the tests do), with plain buffers and synchronous
-// copies. Thread-safe for distinct modules.
+// runs on the device), and an event per slot tells when the slot may be refilled. On the CPU the
+// same ring, with plain buffers and synchronous copies, carries the chunks that convert (and all
+// chunks with `staged`, as the tests use it). Thread-safe for distinct modules.
 #ifndef METALOAD_SERVER_CORE_LOADER_H_
 #define METALOAD_SERVER_CORE_LOADER_H_
 
@@ -58,10 +58,10 @@ struct LoadOptions {
   bool zero_copy = false;
   // Workers filling destinations.
   int threads = 2;
-  // Bytes one worker moves at a time (and its staging buffer when converting).
+  // Bytes one worker moves at a time (and the size of a staging slot).
   uint64_t chunk_bytes = 16 << 20;
   // Host staging for devices other than the CPU: up to this many bytes of pinned memory, in
-  // slots of chunk_bytes (at least two, at most two per worker).
+  // slots of chunk_bytes (at least two, at most two per worker; one per worker on the CPU).
   uint64_t staging_bytes = 64 << 20;
   // Use the staged pipeline on the CPU too (tests exercise the GPU path's code this way).
   bool staged = false;
@@ -87,7 +87,7 @@ struct LoadReport {
   int converted = 0;            // tensors whose dtype changed
   int zero_copy = 0;            // tensors viewing the mapping
   int zero_copy_fallbacks = 0;  // zero_copy asked for but copied (conversion or misalignment)
-  int staging_slots = 0;        // staged pipeline: slots in the ring (0: direct reads)
+  int staging_slots = 0;        // slots in the staging ring (0: every chunk read in place)
   std::vector<std::string> missing_keys;     // with allow_missing_keys: zero-filled
   std::vector<std::string> unexpected_keys;  // in the checkpoint, not in the module
 };
