@@ -150,7 +150,9 @@ std::shared_ptr<LoadWaiter> ModelCache::Load(const LoadSpec& spec, ProgressFn pr
   canonical.device = device->str();
   const std::string key = absl::StrCat(
       spec.path, "|", st.st_size, "|", st.st_mtim.tv_sec, ".", st.st_mtim.tv_nsec, "|",
-      spec.architecture, "|", canonical.device, "|", policy->Describe(), "|",
+      spec.architecture, "|", canonical.device, "|",
+      // "" means the architecture's default dtypes, "keep" the file's: different models.
+      spec.dtype.empty() && spec.dtype_overrides.empty() ? "default" : policy->Describe(), "|",
       spec.zero_copy ? "zero_copy" : "copy", spec.allow_missing_keys ? "|allow_missing" : "");
 
   std::unique_lock<std::mutex> lock(mu_);
@@ -272,8 +274,12 @@ void ModelCache::RunFlight(std::shared_ptr<Flight> flight) {
     }
     model = *std::move(built);
     build_seconds = std::chrono::duration<double>(Clock::now() - start).count();
+    // The architecture's default dtypes apply when the request names none (Stable Diffusion:
+    // the web UI's policy); admission counts the bytes of the policy the load will use.
+    const models::DtypeChoice dtypes =
+        models::EffectiveDtypes(*model, {spec.dtype, spec.dtype_overrides});
     absl::StatusOr<core::DtypePolicy> policy =
-        core::DtypePolicy::Create(spec.dtype, spec.dtype_overrides);
+        core::DtypePolicy::Create(dtypes.dtype, dtypes.overrides);
     int64_t need = static_cast<int64_t>(policy->LoadedBytes((*source)->index()));
     if ((*source)->index().format == core::CheckpointFormat::kTorchScript) {
       need = static_cast<int64_t>((*source)->index().files[0].size);
@@ -346,8 +352,8 @@ void ModelCache::RunFlight(std::shared_ptr<Flight> flight) {
 
     core::LoadOptions options;
     options.device = spec.device;
-    options.dtype = spec.dtype;
-    options.dtype_overrides = spec.dtype_overrides;
+    options.dtype = dtypes.dtype;
+    options.dtype_overrides = dtypes.overrides;
     options.allow_missing_keys = spec.allow_missing_keys;
     options.zero_copy = spec.zero_copy;
     options.cancel = &flight->cancel;
@@ -366,9 +372,9 @@ void ModelCache::RunFlight(std::shared_ptr<Flight> flight) {
     loaded->path = spec.display_path;
     loaded->architecture = model->architecture();
     loaded->device = spec.device;
-    loaded->dtype = !spec.dtype_overrides.empty() ? policy->Describe()
-                    : spec.dtype.empty()          ? "keep"
-                                                  : spec.dtype;
+    loaded->dtype = !dtypes.overrides.empty() ? policy->Describe()
+                    : dtypes.dtype.empty()    ? "keep"
+                                              : dtypes.dtype;
     loaded->files = (*source)->index().files;
     loaded->parameter_count = model->ParameterCount();
     loaded->resident_bytes = static_cast<int64_t>(model->ResidentBytes());

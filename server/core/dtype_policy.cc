@@ -21,9 +21,6 @@ absl::StatusOr<std::optional<DType>> ParseTarget(absl::string_view text, absl::s
 absl::StatusOr<DtypePolicy> DtypePolicy::Create(
     absl::string_view default_dtype, const std::map<std::string, std::string>& overrides) {
   DtypePolicy policy;
-  if (default_dtype == "keep") {
-    return absl::InvalidArgumentError("dtype: use an empty dtype to keep the file's");
-  }
   absl::StatusOr<std::optional<DType>> d = ParseTarget(default_dtype, "dtype");
   if (!d.ok()) return d.status();
   policy.default_ = *d;

@@ -18,7 +18,8 @@ namespace metaload::core {
 
 class DtypePolicy {
  public:
-  // `default_dtype`: "" (keep), "float32", "float16", "bfloat16" (also "float64").
+  // `default_dtype`: "" or "keep" (the file's), "float32", "float16", "bfloat16" (also
+  // "float64"). (Architectures give "" their own meaning first: models::EffectiveDtypes.)
   // `overrides`: key prefix -> one of those names or "keep". INVALID_ARGUMENT naming the bad
   // value otherwise.
   static absl::StatusOr<DtypePolicy> Create(absl::string_view default_dtype,

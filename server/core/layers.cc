@@ -63,13 +63,19 @@ at::Tensor LayerNorm::Forward(const at::Tensor& x) const {
                         bias_ != nullptr ? *bias_ : at::Tensor(), eps_);
 }
 
-GroupNorm::GroupNorm(int64_t groups, int64_t channels, double eps)
+GroupNorm::GroupNorm(int64_t groups, int64_t channels, double eps, bool float32)
     : groups_(groups),
       eps_(eps),
+      float32_(float32),
       weight_(AddParameter("weight", {channels}, Fill(1))),
       bias_(AddParameter("bias", {channels}, Fill(0))) {}
 
 at::Tensor GroupNorm::Forward(const at::Tensor& x) const {
+  if (float32_ && x.scalar_type() != at::kFloat) {
+    return at::group_norm(x.to(at::kFloat), groups_, weight_.to(at::kFloat), bias_.to(at::kFloat),
+                          eps_)
+        .to(x.scalar_type());
+  }
   return at::group_norm(x, groups_, weight_, bias_, eps_);
 }
 

@@ -60,15 +60,17 @@ class LayerNorm : public Module {
   at::Tensor* bias_ = nullptr;
 };
 
-// torch.nn.GroupNorm over [N, C, ...].
+// torch.nn.GroupNorm over [N, C, ...]. With `float32`, statistics and affine run in float32
+// and the result is cast back to x's dtype (ldm's GroupNorm32, used by Stable Diffusion's UNet).
 class GroupNorm : public Module {
  public:
-  GroupNorm(int64_t groups, int64_t channels, double eps = 1e-5);
+  GroupNorm(int64_t groups, int64_t channels, double eps = 1e-5, bool float32 = false);
   at::Tensor Forward(const at::Tensor& x) const;
 
  private:
   int64_t groups_;
   double eps_;
+  bool float32_;
   at::Tensor& weight_;
   at::Tensor& bias_;
 };

@@ -23,6 +23,12 @@ namespace metaload::models {
 
 using NamedTensors = std::vector<std::pair<std::string, at::Tensor>>;
 
+// A dtype policy as a load request states it (see core::DtypePolicy).
+struct DtypeChoice {
+  std::string dtype;  // "" = the architecture's default, "keep" = the file's, or a dtype name
+  std::map<std::string, std::string> overrides;
+};
+
 class Model {
  public:
   virtual ~Model() = default;
@@ -41,10 +47,18 @@ class Model {
   virtual absl::StatusOr<NamedTensors> Run(
       const std::string& entry, const std::map<std::string, at::Tensor>& inputs) const = 0;
 
+  // The dtypes a load gets when it names none (empty dtype, no overrides): Stable Diffusion's
+  // are the web UI's (UNet and text encoder float16, the VAE as stored); the others keep the
+  // file's dtypes.
+  virtual DtypeChoice DefaultDtypes() const { return {}; }
+
   // Parameters and buffers, after loading.
   virtual int64_t ParameterCount() const = 0;
   virtual uint64_t ResidentBytes() const = 0;
 };
+
+// `requested` with `model`'s defaults filled in when it names nothing; "keep" stays explicit.
+DtypeChoice EffectiveDtypes(const Model& model, const DtypeChoice& requested);
 
 }  // namespace metaload::models
 

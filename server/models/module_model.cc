@@ -12,16 +12,28 @@ namespace metaload::models {
 absl::StatusOr<core::LoadReport> ModuleModel::Load(const core::CheckpointSource& source,
                                                    core::LoadOptions options) {
   if (key_map_) options.checkpoint_key = key_map_;
+  DtypeChoice dtypes = EffectiveDtypes(*this, {options.dtype, options.dtype_overrides});
+  options.dtype = dtypes.dtype;
+  options.dtype_overrides = dtypes.overrides;
   absl::StatusOr<core::LoadReport> report = core::LoadModule(*module_, source, options);
   if (!report.ok()) return report;
-  for (const core::TensorSlot& slot : module_->Slots()) {
-    if (at::isFloatingType(slot.tensor->scalar_type())) {
-      float_dtype_ = slot.tensor->scalar_type();
-      device_ = slot.tensor->device();
-      break;
+  const std::vector<core::TensorSlot> slots = module_->Slots();
+  if (!slots.empty()) device_ = slots.front().tensor->device();
+  for (const EntrySpec& entry : Entries()) {
+    const std::string prefix = EntryPrefix(entry.name);
+    for (const core::TensorSlot& slot : slots) {
+      if (at::isFloatingType(slot.tensor->scalar_type()) && slot.name.rfind(prefix, 0) == 0) {
+        entry_dtype_[entry.name] = slot.tensor->scalar_type();
+        break;
+      }
     }
   }
   return report;
+}
+
+DtypeChoice EffectiveDtypes(const Model& model, const DtypeChoice& requested) {
+  if (!requested.dtype.empty() || !requested.overrides.empty()) return requested;
+  return model.DefaultDtypes();
 }
 
 absl::StatusOr<NamedTensors> ModuleModel::Run(
@@ -37,7 +49,9 @@ absl::StatusOr<NamedTensors> ModuleModel::Run(
     return absl::InvalidArgumentError(
         absl::StrCat("unknown entry '", entry_name, "' (", absl::StrJoin(names, ", "), ")"));
   }
-  if (device_.is_cpu() && float_dtype_ == at::kHalf) {
+  auto dtype_it = entry_dtype_.find(entry->name);
+  const at::ScalarType float_dtype = dtype_it == entry_dtype_.end() ? at::kFloat : dtype_it->second;
+  if (device_.is_cpu() && float_dtype == at::kHalf) {
     // LibTorch's CPU kernels lack float16 matmul; bfloat16 has them.
     return absl::FailedPreconditionError(
         "float16 weights cannot run on cpu; load with dtype bfloat16 or float32 for cpu inference");
@@ -75,7 +89,7 @@ absl::StatusOr<NamedTensors> ModuleModel::Run(
         return absl::InvalidArgumentError(
             absl::StrCat("input '", name, "': expected a floating-point tensor"));
       }
-      t = t.to(float_dtype_);
+      t = t.to(float_dtype);
     }
     ready[name] = t.to(device_);
   }

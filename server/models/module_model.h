@@ -27,6 +27,9 @@ class ModuleModel : public Model {
   // `module` is built on meta by the subclass's constructor.
   void SetModule(std::unique_ptr<core::Module> module) { module_ = std::move(module); }
   core::Module& module() const { return *module_; }
+  // The module-name prefix whose weights an entry runs on: its floating inputs are cast to the
+  // dtype of the first floating tensor under it (all of the module by default).
+  virtual std::string EntryPrefix(const std::string& entry) const { return ""; }
   // Maps module tensor names to checkpoint keys; identity unless a subclass sets one.
   void SetKeyMap(std::function<std::string(const std::string&)> map) { key_map_ = std::move(map); }
 
@@ -37,7 +40,7 @@ class ModuleModel : public Model {
  private:
   std::unique_ptr<core::Module> module_;
   std::function<std::string(const std::string&)> key_map_;
-  at::ScalarType float_dtype_ = at::kFloat;  // of the loaded weights
+  std::map<std::string, at::ScalarType> entry_dtype_;  // entry -> dtype of its loaded weights
   c10::Device device_ = c10::Device(c10::kCPU);
 };
 
@@ -56,6 +59,8 @@ absl::StatusOr<std::unique_ptr<Model>> BuildMlp(const core::CheckpointIndex& ind
 absl::StatusOr<std::unique_ptr<Model>> BuildGpt2(const core::CheckpointIndex& index);
 absl::StatusOr<std::unique_ptr<Model>> BuildLlama(const core::CheckpointIndex& index);
 absl::StatusOr<std::unique_ptr<Model>> BuildTorchScript(const core::CheckpointIndex& index);
+// Stable Diffusion 1.x (and its inpainting / instruct-pix2pix variants), sizes from the keys.
+absl::StatusOr<std::unique_ptr<Model>> BuildSd1(const core::CheckpointIndex& index);
 
 }  // namespace metaload::models
 

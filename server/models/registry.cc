@@ -7,7 +7,9 @@
 
 namespace metaload::models {
 
-std::vector<std::string> ArchitectureNames() { return {"gpt2", "llama", "mlp", "torchscript"}; }
+std::vector<std::string> ArchitectureNames() {
+  return {"gpt2", "llama", "mlp", "sd1", "sd1-inpainting", "sd1-instruct-pix2pix", "torchscript"};
+}
 
 absl::StatusOr<std::unique_ptr<Model>> BuildModel(const std::string& architecture,
                                                   const core::CheckpointIndex& index) {
@@ -31,6 +33,10 @@ absl::StatusOr<std::unique_ptr<Model>> BuildModel(const std::string& architectur
   if (name == "gpt2") return BuildGpt2(index);
   if (name == "llama") return BuildLlama(index);
   if (name == "torchscript") return BuildTorchScript(index);
+  // The variants differ only in the UNet's input channels, which the builder reads.
+  if (name == "sd1" || name == "sd1-inpainting" || name == "sd1-instruct-pix2pix") {
+    return BuildSd1(index);
+  }
   if (name.rfind("sd", 0) == 0) {
     return absl::FailedPreconditionError(
         absl::StrCat(index.path, ": detected ", name, "; not supported yet"));

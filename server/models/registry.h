@@ -5,6 +5,8 @@
 //   mlp          configurable layer sizes and activation; entry "forward": input -> output
 //   gpt2         GPT2LMHeadModel layout; entry "forward": input_ids [, attention_mask] -> logits
 //   llama        LlamaForCausalLM layout; same entry
+//   sd1          Stable Diffusion 1.x single-file checkpoint (LDM keys; also -inpainting and
+//                -instruct-pix2pix); entries unet, text_encoder, vae_decode, vae_encode
 //   torchscript  any torch.jit.save archive; entry "forward" from its schema, inputs by position
 //
 // Stateless and thread-safe.
