@@ -86,6 +86,7 @@ bench: build
 	cmake --build $(BUILD_DIR) -j $(JOBS) --target load_bench
 	@$(BUILD_DIR)/tests/bench/parse_bench
 	@$(BUILD_DIR)/tests/bench/load_bench --dir=$(BUILD_DIR)/bench-data
+	@$(BUILD_DIR)/tests/bench/load_bench --model=sd1 --dir=$(BUILD_DIR)/bench-data
 
 # Long fuzzing: make fuzz FUZZ_SECONDS=3600 (per target).
 fuzz: deps

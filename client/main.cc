@@ -50,10 +50,11 @@ const char kUsageText[] =
     "      Validates a checkpoint offline (safetensors file or HF directory, torch.save zip,\n"
     "      TorchScript) and prints its format, tensors, bytes per dtype, metadata and\n"
     "      architecture (--sha256: and the web UI's hash). Exit 0 when valid, 2 otherwise.\n"
-    "  synth --arch=mlp|gpt2|llama [--preset=tiny|small|medium] "
+    "  synth --arch=mlp|gpt2|llama|sd1 [--preset=tiny|small|medium|full] "
     "[--dtype=float32|float16|bfloat16]\n"
     "        [--shards=N] [--seed=N] [--json] OUT_DIR\n"
-    "      Writes a synthetic Hugging Face style checkpoint (config.json + safetensors).\n"
+    "      Writes a synthetic Hugging Face style checkpoint (config.json + safetensors); for\n"
+    "      sd1 (presets tiny, full) a single-file Stable Diffusion 1.x OUT_DIR/model.safetensors.\n"
     "\n"
     "Common flags: --address (default 127.0.0.1:50051), --timeout=SECONDS, --token_file=F,\n"
     "  --tls_ca=F [--tls_cert=F --tls_key=F], --json.\n";

@@ -14,11 +14,13 @@
 namespace metaload::models {
 
 struct SynthOptions {
-  // Architecture to synthesize: "mlp", "gpt2" (GPT2LMHeadModel layout) or "llama".
+  // Architecture to synthesize: "mlp", "gpt2" (GPT2LMHeadModel layout), "llama", or "sd1" (a
+  // single-file Stable Diffusion 1.x checkpoint in the LDM layout, no config.json).
   std::string architecture = "mlp";
   // Size preset. mlp: "tiny" (7 KB), "small" (~10 MB), "medium" (~200 MB at float32);
   // gpt2: tiny, small, medium (GPT-2 medium's shapes, ~1.4 GB at float32); llama: tiny, small,
-  // medium (~1.3 GB at float32).
+  // medium (~1.3 GB at float32); sd1: "tiny" (~21 MB), "full" (the v1 shapes and key set,
+  // 1.07 G parameters: 4.3 GB at float32, 2.1 GB at float16).
   std::string preset = "tiny";
   // Stored dtype of floating-point tensors: "float32", "float16" or "bfloat16".
   std::string dtype = "float32";

@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
+#include <map>
 #include <nlohmann/json.hpp>
 
 #include "server/core/checkpoint.h"
@@ -122,6 +123,63 @@ TEST(SynthTest, EveryArchitectureLoadsAndRuns) {
     auto out = (*model)->Run("", feed);
     ASSERT_TRUE(out.ok()) << out.status();
     EXPECT_TRUE(out->front().second.isfinite().all().item<bool>()) << arch;
+  }
+}
+
+// Two independent enumerations of SD1's LDM keys agree: the synthesizer's (C++) and the Python
+// reference's (ldm's module structure); and the synthetic checkpoint loads and runs every entry.
+TEST(SynthTest, Sd1TinyHasTheReferenceKeySetAndRuns) {
+  testing::TempDir dir;
+  SynthOptions options;
+  options.architecture = "sd1";
+  absl::StatusOr<SynthResult> r = Synthesize(options, dir / "sd");
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->files, (std::vector<std::string>{"model.safetensors"}));
+  testing::CommandResult py = testing::RunCommand(
+      {METALOAD_PYTHON, METALOAD_SOURCE_DIR "/tests/tools/ref_sd1.py", dir / "ref"}, dir / "py");
+  ASSERT_EQ(py.exit_code, 0) << py.err;
+  auto ours = core::CheckpointSource::Open(dir / "sd/model.safetensors");
+  auto theirs = core::CheckpointSource::Open(dir / "ref/model.safetensors");
+  ASSERT_TRUE(ours.ok() && theirs.ok());
+  std::map<std::string, std::vector<int64_t>> a, b;
+  for (const core::TensorInfo& t : (*ours)->index().tensors) a[t.name] = t.shape;
+  for (const core::TensorInfo& t : (*theirs)->index().tensors) b[t.name] = t.shape;
+  EXPECT_EQ(a.size(), b.size());
+  for (const auto& [name, shape] : b) {
+    auto it = a.find(name);
+    if (it == a.end()) {
+      ADD_FAILURE() << "synth lacks " << name;
+    } else {
+      EXPECT_EQ(it->second, shape) << name;
+    }
+  }
+
+  EXPECT_EQ(DetectArchitecture((*ours)->index()).name, "sd1");
+  auto model = BuildModel("", (*ours)->index());
+  ASSERT_TRUE(model.ok()) << model.status();
+  core::LoadOptions load;
+  load.dtype = "float32";
+  auto report = (*model)->Load(**ours, load);
+  ASSERT_TRUE(report.ok()) << report.status();
+  EXPECT_TRUE(report->unexpected_keys.empty());
+  const std::map<std::string, std::map<std::string, at::Tensor>> feeds = {
+      {"unet",
+       {{"x", at::ones({1, 4, 8, 8})},
+        {"timesteps", at::full({1}, 500, at::kLong)},
+        {"context", at::ones({1, 77, 128})}}},
+      {"text_encoder", {{"input_ids", at::arange(77, at::kLong).view({1, 77})}}},
+      {"vae_decode", {{"latents", at::ones({1, 4, 4, 4})}}},
+      {"vae_encode", {{"image", at::zeros({1, 3, 32, 32})}}}};
+  const std::map<std::string, std::vector<int64_t>> shapes = {{"unet", {1, 4, 8, 8}},
+                                                              {"text_encoder", {1, 77, 128}},
+                                                              {"vae_decode", {1, 3, 32, 32}},
+                                                              {"vae_encode", {1, 4, 4, 4}}};
+  for (const auto& [entry, feed] : feeds) {
+    auto out = (*model)->Run(entry, feed);
+    ASSERT_TRUE(out.ok()) << entry << ": " << out.status();
+    const at::Tensor& y = out->front().second;
+    EXPECT_EQ(y.sizes().vec(), shapes.at(entry)) << entry;
+    EXPECT_TRUE(y.isfinite().all().item<bool>()) << entry;
   }
 }
 
