@@ -44,10 +44,12 @@ absl::StatusOr<cache::LoadSpec> MakeLoadSpec(const metaload::v1::LoadModelReques
                                              const PathResolver& resolver) {
   cache::LoadSpec spec;
   if (request.path().empty()) return absl::InvalidArgumentError("path is empty");
-  if (!request.dtype().empty() && request.dtype() != "float32" && request.dtype() != "float16" &&
-      request.dtype() != "bfloat16") {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "dtype '", request.dtype(), "': expected float32, float16 or bfloat16 (or empty to keep)"));
+  if (!request.dtype().empty() && request.dtype() != "keep" && request.dtype() != "float32" &&
+      request.dtype() != "float16" && request.dtype() != "bfloat16") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("dtype '", request.dtype(),
+                     "': expected float32, float16, bfloat16, keep (the file's) or empty (the "
+                     "architecture's default: the file's, or the web UI's for Stable Diffusion)"));
   }
   const std::string device = request.device().empty() ? "cpu" : request.device();
   if (device != "cpu" && device != "cuda" && device.rfind("cuda:", 0) != 0) {

@@ -32,6 +32,10 @@ class ServiceTest : public ::testing::Test {
                               *dir_ / "py");
       ASSERT_EQ(r.exit_code, 0) << r.err;
     }
+    testing::CommandResult sd = testing::RunCommand(
+        {METALOAD_PYTHON, METALOAD_SOURCE_DIR "/tests/tools/ref_sd1.py", *dir_ / "models/sd1"},
+        *dir_ / "py_sd1");
+    ASSERT_EQ(sd.exit_code, 0) << sd.err;
     for (const char* preset : {"small", "tiny"}) {
       testing::CommandResult r = testing::RunCommand(
           {METALOAD_CLI_PATH, "synth", "--arch=mlp", std::string("--preset=") + preset,
@@ -221,6 +225,77 @@ TEST_F(ServiceTest, Gpt2ThroughGrpcMatchesPython) {
   }
   EXPECT_LE(max_err, 1e-4 * max_abs);
   ASSERT_TRUE(Unload("g").ok());
+}
+
+// The web UI backend's switch: an SD1 checkpoint loaded with no dtype gets the web UI's
+// policy (and is a different model from "keep"); the VAE, kept in float32, runs on the CPU and
+// gives the Python reference's image.
+TEST_F(ServiceTest, Sd1WithTheWebUiDtypesThroughGrpc) {
+  metaload::v1::LoadModelResponse loaded;
+  grpc::Status s = Load("sd1/model.safetensors", &loaded, [](auto* r) { r->set_model_id("sd"); });
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  EXPECT_EQ(loaded.model().architecture(), "sd1");
+  EXPECT_EQ(loaded.model().dtype(), "default=float16;alphas_cumprod=keep;first_stage_model.=keep");
+  ASSERT_EQ(loaded.model().entries_size(), 4);
+  EXPECT_EQ(loaded.model().entries(0).name(), "unet");
+  EXPECT_EQ(loaded.model().entries(3).name(), "vae_encode");
+
+  const std::string ref = *dir_ / "models/sd1/";
+  std::string latents = testing::ReadFileOrEmpty(ref + "vae_decode.latents.bin");
+  metaload::v1::InferRequest request;
+  request.set_model_id("sd");
+  request.set_entry("vae_decode");
+  metaload::v1::Tensor* t = request.add_inputs();
+  t->set_name("latents");
+  t->set_datatype("FP32");
+  for (int64_t d : {1, 4, 8, 8}) t->add_shape(d);
+  t->set_raw_data(latents);
+  metaload::v1::InferResponse response;
+  s = Infer(request, &response);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  ASSERT_EQ(response.outputs(0).name(), "image");
+  EXPECT_EQ(response.outputs(0).datatype(), "FP32");
+  const std::string expected = testing::ReadFileOrEmpty(ref + "vae_decode.out.bin");
+  ASSERT_EQ(response.outputs(0).raw_data().size(), expected.size());
+  float max_err = 0, max_abs = 0;
+  for (size_t i = 0; i < expected.size() / 4; ++i) {
+    float a, b;
+    std::memcpy(&a, response.outputs(0).raw_data().data() + 4 * i, 4);
+    std::memcpy(&b, expected.data() + 4 * i, 4);
+    max_err = std::max(max_err, std::fabs(a - b));
+    max_abs = std::max(max_abs, std::fabs(b));
+  }
+  EXPECT_LE(max_err, 1e-4 * max_abs);
+
+  // The float16 UNet: refused on the CPU with the way out.
+  request.set_entry("unet");
+  request.clear_inputs();
+  *request.add_inputs() = Fp32Tensor("x", {1, 4, 8, 8}, std::vector<float>(256, 0.1f), true);
+  metaload::v1::Tensor* steps = request.add_inputs();
+  steps->set_name("timesteps");
+  steps->set_datatype("INT64");
+  steps->add_shape(1);
+  steps->add_int64_contents(10);
+  *request.add_inputs() = Fp32Tensor("context", {1, 2, 128}, std::vector<float>(256, 0.1f), true);
+  s = Infer(request, &response);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << s.error_message();
+
+  // "keep" is another model: no cache hit, the file's float32 everywhere; the UNet runs.
+  metaload::v1::LoadModelResponse kept;
+  s = Load("sd1/model.safetensors", &kept, [](auto* r) {
+    r->set_model_id("sd32");
+    r->set_dtype("keep");
+  });
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  EXPECT_FALSE(kept.cache_hit());
+  EXPECT_EQ(kept.model().dtype(), "keep");
+  EXPECT_GT(kept.model().resident_bytes(), loaded.model().resident_bytes());
+  request.set_model_id("sd32");
+  s = Infer(request, &response);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  EXPECT_EQ(response.outputs(0).name(), "eps");
+  ASSERT_TRUE(Unload("sd").ok());
+  ASSERT_TRUE(Unload("sd32").ok());
 }
 
 TEST_F(ServiceTest, StreamReportsProgressThenTheResult) {
