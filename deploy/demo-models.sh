@@ -11,3 +11,8 @@ fi
 if [ ! -f "$root/demo-gpt2/config.json" ]; then
   "$metaload" synth --arch=gpt2 --preset=tiny "$root/demo-gpt2"
 fi
+if [ ! -f "$root/demo-sd1.safetensors" ]; then  # a single-file SD1 checkpoint, as the web UI has
+  "$metaload" synth --arch=sd1 --preset=tiny "$root/.demo-sd1"
+  mv "$root/.demo-sd1/model.safetensors" "$root/demo-sd1.safetensors"
+  rmdir "$root/.demo-sd1"
+fi

@@ -7,6 +7,8 @@ root="$(mktemp -d)"
 trap 'rm -rf "$root"' EXIT
 bash "$src/deploy/demo-models.sh" "$metaload" "$root"
 "$python" "$src/tests/tools/safetensors_ref.py" check-synth "$root/demo-mlp"
+"$metaload" inspect "$root/demo-sd1.safetensors" | grep -q "sd1" ||
+  { echo "demo-sd1.safetensors is not detected as sd1" >&2; exit 1; }
 before="$(stat -c %Y "$root/demo-mlp/model.safetensors")"
 sleep 1
 bash "$src/deploy/demo-models.sh" "$metaload" "$root"

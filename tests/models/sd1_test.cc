@@ -84,7 +84,8 @@ double RelativeError(const Model& model, const std::string& dir, const std::stri
   if (!got.sizes().equals(expected.sizes())) return 1e9;
   const double max_abs = expected.abs().max().item<double>();
   const double err = (got - expected).abs().max().item<double>() / max_abs;
-  std::printf("%s: max abs error %.3g of max |output| %.3g\n", entry.c_str(), err, max_abs);
+  std::printf("%s: max abs error / max |output| = %.3g (max |output| %.3g)\n", entry.c_str(), err,
+              max_abs);
   return err;
 }
 
