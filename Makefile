@@ -15,16 +15,16 @@ SOAK_CYCLES ?= 500
 SANITIZER_CMAKE = -G Ninja -DCMAKE_BUILD_TYPE=Sanitize "-DCMAKE_CXX_FLAGS=-O1 -g1"
 ASAN_DIR ?= build-asan
 TSAN_DIR ?= build-tsan
-# What the sanitizer runs cover (README "Reliability" says why these). CI: the core and cache
-# tests under ASan+UBSan, the cache's concurrency tests under TSan. `make asan ASAN_SERVICE=ON`
+# What the sanitizer runs cover (README "Reliability" says why these). CI: the core, cache and
+# architecture tests under ASan+UBSan, the cache's concurrency tests under TSan. `make asan ASAN_SERVICE=ON`
 # adds the gRPC service and its end-to-end tests (an ASan daemon; about 4 more minutes).
 ASAN_SERVICE ?= OFF
-ASAN_CORE_TESTS = CheckpointTest|ShardedFailureTest|CheckpointSourceTest|PickleReaderTest|ChecksumStoreTest|HalfTest|InitContextTest|LayerKitTest|LoaderTest|SafetensorsHeaderTest|SafetensorsWriterTest|ModelCacheTest
+ASAN_CORE_TESTS = CheckpointTest|ShardedFailureTest|CheckpointSourceTest|PickleReaderTest|ChecksumStoreTest|HalfTest|InitContextTest|LayerKitTest|LoaderTest|SafetensorsHeaderTest|SafetensorsWriterTest|ModelCacheTest|Families/ArchitectureTest|Sd1Test|Checkpoints/Sd1ReferenceTest
 ifeq ($(ASAN_SERVICE),ON)
-ASAN_TARGETS = metaload_core_tests metaload_cache_tests metaload_e2e_tests
+ASAN_TARGETS = metaload_core_tests metaload_cache_tests metaload_models_tests metaload_e2e_tests
 ASAN_TESTS ?= ^($(ASAN_CORE_TESTS)|ServiceTest|ServiceBudgetTest|ServiceAuthTest|DaemonTest)\.
 else
-ASAN_TARGETS = metaload_core_tests metaload_cache_tests
+ASAN_TARGETS = metaload_core_tests metaload_cache_tests metaload_models_tests
 ASAN_TESTS ?= ^($(ASAN_CORE_TESTS))\.
 endif
 TSAN_TESTS ?= ^ModelCacheTest\.
