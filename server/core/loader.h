@@ -77,9 +77,11 @@ struct LoadOptions {
 
 struct LoadReport {
   double seconds = 0;
-  uint64_t bytes_read = 0;      // checkpoint bytes read (0 for zero-copy views)
-  uint64_t loaded_bytes = 0;    // bytes of the loaded tensors
-  int64_t peak_host_bytes = 0;  // high-water RSS above the pre-load baseline
+  uint64_t bytes_read = 0;    // checkpoint bytes read (0 for zero-copy views)
+  uint64_t loaded_bytes = 0;  // bytes of the loaded tensors
+  // High-water RSS above the pre-load baseline, and at least the bytes of the tensors the load
+  // copied to the host (RSS cannot see reused free heap memory).
+  int64_t peak_host_bytes = 0;
   // The CUDA caching allocator's peak during the load above what it held before; 0 on CPU and
   // with a LibTorch built without CUDA.
   int64_t peak_device_bytes = 0;

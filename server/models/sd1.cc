@@ -562,8 +562,7 @@ class ClipLayer : public core::Module {
 class ClipText : public core::Module {
  public:
   ClipText(const ClipConfig& c, const std::vector<int64_t>& position_ids_shape)
-      : c_(c),
-        tokens_(AddChild("embeddings.token_embedding",
+      : tokens_(AddChild("embeddings.token_embedding",
                          std::make_unique<core::Embedding>(c.vocab, c.width))),
         positions_(AddChild("embeddings.position_embedding",
                             std::make_unique<core::Embedding>(c.positions, c.width))) {
@@ -585,7 +584,6 @@ class ClipText : public core::Module {
   }
 
  private:
-  ClipConfig c_;
   core::Embedding& tokens_;
   core::Embedding& positions_;
   std::vector<const ClipLayer*> layers_;
