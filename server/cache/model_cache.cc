@@ -446,6 +446,10 @@ void ModelCache::RunFlight(std::shared_ptr<Flight> flight) {
   } else {
     core::LogWarning("load_failed").Kv("model_id", spec.model_id).Kv("error", status.ToString());
   }
+  // The flight's own reference goes before anyone hears the load is done: a caller switching
+  // checkpoints loads the next one from its callback, and admission counts every model that
+  // still exists, so one held here would block evicting it (seen in CI as RESOURCE_EXHAUSTED).
+  loaded.reset();
   for (auto& [w, result] : results) w->Finish(std::move(result));
 }
 
@@ -510,7 +514,15 @@ absl::StatusOr<ModelInfo> ModelCache::Get(const std::string& model_id) const {
   info.path = it->second->pending->spec.display_path;
   info.architecture = it->second->pending->spec.architecture;
   info.device = it->second->pending->spec.device;
-  info.dtype = it->second->pending->spec.dtype.empty() ? "keep" : it->second->pending->spec.dtype;
+  // Until the model is built, an empty request's dtypes are the architecture's, not yet known.
+  const LoadSpec& spec = it->second->pending->spec;
+  if (!spec.dtype_overrides.empty()) {
+    absl::StatusOr<core::DtypePolicy> policy =
+        core::DtypePolicy::Create(spec.dtype, spec.dtype_overrides);  // validated by Load
+    info.dtype = policy.ok() ? policy->Describe() : spec.dtype;
+  } else {
+    info.dtype = spec.dtype.empty() ? "default" : spec.dtype;
+  }
   info.state = "LOADING";
   return info;
 }

@@ -10,6 +10,7 @@
 #include <future>
 #include <random>
 #include <thread>
+#include <utility>
 
 #include "server/core/process_memory.h"
 #include "server/models/synth.h"
@@ -109,6 +110,37 @@ TEST_F(ModelCacheTest, OneCallerLeavingDoesNotCancelTheOthers) {
   EXPECT_FALSE(a_called.load());
   EXPECT_FALSE(waiter_b->Cancel());  // already done
   EXPECT_EQ(observer.loads["ok"], 1);
+}
+
+// While loading, the model's dtype is what the request asked for: "default" for an empty one
+// (the architecture's, known once built), the described policy for overrides.
+TEST_F(ModelCacheTest, LoadingModelsShowTheRequestedDtypes) {
+  ModelCache cache(ModelCache::Options{});
+  auto info_while_loading = [&](LoadSpec spec) {
+    std::promise<void> started, done;
+    bool first = true;
+    auto waiter = cache.Load(
+        spec,
+        [&](const LoadProgressEvent&) {
+          if (std::exchange(first, false)) started.set_value();
+        },
+        [&](absl::StatusOr<LoadResult>) { done.set_value(); });
+    started.get_future().wait();
+    absl::StatusOr<ModelInfo> info = cache.Get(spec.model_id);
+    done.get_future().wait();
+    return info;
+  };
+  absl::StatusOr<ModelInfo> plain = info_while_loading(Spec("medium", "m"));
+  ASSERT_TRUE(plain.ok()) << plain.status();
+  EXPECT_EQ(plain->state, "LOADING");
+  EXPECT_EQ(plain->dtype, "default");
+  EXPECT_EQ(cache.Get("m")->dtype, "keep");  // an mlp's default: the file's
+  LoadSpec spec = Spec("medium", "m16");
+  spec.dtype_overrides = {{"layers.0.", "bfloat16"}};
+  absl::StatusOr<ModelInfo> overridden = info_while_loading(spec);
+  ASSERT_TRUE(overridden.ok()) << overridden.status();
+  EXPECT_EQ(overridden->state, "LOADING");
+  EXPECT_EQ(overridden->dtype, "default=keep;layers.0.=bfloat16");
 }
 
 TEST_F(ModelCacheTest, LastCallerLeavingAbortsAndFrees) {
@@ -231,6 +263,31 @@ TEST_F(ModelCacheTest, ReplaceUnderATightBudgetSwapsInsteadOfFailing) {
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_EQ(cache.Get("sd")->path, "medium2");
   EXPECT_LE(cache.ResidentBytes()["cpu"], 180 << 20);
+}
+
+// The web UI's switch, as tight as it gets: the next checkpoint is asked for from the previous
+// load's done callback, before that load's thread has returned. Nothing of the finished load
+// may still count against the budget then (a CI run once saw RESOURCE_EXHAUSTED here).
+TEST_F(ModelCacheTest, SwitchFromTheDoneCallbackFitsABudgetOfOne) {
+  ModelCache::Options options;
+  options.budgets["cpu"] = 180 << 20;  // one medium model (160 MiB), not two
+  ModelCache cache(options);
+  models::SynthOptions other;
+  other.preset = "medium";
+  other.seed = 9;
+  ASSERT_TRUE(models::Synthesize(other, *dir_ / "medium3").ok());
+  std::promise<absl::StatusOr<LoadResult>> switched;
+  cache.Load(Spec("medium", "a"), nullptr, [&](absl::StatusOr<LoadResult> first) {
+    if (!first.ok()) return switched.set_value(first.status());
+    std::promise<absl::StatusOr<LoadResult>> next;
+    cache.Load(Spec("medium3", "b"), nullptr,
+               [&](absl::StatusOr<LoadResult> r) { next.set_value(std::move(r)); });
+    switched.set_value(next.get_future().get());  // waits here, on the first load's thread
+  });
+  absl::StatusOr<LoadResult> r = switched.get_future().get();
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_TRUE(absl::IsNotFound(cache.Get("a").status()));  // evicted for b
+  EXPECT_EQ(cache.Get("b")->state, "READY");
 }
 
 }  // namespace
