@@ -459,8 +459,9 @@ TEST_F(LoaderTest, PeakHostBytesCoverTheModelWithoutDoubling) {
   const int64_t grown = ReadProcessMemory()->rss_bytes - before;
   // The model really became resident (measured here, independently of the report) ...
   EXPECT_GE(grown, static_cast<int64_t>(r->loaded_bytes) * 9 / 10);
-  // ... the report sees at least that, and no second copy on top.
-  EXPECT_GE(r->peak_host_bytes, grown);
+  // ... the report sees at least that (give or take what the process allocated after the
+  // loader's last reading), and no second copy on top.
+  EXPECT_GE(r->peak_host_bytes, grown - (1 << 20));
   EXPECT_LE(r->peak_host_bytes, static_cast<int64_t>(r->loaded_bytes) + (96 << 20));
 }
 
