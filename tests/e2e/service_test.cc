@@ -32,10 +32,6 @@ class ServiceTest : public ::testing::Test {
                               *dir_ / "py");
       ASSERT_EQ(r.exit_code, 0) << r.err;
     }
-    testing::CommandResult sd = testing::RunCommand(
-        {METALOAD_PYTHON, METALOAD_SOURCE_DIR "/tests/tools/ref_sd1.py", *dir_ / "models/sd1"},
-        *dir_ / "py_sd1");
-    ASSERT_EQ(sd.exit_code, 0) << sd.err;
     for (const char* preset : {"small", "tiny"}) {
       testing::CommandResult r = testing::RunCommand(
           {METALOAD_CLI_PATH, "synth", "--arch=mlp", std::string("--preset=") + preset,
@@ -231,6 +227,10 @@ TEST_F(ServiceTest, Gpt2ThroughGrpcMatchesPython) {
 // policy (and is a different model from "keep"); the VAE, kept in float32, runs on the CPU and
 // gives the Python reference's image.
 TEST_F(ServiceTest, Sd1WithTheWebUiDtypesThroughGrpc) {
+  testing::CommandResult sd = testing::RunCommand(
+      {METALOAD_PYTHON, METALOAD_SOURCE_DIR "/tests/tools/ref_sd1.py", *dir_ / "models/sd1"},
+      *dir_ / "py_sd1");
+  ASSERT_EQ(sd.exit_code, 0) << sd.err;
   metaload::v1::LoadModelResponse loaded;
   grpc::Status s = Load("sd1/model.safetensors", &loaded, [](auto* r) { r->set_model_id("sd"); });
   ASSERT_TRUE(s.ok()) << s.error_message();
