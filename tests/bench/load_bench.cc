@@ -28,6 +28,7 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <functional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -253,6 +254,17 @@ Figures Median(const char* self, const std::string& mode, const std::string& pat
 
 }  // namespace
 
+using RowPrinter = std::function<void(const char*, const Figures&, const std::string&)>;
+
+// Prints the table's header; the rows it returns give seconds as a ratio to `floor`'s.
+RowPrinter Table(const Figures& floor) {
+  std::printf("%-34s %9s %10s %12s %s\n", "row", "seconds", "x floor", "peak MiB", "target");
+  return [floor](const char* name, const Figures& f, const std::string& target) {
+    std::printf("%-34s %9.3f %10.2f %12.0f %s\n", name, f.seconds, f.seconds / floor.seconds,
+                f.peak_bytes / (1 << 20), target.c_str());
+  };
+}
+
 void WarmPageCache(const std::string& path) {
   int fd = ::open(path.c_str(), O_RDONLY);
   std::vector<char> buf(16 << 20);
@@ -298,11 +310,7 @@ int Sd1Bench(const char* self, const std::string& dir, int runs) {
       "load benchmark: Stable Diffusion 1.x, full shapes, %.2f GB fp32 file, web UI dtypes "
       "(%.2f GB loaded), median of %d, one process per run\n",
       file_bytes / 1e9, model_bytes / 1e9, runs);
-  std::printf("%-34s %9s %10s %12s %s\n", "row", "seconds", "x floor", "peak MiB", "target");
-  auto row = [&](const char* name, const Figures& f, const std::string& target) {
-    std::printf("%-34s %9.3f %10.2f %12.0f %s\n", name, f.seconds, f.seconds / floor.seconds,
-                f.peak_bytes / (1 << 20), target.c_str());
-  };
+  const RowPrinter row = Table(floor);
   row("floor: 2-thread pread", floor, "reference");
   row("floor with huge pages (madvise)", floor_thp, "what metaload's destinations get");
   row("naive LibTorch (init, copy, half)", naive, "");
@@ -366,11 +374,7 @@ int main(int argc, char** argv) {
       "load benchmark: GPT-2 medium shapes, %zu tensors, %.2f GB fp32, median of %d, "
       "one process per run\n",
       specs.size(), model_bytes / 1e9, runs);
-  std::printf("%-34s %9s %10s %12s %s\n", "row", "seconds", "x floor", "peak MiB", "target");
-  auto row = [&](const char* name, const Figures& f, const std::string& target) {
-    std::printf("%-34s %9.3f %10.2f %12.0f %s\n", name, f.seconds, f.seconds / floor.seconds,
-                f.peak_bytes / (1 << 20), target.c_str());
-  };
+  const RowPrinter row = Table(floor);
   row("floor: 2-thread pread", floor, "reference");
   row("floor with huge pages (madvise)", floor_thp, "what metaload's destinations get");
   row("naive LibTorch (init + copy)", naive, "");

@@ -65,6 +65,14 @@ class ModelCacheTest : public ::testing::Test {
     return spec;
   }
 
+  // Another ~160 MiB checkpoint (a different seed: a different file) under dir_/name.
+  static bool SynthesizeMedium(const std::string& name, uint64_t seed) {
+    models::SynthOptions options;
+    options.preset = "medium";
+    options.seed = seed;
+    return models::Synthesize(options, *dir_ / name).ok();
+  }
+
   static testing::TempDir* dir_;
 };
 
@@ -247,10 +255,7 @@ TEST_F(ModelCacheTest, ReplaceUnderATightBudgetSwapsInsteadOfFailing) {
   ModelCache::Options options;
   options.budgets["cpu"] = 180 << 20;  // one medium model (160 MiB), not two
   ModelCache cache(options);
-  models::SynthOptions other;
-  other.preset = "medium";
-  other.seed = 7;
-  ASSERT_TRUE(models::Synthesize(other, *dir_ / "medium2").ok());
+  ASSERT_TRUE(SynthesizeMedium("medium2", 7));
   std::promise<absl::StatusOr<LoadResult>> first;
   cache.Load(Spec("medium", "sd"), nullptr,
              [&](absl::StatusOr<LoadResult> r) { first.set_value(std::move(r)); });
@@ -272,10 +277,7 @@ TEST_F(ModelCacheTest, SwitchFromTheDoneCallbackFitsABudgetOfOne) {
   ModelCache::Options options;
   options.budgets["cpu"] = 180 << 20;  // one medium model (160 MiB), not two
   ModelCache cache(options);
-  models::SynthOptions other;
-  other.preset = "medium";
-  other.seed = 9;
-  ASSERT_TRUE(models::Synthesize(other, *dir_ / "medium3").ok());
+  ASSERT_TRUE(SynthesizeMedium("medium3", 9));
   std::promise<absl::StatusOr<LoadResult>> switched;
   cache.Load(Spec("medium", "a"), nullptr, [&](absl::StatusOr<LoadResult> first) {
     if (!first.ok()) return switched.set_value(first.status());

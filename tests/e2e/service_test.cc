@@ -101,6 +101,19 @@ metaload::v1::Tensor Fp32Tensor(const std::string& name, const std::vector<int64
   return t;
 }
 
+// max |got - expected| / max |expected| over two float32 byte strings of the same size.
+float MaxRelativeError(const std::string& got, const std::string& expected) {
+  float max_err = 0, max_abs = 0;
+  for (size_t i = 0; i < expected.size() / 4; ++i) {
+    float a, b;
+    std::memcpy(&a, got.data() + 4 * i, 4);
+    std::memcpy(&b, expected.data() + 4 * i, 4);
+    max_err = std::max(max_err, std::fabs(a - b));
+    max_abs = std::max(max_abs, std::fabs(b));
+  }
+  return max_err / max_abs;
+}
+
 TEST_F(ServiceTest, LoadInferGetListUnloadMatchPython) {
   metaload::v1::LoadModelResponse loaded;
   grpc::Status s = Load("ref_mlp", &loaded);
@@ -211,15 +224,7 @@ TEST_F(ServiceTest, Gpt2ThroughGrpcMatchesPython) {
   ASSERT_TRUE(s.ok()) << s.error_message();
   const std::string expected = testing::ReadFileOrEmpty(*dir_ / "models/ref_gpt2/expected.bin");
   ASSERT_EQ(response.outputs(0).raw_data().size(), expected.size());
-  float max_err = 0, max_abs = 0;
-  for (size_t i = 0; i < expected.size() / 4; ++i) {
-    float a, b;
-    std::memcpy(&a, response.outputs(0).raw_data().data() + 4 * i, 4);
-    std::memcpy(&b, expected.data() + 4 * i, 4);
-    max_err = std::max(max_err, std::fabs(a - b));
-    max_abs = std::max(max_abs, std::fabs(b));
-  }
-  EXPECT_LE(max_err, 1e-4 * max_abs);
+  EXPECT_LE(MaxRelativeError(response.outputs(0).raw_data(), expected), 1e-4);
   ASSERT_TRUE(Unload("g").ok());
 }
 
@@ -257,15 +262,7 @@ TEST_F(ServiceTest, Sd1WithTheWebUiDtypesThroughGrpc) {
   EXPECT_EQ(response.outputs(0).datatype(), "FP32");
   const std::string expected = testing::ReadFileOrEmpty(ref + "vae_decode.out.bin");
   ASSERT_EQ(response.outputs(0).raw_data().size(), expected.size());
-  float max_err = 0, max_abs = 0;
-  for (size_t i = 0; i < expected.size() / 4; ++i) {
-    float a, b;
-    std::memcpy(&a, response.outputs(0).raw_data().data() + 4 * i, 4);
-    std::memcpy(&b, expected.data() + 4 * i, 4);
-    max_err = std::max(max_err, std::fabs(a - b));
-    max_abs = std::max(max_abs, std::fabs(b));
-  }
-  EXPECT_LE(max_err, 1e-4 * max_abs);
+  EXPECT_LE(MaxRelativeError(response.outputs(0).raw_data(), expected), 1e-4);
 
   // The float16 UNet: refused on the CPU with the way out.
   request.set_entry("unet");

@@ -14,12 +14,13 @@ outputs (float32 or int64, row-major) with every shape in OUT_DIR/cases.json.
 import json
 import math
 import os
-import struct
 import sys
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ref_models import write_safetensors  # F32 and I64, an independent writer
 
 # Small, with SD1's topology: 4 levels, attention on the first three, 8 heads.
 UNET = dict(model_channels=32, mult=(1, 2, 2, 2), res_blocks=2, attention=(True, True, True, False),
@@ -398,20 +399,6 @@ def randomize(module, g):
                 p.copy_(1.0 + 0.1 * u)  # norms
             else:
                 p.copy_(0.1 * u)
-
-
-def write_safetensors(path, tensors):
-    names = {torch.float32: "F32", torch.int64: "I64"}
-    header, blobs, offset = {}, [], 0
-    for name, t in tensors.items():
-        b = t.contiguous().numpy().tobytes()
-        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(b)]}
-        offset += len(b)
-        blobs.append(b)
-    text = json.dumps(header).encode()
-    text += b" " * ((8 - len(text) % 8) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(text)) + text + b"".join(blobs))
 
 
 def main():
