@@ -79,6 +79,17 @@ TEST(CliTest, LoadListGetInferUnloadAndErrors) {
       cli({"bench", "load-hit", "--path=g", "--model=tiny", "--requests=50", "--json"});
   EXPECT_EQ(bench_hits.exit_code, 1);  // different dtype policy: ALREADY_EXISTS, counted by code
   EXPECT_EQ(nlohmann::json::parse(bench_hits.out)["errors"]["ALREADY_EXISTS"], 50);
+  // Open loop: 60 cache hits due at 100/s take their 0.6 s whatever the daemon's speed.
+  testing::CommandResult paced =
+      cli({"bench", "load-hit", "--path=g", "--model=tiny", "--rate=100", "--requests=60",
+           "--concurrency=64", "--json"});
+  nlohmann::json p = nlohmann::json::parse(paced.out);
+  EXPECT_EQ(p["rate"], 100);
+  EXPECT_EQ(p["requests"], 60);
+  EXPECT_EQ(p["errors"]["ALREADY_EXISTS"], 60);
+  EXPECT_GE(p["seconds"].get<double>(), 0.59);
+  EXPECT_LT(p["seconds"].get<double>(), 5.0);
+  EXPECT_EQ(cli({"bench", "load-hit", "--path=g", "--rate=-1"}).exit_code, 2);
 
   testing::CommandResult missing = cli({"get", "nobody"});
   EXPECT_EQ(missing.exit_code, 1);
