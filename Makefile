@@ -83,10 +83,11 @@ soak: build
 
 # Benchmarks print ratios and figures; see README "Performance" for the recorded table.
 bench: build
-	cmake --build $(BUILD_DIR) -j $(JOBS) --target load_bench
+	cmake --build $(BUILD_DIR) -j $(JOBS) --target load_bench infer_bench
 	@$(BUILD_DIR)/tests/bench/parse_bench
 	@$(BUILD_DIR)/tests/bench/load_bench --dir=$(BUILD_DIR)/bench-data
 	@$(BUILD_DIR)/tests/bench/load_bench --model=sd1 --dir=$(BUILD_DIR)/bench-data
+	@$(BUILD_DIR)/tests/bench/infer_bench --daemon=$(BUILD_DIR)/server/metaloadd --cli=$(BUILD_DIR)/client/metaload
 
 # Long fuzzing: make fuzz FUZZ_SECONDS=3600 (per target).
 fuzz: deps
