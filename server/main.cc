@@ -24,7 +24,8 @@
 #endif
 
 ABSL_FLAG(std::string, listen, "127.0.0.1:50051",
-          "gRPC listen address host:port (port 0: pick a free port; see --port_file)");
+          "gRPC listen address host:port (port 0: pick a free port; see --port_file), or "
+          "unix:PATH for a Unix socket (same-host clients; access by the directory's permissions)");
 ABSL_FLAG(std::string, metrics_listen, "127.0.0.1:9464",
           "Prometheus listen address host:port; metrics are served at /metrics");
 ABSL_FLAG(std::vector<std::string>, model_root, {},
@@ -72,6 +73,7 @@ bool WritePortFile(const std::string& path, int grpc_port, int metrics_port) {
 
 // "0.0.0.0:50051" -> "127.0.0.1:50051", for the hint printed to the user.
 std::string DialableAddress(const std::string& listen, int port) {
+  if (listen.rfind("unix:", 0) == 0) return listen;  // a Unix socket has no port
   std::string host = listen.substr(0, listen.rfind(':'));
   if (host.empty() || host == "0.0.0.0" || host == "[::]") host = "127.0.0.1";
   return absl::StrCat(host, ":", port);
@@ -212,8 +214,10 @@ int main(int argc, char** argv) {
       .Kv("model_roots", d.model_roots().size());
   for (const std::string& root : d.model_roots()) LogInfo("model_root").Kv("path", root);
   if (isatty(STDERR_FILENO)) {
-    std::fprintf(stderr, "\n  metaloadd is serving. Try:\n    grpcurl -plaintext %s list\n\n",
-                 grpc_address.c_str());
+    const bool unix_socket = grpc_address.rfind("unix:", 0) == 0;
+    std::fprintf(stderr, "\n  metaloadd is serving. Try:\n    grpcurl -plaintext %s%s list\n\n",
+                 unix_socket ? "-unix " : "",
+                 unix_socket ? grpc_address.substr(5).c_str() : grpc_address.c_str());
   }
 
   int sig = 0;

@@ -124,6 +124,34 @@ TEST(DaemonTest, SigintAlsoStopsCleanly) {
   EXPECT_EQ(WEXITSTATUS(*exit_status), 0);
 }
 
+TEST(DaemonTest, ServesOnAUnixSocket) {
+  testing::TempDir dir;
+  const std::string socket = dir / "metaload.sock";
+  ASSERT_EQ(testing::RunCommand({METALOAD_CLI_PATH, "synth", "--arch=mlp", dir / "m"}, dir / "s")
+                .exit_code,
+            0);
+  DaemonProcess daemon(dir, {"--listen=unix:" + socket});
+  ASSERT_GT(daemon.grpc_port(), 0) << daemon.process().Stderr();
+  EXPECT_TRUE(std::filesystem::is_socket(socket));
+  auto cli = [&](std::vector<std::string> args) {
+    args.insert(args.begin(), METALOAD_CLI_PATH);
+    args.push_back("--address=unix:" + socket);
+    return testing::RunCommand(args, dir / "cli");
+  };
+  EXPECT_EQ(cli({"health"}).out, "SERVING\n");
+  testing::CommandResult load = cli({"load", "m", "--quiet"});
+  ASSERT_EQ(load.exit_code, 0) << load.err;
+  testing::CommandResult infer =
+      cli({"infer", "m", "--input=input=FP32:1x16:1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16"});
+  ASSERT_EQ(infer.exit_code, 0) << infer.err;
+  EXPECT_NE(infer.out.find("output FP32[1x8]"), std::string::npos) << infer.out;
+  daemon.process().Signal(SIGTERM);
+  ASSERT_TRUE(daemon.process().Wait(5s).has_value());
+  EXPECT_NE(daemon.process().Stderr().find("grpc=unix:" + socket + " "), std::string::npos)
+      << daemon.process().Stderr();
+  EXPECT_FALSE(std::filesystem::exists(socket));
+}
+
 TEST(DaemonTest, RepeatedModelRootsAreAllUsed) {
   testing::TempDir dir;
   std::filesystem::create_directory(dir / "a");
