@@ -1,23 +1,17 @@
 #include "server/metrics/metrics_server.h"
 
-#include <arpa/inet.h>
-#include <netinet/in.h>
 #include <prometheus/collectable.h>
-#include <prometheus/exposer.h>
 #include <prometheus/gauge.h>
 #include <prometheus/metric_family.h>
 #include <prometheus/registry.h>
-#include <sys/socket.h>
-#include <unistd.h>
+#include <prometheus/text_serializer.h>
 
-#include <atomic>
-#include <chrono>
-#include <exception>
-#include <thread>
+#include <iterator>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "server/core/process_memory.h"
+#include "server/metrics/http_endpoint.h"
 
 namespace metaload::metrics {
 
@@ -68,52 +62,40 @@ absl::StatusOr<std::unique_ptr<MetricsServer>> MetricsServer::Create(const Optio
       .Register(*server->registry_)
       .Add({{"version", options.version}})
       .Set(1);
-  try {
-    // civetweb throws when the port cannot be bound.
-    server->exposer_ = std::make_unique<prometheus::Exposer>(options.listen, /*num_threads=*/2);
-  } catch (const std::exception& e) {
-    return absl::UnavailableError(
-        absl::StrCat("metrics: cannot listen on ", options.listen, ": ", e.what()));
+  server->collectables_ = {server->registry_, server->process_collector_};
+  HttpEndpoint::Options endpoint;
+  endpoint.listen = options.listen;
+  absl::StatusOr<std::unique_ptr<HttpEndpoint>> started =
+      HttpEndpoint::Start(endpoint, [s = server.get()] { return s->Scrape(); });
+  if (!started.ok()) {
+    return absl::Status(started.status().code(),
+                        absl::StrCat("metrics: ", started.status().message()));
   }
-  server->exposer_->RegisterCollectable(server->registry_);
-  server->exposer_->RegisterCollectable(server->process_collector_);
-  std::vector<int> ports = server->exposer_->GetListeningPorts();
-  server->port_ = ports.empty() ? 0 : ports.front();
-  // Where ~MetricsServer can reach the listener: its own address, or loopback for a wildcard.
-  const std::string host = options.listen.substr(0, options.listen.rfind(':'));
-  in_addr parsed{};
-  server->knock_address_ = host != "0.0.0.0" && ::inet_pton(AF_INET, host.c_str(), &parsed) == 1
-                               ? parsed.s_addr
-                               : htonl(INADDR_LOOPBACK);
+  server->endpoint_ = std::move(*started);
+  server->port_ = server->endpoint_->port();
   return server;
 }
 
 void MetricsServer::AddCollectable(const std::shared_ptr<prometheus::Collectable>& collectable) {
-  exposer_->RegisterCollectable(collectable);
+  std::lock_guard<std::mutex> lock(mu_);
+  collectables_.push_back(collectable);
 }
 
-MetricsServer::~MetricsServer() {
-  // Stop serving before the collectables it reads go away. civetweb's listener notices its stop
-  // flag only when its poll() returns, which without traffic takes up to two seconds: knock on
-  // our own port until it has stopped, so the daemon exits within its shutdown grace.
-  std::atomic<bool> stopped{false};
-  std::thread knocker([this, &stopped] {
-    while (!stopped.load()) {
-      int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-      if (fd >= 0) {
-        sockaddr_in addr{};
-        addr.sin_family = AF_INET;
-        addr.sin_port = htons(static_cast<uint16_t>(port_));
-        addr.sin_addr.s_addr = knock_address_;
-        (void)::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
-        ::close(fd);
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    }
-  });
-  exposer_.reset();
-  stopped.store(true);
-  knocker.join();
+std::string MetricsServer::Scrape() const {
+  std::vector<std::shared_ptr<prometheus::Collectable>> collectables;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    collectables = collectables_;
+  }
+  std::vector<prometheus::MetricFamily> families;
+  for (const auto& c : collectables) {
+    std::vector<prometheus::MetricFamily> more = c->Collect();
+    families.insert(families.end(), std::make_move_iterator(more.begin()),
+                    std::make_move_iterator(more.end()));
+  }
+  return prometheus::TextSerializer().Serialize(families);
 }
+
+MetricsServer::~MetricsServer() = default;
 
 }  // namespace metaload::metrics

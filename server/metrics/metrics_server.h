@@ -1,26 +1,27 @@
 // The Prometheus side of the daemon: one prometheus::Registry for every metaload_ metric, and the
-// HTTP exposer that serves it at /metrics. Process figures (peak RSS, RSS, threads, open fds) are
+// HTTP endpoint (http_endpoint.h) that serves it at /metrics. Process figures (peak RSS, RSS, threads, open fds) are
 // read from /proc at scrape time, so they are exact whenever Prometheus looks.
 //
-// Owns the exposer's listening socket and threads; destroying it stops serving.
+// Owns the endpoint's listening socket and thread; destroying it stops serving.
 // Thread-safe: metric families may be created and updated from any thread.
 #ifndef METALOAD_SERVER_METRICS_METRICS_SERVER_H_
 #define METALOAD_SERVER_METRICS_METRICS_SERVER_H_
 
-#include <cstdint>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 
 namespace prometheus {
 class Collectable;
-class Exposer;
 class Registry;
 }  // namespace prometheus
 
 namespace metaload::metrics {
 
+class HttpEndpoint;
 class ProcessCollector;
 
 class MetricsServer {
@@ -46,12 +47,15 @@ class MetricsServer {
 
  private:
   MetricsServer() = default;
+  // Every collectable's families in the text exposition format.
+  std::string Scrape() const;
 
   std::shared_ptr<prometheus::Registry> registry_;
   std::shared_ptr<ProcessCollector> process_collector_;
-  std::unique_ptr<prometheus::Exposer> exposer_;
+  mutable std::mutex mu_;
+  std::vector<std::shared_ptr<prometheus::Collectable>> collectables_;  // guarded by mu_
   int port_ = 0;
-  uint32_t knock_address_ = 0;  // IPv4, network byte order
+  std::unique_ptr<HttpEndpoint> endpoint_;  // last: stops before the collectables go
 };
 
 }  // namespace metaload::metrics
