@@ -61,8 +61,10 @@ struct ModelCache::Slot {
 
 ModelCache::ModelCache(Options options)
     : options_(std::move(options)),
-      load_pool_(std::make_unique<core::ThreadPool>(options_.load_threads)),
-      infer_pool_(std::make_unique<core::ThreadPool>(options_.infer_threads)),
+      load_pool_(std::make_unique<core::ThreadPool>(options_.load_threads,
+                                                    core::InitIntraOpThreadsForThisThread)),
+      infer_pool_(std::make_unique<core::ThreadPool>(options_.infer_threads,
+                                                     core::InitIntraOpThreadsForThisThread)),
       hash_pool_(std::make_unique<core::ThreadPool>(1)) {}
 
 ModelCache::~ModelCache() {

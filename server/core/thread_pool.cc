@@ -1,9 +1,16 @@
 #include "server/core/thread_pool.h"
 
+#include <algorithm>
+
 namespace metaload::core {
 
-ThreadPool::ThreadPool(int threads) {
-  for (int i = 0; i < std::max(1, threads); ++i) workers_.emplace_back([this] { Work(); });
+ThreadPool::ThreadPool(int threads, std::function<void()> on_thread_start) {
+  for (int i = 0; i < std::max(1, threads); ++i) {
+    workers_.emplace_back([this, on_thread_start] {
+      if (on_thread_start) on_thread_start();
+      Work();
+    });
+  }
 }
 
 ThreadPool::~ThreadPool() {

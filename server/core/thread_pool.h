@@ -15,7 +15,8 @@ namespace metaload::core {
 
 class ThreadPool {
  public:
-  explicit ThreadPool(int threads);
+  // `on_thread_start`, when given, runs first on each worker (e.g. per-thread library settings).
+  explicit ThreadPool(int threads, std::function<void()> on_thread_start = nullptr);
   ~ThreadPool();
   ThreadPool(const ThreadPool&) = delete;
   ThreadPool& operator=(const ThreadPool&) = delete;

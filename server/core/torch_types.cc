@@ -74,6 +74,8 @@ void SetIntraOpThreads(int threads) {
 
 int IntraOpThreads() { return at::get_num_threads(); }
 
+void InitIntraOpThreadsForThisThread() { at::init_num_threads(); }
+
 bool CudaAvailable() { return at::hasCUDA() && at::getNumGPUs() > 0; }
 
 }  // namespace metaload::core

@@ -26,6 +26,10 @@ bool CudaAvailable();
 // Threads one forward pass may use (LibTorch's intra-op pool); <= 0 keeps LibTorch's default.
 void SetIntraOpThreads(int threads);
 int IntraOpThreads();
+// Applies that setting to the calling thread, which LibTorch does only for its own threads: a
+// thread of ours that runs a forward pass would otherwise give OpenMP (and the BLAS built on it)
+// every core, however many such threads run at once.
+void InitIntraOpThreadsForThisThread();
 
 }  // namespace metaload::core
 
