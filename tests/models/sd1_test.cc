@@ -136,11 +136,14 @@ INSTANTIATE_TEST_SUITE_P(
              "float32",
              1e-4,
              "sd1-inpainting"},
+        // This random 8-channel UNet amplifies rounding: the Python reference against itself
+        // differs by 5.7e-5 between 1 and 2 OpenBLAS threads and by 1.05e-4 between OpenBLAS and
+        // the reference BLAS, so 1e-4 would test the BLAS, not metaload (measured 8.1e-5).
         Case{"instruct_pix2pix",
              {"--in-channels", "8"},
              "model.safetensors",
              "float32",
-             1e-4,
+             3e-4,
              "sd1-instruct-pix2pix"}),
     [](const ::testing::TestParamInfo<Case>& info) { return std::string(info.param.name); });
 
