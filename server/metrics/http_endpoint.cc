@@ -31,12 +31,13 @@ int MsLeft(Clock::time_point deadline) {
   return left > 0 ? static_cast<int>(left) : 0;
 }
 
-// Writes all of `data` before `deadline`; false when the peer is gone or too slow.
-bool WriteAll(int fd, const std::string& data, Clock::time_point deadline) {
+// Writes all of `data` before `deadline`; false when the peer is gone or too slow, or when
+// `stop_fd` becomes readable (the endpoint is stopping).
+bool WriteAll(int fd, const std::string& data, Clock::time_point deadline, int stop_fd) {
   size_t done = 0;
   while (done < data.size()) {
-    pollfd p{fd, POLLOUT, 0};
-    if (::poll(&p, 1, MsLeft(deadline)) <= 0) return false;
+    pollfd p[2] = {{fd, POLLOUT, 0}, {stop_fd, POLLIN, 0}};
+    if (::poll(p, 2, MsLeft(deadline)) <= 0 || p[1].revents != 0) return false;
     const ssize_t n = ::send(fd, data.data() + done, data.size() - done, MSG_NOSIGNAL);
     if (n < 0 && (errno == EINTR || errno == EAGAIN)) continue;
     if (n <= 0) return false;
@@ -47,9 +48,9 @@ bool WriteAll(int fd, const std::string& data, Clock::time_point deadline) {
 
 std::string Response(int code, const std::string& reason, const std::string& content_type,
                      const std::string& body, bool head, const std::string& extra_headers = "") {
-  std::string out = absl::StrCat("HTTP/1.1 ", code, " ", reason, "\r\nContent-Type: ",
-                                 content_type, "\r\nContent-Length: ", body.size(),
-                                 "\r\nConnection: close\r\n", extra_headers, "\r\n");
+  std::string out = absl::StrCat("HTTP/1.1 ", code, " ", reason, "\r\nContent-Type: ", content_type,
+                                 "\r\nContent-Length: ", body.size(), "\r\nConnection: close\r\n",
+                                 extra_headers, "\r\n");
   if (!head) out += body;
   return out;
 }
@@ -84,7 +85,8 @@ absl::StatusOr<std::unique_ptr<HttpEndpoint>> HttpEndpoint::Start(Options option
   hints.ai_socktype = SOCK_STREAM;
   hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
   addrinfo* found = nullptr;
-  const int gai = ::getaddrinfo(host.empty() ? nullptr : host.c_str(), port.c_str(), &hints, &found);
+  const int gai =
+      ::getaddrinfo(host.empty() ? nullptr : host.c_str(), port.c_str(), &hints, &found);
   if (gai != 0) {
     return absl::UnavailableError(
         absl::StrCat("cannot listen on ", options.listen, ": ", ::gai_strerror(gai)));
@@ -108,15 +110,15 @@ absl::StatusOr<std::unique_ptr<HttpEndpoint>> HttpEndpoint::Start(Options option
   }
   ::freeaddrinfo(found);
   if (endpoint->listen_fd_ < 0) {
-    return absl::UnavailableError(absl::StrCat("cannot listen on ", endpoint->options_.listen, ": ",
-                                               std::strerror(error)));
+    return absl::UnavailableError(
+        absl::StrCat("cannot listen on ", endpoint->options_.listen, ": ", std::strerror(error)));
   }
   sockaddr_storage bound{};
   socklen_t length = sizeof(bound);
   if (::getsockname(endpoint->listen_fd_, reinterpret_cast<sockaddr*>(&bound), &length) == 0) {
-    endpoint->port_ = ntohs(bound.ss_family == AF_INET6
-                                ? reinterpret_cast<sockaddr_in6*>(&bound)->sin6_port
-                                : reinterpret_cast<sockaddr_in*>(&bound)->sin_port);
+    endpoint->port_ =
+        ntohs(bound.ss_family == AF_INET6 ? reinterpret_cast<sockaddr_in6*>(&bound)->sin6_port
+                                          : reinterpret_cast<sockaddr_in*>(&bound)->sin_port);
   }
   if (::pipe2(endpoint->stop_pipe_, O_CLOEXEC) != 0) {
     return absl::UnavailableError(absl::StrCat("metrics: pipe: ", std::strerror(errno)));
@@ -147,7 +149,12 @@ void HttpEndpoint::Serve() {
     if (p[1].revents != 0) return;
     if (p[0].revents == 0) continue;
     const int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
-    if (fd < 0) continue;  // the client gave up, or out of fds for a moment
+    if (fd < 0) {
+      // Out of descriptors: the connection stays queued; try again a little later.
+      if (errno == EMFILE || errno == ENFILE)
+        std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      continue;  // or the client gave up before we got to it
+    }
     Answer(fd);
     ::close(fd);
   }
@@ -169,9 +176,9 @@ void HttpEndpoint::Answer(int fd) {
   }
   if (end == std::string::npos || end > kMaxRequestBytes) {
     WriteAll(fd,
-             Response(431, "Request Header Fields Too Large", "text/plain",
-                      "request over 16 KiB\n", false),
-             Clock::now() + options_.io_timeout);
+             Response(431, "Request Header Fields Too Large", "text/plain", "request over 16 KiB\n",
+                      false),
+             Clock::now() + options_.io_timeout, stop_pipe_[0]);
     return;
   }
   const std::string line = request.substr(0, request.find_first_of("\r\n"));
@@ -180,7 +187,7 @@ void HttpEndpoint::Answer(int fd) {
   if (parts.size() != 3 || parts[1].empty() || parts[1][0] != '/' ||
       parts[2].rfind("HTTP/1.", 0) != 0) {
     WriteAll(fd, Response(400, "Bad Request", "text/plain", "malformed request line\n", false),
-             write_deadline);
+             write_deadline, stop_pipe_[0]);
     return;
   }
   const bool head = parts[0] == "HEAD";
@@ -188,7 +195,7 @@ void HttpEndpoint::Answer(int fd) {
     WriteAll(fd,
              Response(405, "Method Not Allowed", "text/plain", "only GET and HEAD\n", false,
                       "Allow: GET, HEAD\r\n"),
-             write_deadline);
+             write_deadline, stop_pipe_[0]);
     return;
   }
   const std::string path = parts[1].substr(0, parts[1].find('?'));
@@ -196,7 +203,7 @@ void HttpEndpoint::Answer(int fd) {
     WriteAll(fd,
              Response(404, "Not Found", "text/plain",
                       absl::StrCat("not found; see ", options_.path, "\n"), head),
-             write_deadline);
+             write_deadline, stop_pipe_[0]);
     return;
   }
   std::string body;
@@ -204,10 +211,11 @@ void HttpEndpoint::Answer(int fd) {
     body = body_();
   } catch (const std::exception& e) {
     WriteAll(fd, Response(500, "Internal Server Error", "text/plain", e.what(), head),
-             write_deadline);
+             write_deadline, stop_pipe_[0]);
     return;
   }
-  WriteAll(fd, Response(200, "OK", options_.content_type, body, head), write_deadline);
+  WriteAll(fd, Response(200, "OK", options_.content_type, body, head), write_deadline,
+           stop_pipe_[0]);
 }
 
 }  // namespace metaload::metrics

@@ -46,7 +46,8 @@ class HttpEndpoint {
   int port() const { return port_; }
 
  private:
-  HttpEndpoint(Options options, BodyFn body) : options_(std::move(options)), body_(std::move(body)) {}
+  HttpEndpoint(Options options, BodyFn body)
+      : options_(std::move(options)), body_(std::move(body)) {}
   void Serve();
   void Answer(int fd);
 

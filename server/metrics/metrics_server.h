@@ -1,6 +1,7 @@
 // The Prometheus side of the daemon: one prometheus::Registry for every metaload_ metric, and the
-// HTTP endpoint (http_endpoint.h) that serves it at /metrics. Process figures (peak RSS, RSS, threads, open fds) are
-// read from /proc at scrape time, so they are exact whenever Prometheus looks.
+// HTTP endpoint (http_endpoint.h) that serves it at /metrics. Process figures (peak RSS, RSS,
+// threads, open fds) are read from /proc at scrape time, so they are exact whenever Prometheus
+// looks.
 //
 // Owns the endpoint's listening socket and thread; destroying it stops serving.
 // Thread-safe: metric families may be created and updated from any thread.

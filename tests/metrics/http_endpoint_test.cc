@@ -11,6 +11,7 @@
 #include <atomic>
 #include <chrono>
 #include <string>
+#include <thread>
 
 namespace metaload::metrics {
 namespace {
@@ -112,6 +113,29 @@ TEST(HttpEndpointTest, StopsAtOnceEvenWithAClientConnected) {
   endpoint.reset();
   EXPECT_LT(Clock::now() - start, 1s);
   ::close(silent);
+}
+
+TEST(HttpEndpointTest, StopsAtOnceWhileAClientDoesNotReadItsAnswer) {
+  HttpEndpoint::Options options;
+  options.listen = "127.0.0.1:0";
+  options.io_timeout = 60s;
+  std::atomic<bool> produced{false};
+  auto endpoint = HttpEndpoint::Start(options, [&] {
+    produced = true;
+    return std::string(64 << 20, 'x');  // far more than the socket buffers hold
+  });
+  ASSERT_TRUE(endpoint.ok()) << endpoint.status();
+  const int reader = Connect((*endpoint)->port());
+  const std::string request = "GET /metrics HTTP/1.1\r\n\r\n";
+  ASSERT_EQ(::send(reader, request.data(), request.size(), MSG_NOSIGNAL),
+            static_cast<ssize_t>(request.size()));
+  for (int i = 0; i < 200 && !produced; ++i) std::this_thread::sleep_for(10ms);
+  ASSERT_TRUE(produced);
+  std::this_thread::sleep_for(100ms);  // the endpoint is now blocked writing
+  const auto start = Clock::now();
+  endpoint->reset();
+  EXPECT_LT(Clock::now() - start, 1s);
+  ::close(reader);
 }
 
 TEST(HttpEndpointTest, BusyAndMalformedAddressesAreNamed) {
