@@ -69,8 +69,8 @@ using StartFn = std::function<void(int64_t n, Call* call, std::function<void(grp
 // at a fixed rate, and collects one sample per completed call.
 class Driver {
  public:
-  Driver(StartFn start, int streams, int64_t max_requests, Clock::duration duration,
-         double rate, Clock::duration call_timeout)
+  Driver(StartFn start, int streams, int64_t max_requests, Clock::duration duration, double rate,
+         Clock::duration call_timeout)
       : start_fn_(std::move(start)),
         streams_(streams),
         max_requests_(max_requests),
@@ -155,10 +155,10 @@ class Driver {
 
   std::mutex mu_;
   std::condition_variable idle_;
-  int64_t issued_ = 0;                   // guarded by mu_
-  int in_flight_ = 0;                    // guarded by mu_
+  int64_t issued_ = 0;                     // guarded by mu_
+  int in_flight_ = 0;                      // guarded by mu_
   std::deque<Clock::time_point> backlog_;  // due times waiting for a stream; guarded by mu_
-  std::vector<Sample> samples_;          // guarded by mu_
+  std::vector<Sample> samples_;            // guarded by mu_
 };
 
 }  // namespace
@@ -172,11 +172,11 @@ int RunBench(const std::vector<std::string>& argv) {
       rest.push_back(argv[i]);
     }
   }
-  absl::StatusOr<Args> args = Args::Parse(rest,
-                                          {"address", "token_file", "model", "path", "paths",
-                                           "concurrency", "duration", "requests", "rate",
-                                           "timeout"},
-                                          {"json"});
+  absl::StatusOr<Args> args =
+      Args::Parse(rest,
+                  {"address", "token_file", "model", "path", "paths", "concurrency", "duration",
+                   "requests", "rate", "timeout"},
+                  {"json"});
   auto usage = [](const std::string& m) {
     std::fprintf(
         stderr,
@@ -282,21 +282,21 @@ int RunBench(const std::vector<std::string>& argv) {
   if (args->Has("json")) {
     std::printf("%s\n", out.dump().c_str());
   } else {
-    std::printf("%s: %zu requests in %.2f s (%.1f/s), concurrency %lld, %s\n", scenario.c_str(),
-                samples.size(), seconds, out["requests_per_second"].get<double>(), *concurrency,
-                *rate > 0 ? ("open loop at " + std::to_string(*rate) + "/s").c_str()
-                          : "closed loop");
+    std::printf(
+        "%s: %zu requests in %.2f s (%.1f/s), concurrency %lld, %s\n", scenario.c_str(),
+        samples.size(), seconds, out["requests_per_second"].get<double>(), *concurrency,
+        *rate > 0 ? ("open loop at " + std::to_string(*rate) + "/s").c_str() : "closed loop");
     std::printf("latency ms: p50 %.3f  p90 %.3f  p99 %.3f  max %.3f\n", Percentile(ok_ms, 0.5),
                 Percentile(ok_ms, 0.9), Percentile(ok_ms, 0.99),
                 ok_ms.empty() ? 0.0 : ok_ms.back());
     for (const auto& [code, n] : errors)
       std::printf("errors %s: %lld\n", code.c_str(), static_cast<long long>(n));
     if (*rate == 0 && *concurrency > 1 && !samples.empty()) {
-      std::printf("closed loop: %lld streams / %.0f requests/s = %.3f ms mean in flight, most of it "
-                  "queueing once the daemon is saturated; --rate=R measures latency at a set load\n",
-                  *concurrency, out["requests_per_second"].get<double>(),
-                  1000.0 * static_cast<double>(*concurrency) /
-                      out["requests_per_second"].get<double>());
+      std::printf(
+          "closed loop: %lld streams / %.0f requests/s = %.3f ms mean in flight, most of it "
+          "queueing once the daemon is saturated; --rate=R measures latency at a set load\n",
+          *concurrency, out["requests_per_second"].get<double>(),
+          1000.0 * static_cast<double>(*concurrency) / out["requests_per_second"].get<double>());
     }
   }
   return errors.empty() ? 0 : 1;

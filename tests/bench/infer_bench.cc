@@ -10,6 +10,9 @@
 // and their ratio (the target: <= 1.3 x).
 //
 // Usage: infer_bench --daemon=PATH --cli=PATH [--dir=DIR] [--rounds=N] [--requests=N]
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -18,9 +21,6 @@
 #include <string>
 #include <thread>
 #include <vector>
-
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -42,7 +42,8 @@ double Median(std::vector<double> v) {
 std::string Flag(int argc, char** argv, const std::string& name, const std::string& fallback) {
   const std::string prefix = "--" + name + "=";
   for (int i = 1; i < argc; ++i) {
-    if (std::string(argv[i]).rfind(prefix, 0) == 0) return std::string(argv[i]).substr(prefix.size());
+    if (std::string(argv[i]).rfind(prefix, 0) == 0)
+      return std::string(argv[i]).substr(prefix.size());
   }
   return fallback;
 }
@@ -69,8 +70,9 @@ int main(int argc, char** argv) {
   const std::string daemon = Flag(argc, argv, "daemon", "");
   const std::string cli = Flag(argc, argv, "cli", "");
   if (daemon.empty() || cli.empty()) {
-    std::fprintf(stderr, "usage: infer_bench --daemon=PATH --cli=PATH [--dir=DIR] [--rounds=N] "
-                         "[--requests=N]\n");
+    std::fprintf(stderr,
+                 "usage: infer_bench --daemon=PATH --cli=PATH [--dir=DIR] [--rounds=N] "
+                 "[--requests=N]\n");
     return 2;
   }
   int rounds = 5, requests = 2000;
@@ -125,17 +127,18 @@ int main(int argc, char** argv) {
     return r.out;
   };
 
-  std::printf("infer benchmark: MLP forward, batch 1, float32, p50 of up to %d requests (2 s), "
-              "median of %d interleaved rounds, %d intra-op thread(s) in both\n",
-              requests, rounds, at::get_num_threads());
-  std::printf("%-8s %-24s %12s %12s %12s %9s %s\n", "preset", "layers", "parameters",
-              "in-proc us", "gRPC us", "gRPC/in", "target");
+  std::printf(
+      "infer benchmark: MLP forward, batch 1, float32, p50 of up to %d requests (2 s), "
+      "median of %d interleaved rounds, %d intra-op thread(s) in both\n",
+      requests, rounds, at::get_num_threads());
+  std::printf("%-8s %-24s %12s %12s %12s %9s %s\n", "preset", "layers", "parameters", "in-proc us",
+              "gRPC us", "gRPC/in", "target");
   for (const std::string& preset : presets) {
     const std::string path = dir + "/mlp-" + preset;
     auto source = metaload::core::CheckpointSource::Open(path);
-    auto model = source.ok() ? metaload::models::BuildModel("mlp", (*source)->index())
-                             : absl::StatusOr<std::unique_ptr<metaload::models::Model>>(
-                                   source.status());
+    auto model = source.ok()
+                     ? metaload::models::BuildModel("mlp", (*source)->index())
+                     : absl::StatusOr<std::unique_ptr<metaload::models::Model>>(source.status());
     if (!model.ok() || !(*model)->Load(**source, {}).ok()) {
       std::fprintf(stderr, "load %s failed\n", path.c_str());
       return 1;
@@ -153,10 +156,10 @@ int main(int argc, char** argv) {
     std::vector<double> local, remote;
     for (int r = 0; r < rounds; ++r) {
       local.push_back(InProcessP50(**model, input, n));
-      nlohmann::json b = nlohmann::json::parse(run_cli(
-          {"bench", "infer", "--model=" + preset,
-           absl::StrCat("--input=input=FP32:1x", in_features, ":", values), "--concurrency=1",
-           absl::StrCat("--requests=", n), "--duration=600", "--json"}));
+      nlohmann::json b = nlohmann::json::parse(
+          run_cli({"bench", "infer", "--model=" + preset,
+                   absl::StrCat("--input=input=FP32:1x", in_features, ":", values),
+                   "--concurrency=1", absl::StrCat("--requests=", n), "--duration=600", "--json"}));
       remote.push_back(b["latency_ms"]["p50"].get<double>() * 1000.0);
     }
     const nlohmann::json config =

@@ -80,9 +80,8 @@ TEST(CliTest, LoadListGetInferUnloadAndErrors) {
   EXPECT_EQ(bench_hits.exit_code, 1);  // different dtype policy: ALREADY_EXISTS, counted by code
   EXPECT_EQ(nlohmann::json::parse(bench_hits.out)["errors"]["ALREADY_EXISTS"], 50);
   // Open loop: 60 cache hits due at 100/s take their 0.6 s whatever the daemon's speed.
-  testing::CommandResult paced =
-      cli({"bench", "load-hit", "--path=g", "--model=tiny", "--rate=100", "--requests=60",
-           "--concurrency=64", "--json"});
+  testing::CommandResult paced = cli({"bench", "load-hit", "--path=g", "--model=tiny", "--rate=100",
+                                      "--requests=60", "--concurrency=64", "--json"});
   nlohmann::json p = nlohmann::json::parse(paced.out);
   EXPECT_EQ(p["rate"], 100);
   EXPECT_EQ(p["requests"], 60);
