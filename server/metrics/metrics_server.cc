@@ -15,7 +15,7 @@
 
 namespace metaload::metrics {
 
-// Reads /proc at scrape time; registered with the exposer beside the main registry.
+// Reads /proc at scrape time; scraped beside the main registry.
 class ProcessCollector : public prometheus::Collectable {
  public:
   std::vector<prometheus::MetricFamily> Collect() const override {

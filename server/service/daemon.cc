@@ -198,8 +198,9 @@ void Daemon::Drain(absl::Duration grace) {
     server_->Wait();
     core::LogDebug("grpc_stopped").Kv("idle", idle ? "true" : "false").Kv("cancelled", cancelled);
   }
-  cache_.reset();  // cancels loads in flight and frees every model
+  // A scrape from now on must not reach the cache, which goes next.
   if (loader_metrics_) loader_metrics_->Detach();
+  cache_.reset();  // cancels loads in flight and frees every model
   metrics_.reset();
   core::LogDebug("metrics_stopped");
 }
