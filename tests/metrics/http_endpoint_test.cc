@@ -5,6 +5,7 @@
 #include <arpa/inet.h>
 #include <gtest/gtest.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -119,19 +120,19 @@ TEST(HttpEndpointTest, StopsAtOnceWhileAClientDoesNotReadItsAnswer) {
   HttpEndpoint::Options options;
   options.listen = "127.0.0.1:0";
   options.io_timeout = 60s;
-  std::atomic<bool> produced{false};
-  auto endpoint = HttpEndpoint::Start(options, [&] {
-    produced = true;
-    return std::string(64 << 20, 'x');  // far more than the socket buffers hold
+  auto endpoint = HttpEndpoint::Start(options, [] {
+    return std::string(32 << 20, 'x');  // far more than the socket buffers hold
   });
   ASSERT_TRUE(endpoint.ok()) << endpoint.status();
   const int reader = Connect((*endpoint)->port());
   const std::string request = "GET /metrics HTTP/1.1\r\n\r\n";
   ASSERT_EQ(::send(reader, request.data(), request.size(), MSG_NOSIGNAL),
             static_cast<ssize_t>(request.size()));
-  for (int i = 0; i < 200 && !produced; ++i) std::this_thread::sleep_for(10ms);
-  ASSERT_TRUE(produced);
-  std::this_thread::sleep_for(100ms);  // the endpoint is now blocked writing
+  // Once the first bytes arrive the body is built and the endpoint is writing; the buffers fill
+  // and it blocks.
+  pollfd arrived{reader, POLLIN, 0};
+  ASSERT_EQ(::poll(&arrived, 1, 30000), 1);
+  std::this_thread::sleep_for(200ms);
   const auto start = Clock::now();
   endpoint->reset();
   EXPECT_LT(Clock::now() - start, 1s);
