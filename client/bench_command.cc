@@ -85,7 +85,7 @@ class Driver {
     } else {
       for (int i = 0; i < streams_; ++i) {
         std::unique_lock<std::mutex> lock(mu_);
-        if (!MayIssueLocked(Clock::now())) break;
+        if (!WithinRun(Clock::now(), issued_)) break;
         IssueLocked(Clock::now(), &lock);
       }
     }
@@ -95,8 +95,9 @@ class Driver {
   }
 
  private:
-  bool MayIssueLocked(Clock::time_point now) const {
-    return now < begin_ + duration_ && (max_requests_ <= 0 || issued_ < max_requests_);
+  // Whether request number `n`, sent (closed loop) or due (open loop) at `t`, is within the run.
+  bool WithinRun(Clock::time_point t, int64_t n) const {
+    return t < begin_ + duration_ && (max_requests_ <= 0 || n < max_requests_);
   }
 
   // Starts one call due at `due`; drops the lock around gRPC.
@@ -119,7 +120,7 @@ class Driver {
       const auto due = begin_ + std::chrono::duration_cast<Clock::duration>(period * k);
       std::this_thread::sleep_until(due);
       std::unique_lock<std::mutex> lock(mu_);
-      if (!(due < begin_ + duration_ && (max_requests_ <= 0 || k < max_requests_))) break;
+      if (!WithinRun(due, k)) break;
       if (in_flight_ < streams_) {
         IssueLocked(due, &lock);
       } else {
@@ -139,7 +140,7 @@ class Driver {
       const Clock::time_point due = backlog_.front();
       backlog_.pop_front();
       IssueLocked(due, &lock);
-    } else if (rate_ <= 0 && MayIssueLocked(now)) {
+    } else if (rate_ <= 0 && WithinRun(now, issued_)) {
       IssueLocked(now, &lock);
     }
     if (in_flight_ == 0 && backlog_.empty()) idle_.notify_all();

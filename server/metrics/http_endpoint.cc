@@ -46,15 +46,6 @@ bool WriteAll(int fd, const std::string& data, Clock::time_point deadline, int s
   return true;
 }
 
-std::string Response(int code, const std::string& reason, const std::string& content_type,
-                     const std::string& body, bool head, const std::string& extra_headers = "") {
-  std::string out = absl::StrCat("HTTP/1.1 ", code, " ", reason, "\r\nContent-Type: ", content_type,
-                                 "\r\nContent-Length: ", body.size(), "\r\nConnection: close\r\n",
-                                 extra_headers, "\r\n");
-  if (!head) out += body;
-  return out;
-}
-
 // Splits "host:port" or "[v6]:port"; false when it is neither.
 bool SplitHostPort(const std::string& listen, std::string* host, std::string* port) {
   if (!listen.empty() && listen[0] == '[') {
@@ -78,7 +69,7 @@ absl::StatusOr<std::unique_ptr<HttpEndpoint>> HttpEndpoint::Start(Options option
   std::string host, port;
   if (!SplitHostPort(options.listen, &host, &port)) {
     return absl::InvalidArgumentError(
-        absl::StrCat("metrics address '", options.listen, "': expected HOST:PORT"));
+        absl::StrCat("address '", options.listen, "': expected HOST:PORT"));
   }
   addrinfo hints{};
   hints.ai_family = AF_UNSPEC;
@@ -121,7 +112,7 @@ absl::StatusOr<std::unique_ptr<HttpEndpoint>> HttpEndpoint::Start(Options option
                                           : reinterpret_cast<sockaddr_in*>(&bound)->sin_port);
   }
   if (::pipe2(endpoint->stop_pipe_, O_CLOEXEC) != 0) {
-    return absl::UnavailableError(absl::StrCat("metrics: pipe: ", std::strerror(errno)));
+    return absl::UnavailableError(absl::StrCat("pipe: ", std::strerror(errno)));
   }
   endpoint->thread_ = std::thread([e = endpoint.get()] { e->Serve(); });
   return endpoint;
@@ -174,48 +165,37 @@ void HttpEndpoint::Answer(int fd) {
     if (n <= 0) return;
     request.append(buffer, static_cast<size_t>(n));
   }
-  if (end == std::string::npos || end > kMaxRequestBytes) {
-    WriteAll(fd,
-             Response(431, "Request Header Fields Too Large", "text/plain", "request over 16 KiB\n",
-                      false),
-             Clock::now() + options_.io_timeout, stop_pipe_[0]);
-    return;
-  }
-  const std::string line = request.substr(0, request.find_first_of("\r\n"));
-  const std::vector<std::string> parts = absl::StrSplit(line, ' ');
+  bool head = false;
+  const Reply reply = end == std::string::npos || end > kMaxRequestBytes
+                          ? Reply{431, "Request Header Fields Too Large", "request over 16 KiB\n"}
+                          : Route(request.substr(0, request.find_first_of("\r\n")), &head);
+  const std::string header =
+      absl::StrCat("HTTP/1.1 ", reply.code, " ", reply.reason,
+                   "\r\nContent-Type: ", reply.code == 200 ? options_.content_type : "text/plain",
+                   "\r\nContent-Length: ", reply.body.size(), "\r\nConnection: close\r\n",
+                   reply.code == 405 ? "Allow: GET, HEAD\r\n" : "", "\r\n");
   const auto write_deadline = Clock::now() + options_.io_timeout;
+  if (WriteAll(fd, header, write_deadline, stop_pipe_[0]) && !head) {
+    WriteAll(fd, reply.body, write_deadline, stop_pipe_[0]);
+  }
+}
+
+HttpEndpoint::Reply HttpEndpoint::Route(const std::string& request_line, bool* head) const {
+  const std::vector<std::string> parts = absl::StrSplit(request_line, ' ');
   if (parts.size() != 3 || parts[1].empty() || parts[1][0] != '/' ||
       parts[2].rfind("HTTP/1.", 0) != 0) {
-    WriteAll(fd, Response(400, "Bad Request", "text/plain", "malformed request line\n", false),
-             write_deadline, stop_pipe_[0]);
-    return;
+    return {400, "Bad Request", "malformed request line\n"};
   }
-  const bool head = parts[0] == "HEAD";
-  if (parts[0] != "GET" && !head) {
-    WriteAll(fd,
-             Response(405, "Method Not Allowed", "text/plain", "only GET and HEAD\n", false,
-                      "Allow: GET, HEAD\r\n"),
-             write_deadline, stop_pipe_[0]);
-    return;
+  *head = parts[0] == "HEAD";
+  if (parts[0] != "GET" && !*head) return {405, "Method Not Allowed", "only GET and HEAD\n"};
+  if (parts[1].substr(0, parts[1].find('?')) != options_.path) {
+    return {404, "Not Found", absl::StrCat("not found; see ", options_.path, "\n")};
   }
-  const std::string path = parts[1].substr(0, parts[1].find('?'));
-  if (path != options_.path) {
-    WriteAll(fd,
-             Response(404, "Not Found", "text/plain",
-                      absl::StrCat("not found; see ", options_.path, "\n"), head),
-             write_deadline, stop_pipe_[0]);
-    return;
-  }
-  std::string body;
   try {
-    body = body_();
+    return {200, "OK", body_()};
   } catch (const std::exception& e) {
-    WriteAll(fd, Response(500, "Internal Server Error", "text/plain", e.what(), head),
-             write_deadline, stop_pipe_[0]);
-    return;
+    return {500, "Internal Server Error", e.what()};
   }
-  WriteAll(fd, Response(200, "OK", options_.content_type, body, head), write_deadline,
-           stop_pipe_[0]);
 }
 
 }  // namespace metaload::metrics

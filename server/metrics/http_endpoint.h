@@ -48,8 +48,16 @@ class HttpEndpoint {
  private:
   HttpEndpoint(Options options, BodyFn body)
       : options_(std::move(options)), body_(std::move(body)) {}
+  struct Reply {
+    int code;
+    const char* reason;
+    std::string body;  // text/plain unless the code is 200
+  };
   void Serve();
+  // Reads one request from `fd` and answers it.
   void Answer(int fd);
+  // The reply to `request_line`; `head` is set for a HEAD request (headers only).
+  Reply Route(const std::string& request_line, bool* head) const;
 
   const Options options_;
   const BodyFn body_;

@@ -55,14 +55,13 @@ class ProcessCollector : public prometheus::Collectable {
 absl::StatusOr<std::unique_ptr<MetricsServer>> MetricsServer::Create(const Options& options) {
   std::unique_ptr<MetricsServer> server(new MetricsServer());
   server->registry_ = std::make_shared<prometheus::Registry>();
-  server->process_collector_ = std::make_shared<ProcessCollector>();
   prometheus::BuildGauge()
       .Name("metaload_build_info")
       .Help("Always 1; the version label says which metaload is running.")
       .Register(*server->registry_)
       .Add({{"version", options.version}})
       .Set(1);
-  server->collectables_ = {server->registry_, server->process_collector_};
+  server->collectables_ = {server->registry_, std::make_shared<ProcessCollector>()};
   HttpEndpoint::Options endpoint;
   endpoint.listen = options.listen;
   absl::StatusOr<std::unique_ptr<HttpEndpoint>> started =
@@ -72,9 +71,10 @@ absl::StatusOr<std::unique_ptr<MetricsServer>> MetricsServer::Create(const Optio
                         absl::StrCat("metrics: ", started.status().message()));
   }
   server->endpoint_ = std::move(*started);
-  server->port_ = server->endpoint_->port();
   return server;
 }
+
+int MetricsServer::port() const { return endpoint_->port(); }
 
 void MetricsServer::AddCollectable(const std::shared_ptr<prometheus::Collectable>& collectable) {
   std::lock_guard<std::mutex> lock(mu_);

@@ -23,7 +23,6 @@ class Registry;
 namespace metaload::metrics {
 
 class HttpEndpoint;
-class ProcessCollector;
 
 class MetricsServer {
  public:
@@ -39,7 +38,7 @@ class MetricsServer {
   ~MetricsServer();
 
   // The bound port (the real one when Options::listen asked for port 0).
-  int port() const { return port_; }
+  int port() const;
   // The registry every metaload_ family is created in.
   prometheus::Registry& registry() { return *registry_; }
   std::shared_ptr<prometheus::Registry> shared_registry() { return registry_; }
@@ -52,10 +51,8 @@ class MetricsServer {
   std::string Scrape() const;
 
   std::shared_ptr<prometheus::Registry> registry_;
-  std::shared_ptr<ProcessCollector> process_collector_;
   mutable std::mutex mu_;
   std::vector<std::shared_ptr<prometheus::Collectable>> collectables_;  // guarded by mu_
-  int port_ = 0;
   std::unique_ptr<HttpEndpoint> endpoint_;  // last: stops before the collectables go
 };
 

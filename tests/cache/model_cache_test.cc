@@ -73,6 +73,14 @@ class ModelCacheTest : public ::testing::Test {
     return models::Synthesize(options, *dir_ / name).ok();
   }
 
+  // A cpu budget that holds one medium model (160 MiB), not two.
+  static constexpr int64_t kOneMediumBudget = 180 << 20;
+  static ModelCache::Options OneMediumBudget() {
+    ModelCache::Options options;
+    options.budgets["cpu"] = kOneMediumBudget;
+    return options;
+  }
+
   static testing::TempDir* dir_;
 };
 
@@ -252,9 +260,7 @@ namespace metaload::cache {
 namespace {
 
 TEST_F(ModelCacheTest, ReplaceUnderATightBudgetSwapsInsteadOfFailing) {
-  ModelCache::Options options;
-  options.budgets["cpu"] = 180 << 20;  // one medium model (160 MiB), not two
-  ModelCache cache(options);
+  ModelCache cache(OneMediumBudget());
   ASSERT_TRUE(SynthesizeMedium("medium2", 7));
   std::promise<absl::StatusOr<LoadResult>> first;
   cache.Load(Spec("medium", "sd"), nullptr,
@@ -267,16 +273,14 @@ TEST_F(ModelCacheTest, ReplaceUnderATightBudgetSwapsInsteadOfFailing) {
   absl::StatusOr<LoadResult> r = second.get_future().get();
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_EQ(cache.Get("sd")->path, "medium2");
-  EXPECT_LE(cache.ResidentBytes()["cpu"], 180 << 20);
+  EXPECT_LE(cache.ResidentBytes()["cpu"], kOneMediumBudget);
 }
 
 // The web UI's switch, as tight as it gets: the next checkpoint is asked for from the previous
 // load's done callback, before that load's thread has returned. Nothing of the finished load
 // may still count against the budget then (a CI run once saw RESOURCE_EXHAUSTED here).
 TEST_F(ModelCacheTest, SwitchFromTheDoneCallbackFitsABudgetOfOne) {
-  ModelCache::Options options;
-  options.budgets["cpu"] = 180 << 20;  // one medium model (160 MiB), not two
-  ModelCache cache(options);
+  ModelCache cache(OneMediumBudget());
   ASSERT_TRUE(SynthesizeMedium("medium3", 9));
   std::promise<absl::StatusOr<LoadResult>> switched;
   cache.Load(Spec("medium", "a"), nullptr, [&](absl::StatusOr<LoadResult> first) {
