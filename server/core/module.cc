@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include "server/core/init_context.h"
+#include "server/core/weight_cast.h"
 
 namespace metaload::core {
 namespace {
@@ -61,7 +62,7 @@ at::Tensor Module::Weight(const at::Tensor& stored) const {
       !at::isFloatingType(stored.scalar_type())) {
     return stored;
   }
-  return stored.to(*compute_dtype_);
+  return CastWeight(stored, *compute_dtype_);
 }
 
 int64_t Module::ParameterCount() {

@@ -9,7 +9,16 @@
 //
 // and their ratio (the target: <= 1.3 x).
 //
+// Then what storing weights in a smaller dtype costs at forward time, in-process: the medium MLP
+// (batch 64) and the SD1 tiny UNet (batch 1, 32x32 latents), each loaded four ways and run in
+// interleaved rounds: float32; float16 and bfloat16 storage computing in float32 (the cpu's
+// default: every layer casts its weights at forward time); bfloat16 storage and compute (what a
+// request gets with compute_dtype bfloat16; its precision depends on the CPU's instruction set).
+// Printed: p50, the ratio to float32 (target for float16 storage: <= 1.3 x) and the resident
+// bytes saved.
+//
 // Usage: infer_bench --daemon=PATH --cli=PATH [--dir=DIR] [--rounds=N] [--requests=N]
+//                    [--storage_only=true] (only the second table)
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -17,7 +26,9 @@
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
+#include <map>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -64,12 +75,113 @@ double InProcessP50(const metaload::models::Model& model, const at::Tensor& inpu
   return Median(us);
 }
 
+struct Loaded {
+  std::unique_ptr<metaload::core::CheckpointSource> source;
+  std::unique_ptr<metaload::models::Model> model;
+};
+
+Loaded LoadOrDie(const std::string& path, const std::string& dtype,
+                 std::optional<metaload::core::DType> compute) {
+  Loaded l;
+  auto source = metaload::core::CheckpointSource::Open(path);
+  auto model = source.ok()
+                   ? metaload::models::BuildModel("", (*source)->index())
+                   : absl::StatusOr<std::unique_ptr<metaload::models::Model>>(source.status());
+  metaload::core::LoadOptions options;
+  options.dtype = dtype;
+  absl::Status loaded =
+      model.ok() ? (*model)->Load(**source, options, compute).status() : model.status();
+  if (!loaded.ok()) {
+    std::fprintf(stderr, "load %s as %s: %s\n", path.c_str(), dtype.c_str(),
+                 loaded.ToString().c_str());
+    std::exit(1);
+  }
+  l.source = *std::move(source);
+  l.model = *std::move(model);
+  return l;
+}
+
+// p50 in microseconds of `n` runs of `entry` after a warm-up of n/10.
+double RunP50(const metaload::models::Model& model, const std::string& entry,
+              const std::map<std::string, at::Tensor>& inputs, int n) {
+  std::vector<double> us;
+  for (int i = 0; i < n + std::max(1, n / 10); ++i) {
+    const auto t0 = Clock::now();
+    auto out = model.Run(entry, inputs);
+    const double elapsed = std::chrono::duration<double, std::micro>(Clock::now() - t0).count();
+    if (!out.ok()) {
+      std::fprintf(stderr, "%s: %s\n", entry.c_str(), out.status().ToString().c_str());
+      std::exit(1);
+    }
+    if (i >= std::max(1, n / 10)) us.push_back(elapsed);
+  }
+  return Median(us);
+}
+
+// The storage-vs-compute table (see the file comment).
+void StorageCostTable(const std::string& dir, int rounds) {
+  struct Way {
+    const char* name;
+    const char* dtype;
+    std::optional<metaload::core::DType> compute;
+  };
+  const Way ways[] = {{"float32", "float32", std::nullopt},
+                      {"float16 -> float32", "float16", std::nullopt},
+                      {"bfloat16 -> float32", "bfloat16", std::nullopt},
+                      {"bfloat16 -> bfloat16", "bfloat16", metaload::core::DType::kBFloat16}};
+  struct Net {
+    std::string name, path, entry;
+    std::map<std::string, at::Tensor> inputs;
+  };
+  std::vector<Net> nets;
+  nets.push_back(
+      {"mlp medium, batch 64", dir + "/mlp-medium", "forward", {{"input", at::randn({64, 1024})}}});
+  nets.push_back({"sd1 tiny unet, 1x4x32x32", dir + "/sd1-tiny/model.safetensors", "unet", {}});
+  {
+    Loaded probe = LoadOrDie(nets[1].path, "float32", std::nullopt);
+    const metaload::models::EntrySpec unet = probe.model->Entries()[0];
+    nets[1].inputs = {{"x", at::randn({1, unet.inputs[0].shape[1], 32, 32})},
+                      {"timesteps", at::full({1}, 500, at::kLong)},
+                      {"context", at::randn({1, 77, unet.inputs[2].shape.back()})}};
+  }
+  std::printf(
+      "\nstorage vs compute: in-process forward p50, median of %d interleaved rounds "
+      "(float16 storage target: <= 1.3x float32)\n",
+      rounds);
+  std::printf("%-26s %-22s %12s %9s %14s %s\n", "network", "storage -> compute", "p50 us", "x fp32",
+              "resident MiB", "saved");
+  for (const Net& net : nets) {
+    std::vector<Loaded> models;
+    for (const Way& w : ways) models.push_back(LoadOrDie(net.path, w.dtype, w.compute));
+    const double estimate_us = RunP50(*models[0].model, net.entry, net.inputs, 3);
+    const int n = std::max(5, std::min(200, static_cast<int>(5e5 / estimate_us)));
+    std::vector<std::vector<double>> p50(models.size());
+    for (int r = 0; r < rounds; ++r) {
+      for (size_t i = 0; i < models.size(); ++i) {
+        p50[i].push_back(RunP50(*models[i].model, net.entry, net.inputs, n));
+      }
+    }
+    const double base_us = Median(p50[0]);
+    const double base_bytes = static_cast<double>(models[0].model->ResidentBytes());
+    for (size_t i = 0; i < models.size(); ++i) {
+      const double us = Median(p50[i]);
+      const double bytes = static_cast<double>(models[i].model->ResidentBytes());
+      std::string verdict;
+      if (i == 1) verdict = us / base_us <= 1.3 ? "  <= 1.3: yes" : "  <= 1.3: no";
+      std::printf("%-26s %-22s %12.1f %9.2f %14.1f %4.0f%%%s\n", i == 0 ? net.name.c_str() : "",
+                  ways[i].name, us, us / base_us, bytes / (1 << 20),
+                  100.0 * (1.0 - bytes / base_bytes), verdict.c_str());
+    }
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   const std::string daemon = Flag(argc, argv, "daemon", "");
   const std::string cli = Flag(argc, argv, "cli", "");
-  if (daemon.empty() || cli.empty()) {
+  const bool storage_only = Flag(argc, argv, "storage_only", "") == "true";
+  if (!storage_only && (daemon.empty() || cli.empty())) {
     std::fprintf(stderr,
                  "usage: infer_bench --daemon=PATH --cli=PATH [--dir=DIR] [--rounds=N] "
                  "[--requests=N]\n");
@@ -96,6 +208,20 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "synth %s: %s\n", preset.c_str(), written.status().ToString().c_str());
       return 1;
     }
+  }
+  {
+    metaload::models::SynthOptions synth;
+    synth.architecture = "sd1";
+    synth.preset = "tiny";
+    auto written = metaload::models::Synthesize(synth, dir + "/sd1-tiny");
+    if (!written.ok()) {
+      std::fprintf(stderr, "synth sd1: %s\n", written.status().ToString().c_str());
+      return 1;
+    }
+  }
+  if (storage_only) {
+    StorageCostTable(dir, rounds);
+    return 0;
   }
 
   metaload::testing::Subprocess server(
@@ -139,7 +265,7 @@ int main(int argc, char** argv) {
     auto model = source.ok()
                      ? metaload::models::BuildModel("mlp", (*source)->index())
                      : absl::StatusOr<std::unique_ptr<metaload::models::Model>>(source.status());
-    if (!model.ok() || !(*model)->Load(**source, {}).ok()) {
+    if (!model.ok() || !(*model)->Load(**source, {}, std::nullopt).ok()) {
       std::fprintf(stderr, "load %s failed\n", path.c_str());
       return 1;
     }
@@ -174,5 +300,6 @@ int main(int argc, char** argv) {
   }
   server.Signal(SIGTERM);
   server.Wait(std::chrono::seconds(15));
+  StorageCostTable(dir, rounds);
   return 0;
 }
