@@ -59,22 +59,6 @@ std::string Flag(int argc, char** argv, const std::string& name, const std::stri
   return fallback;
 }
 
-// p50 of `n` forwards of `model`'s entry on `input`, in microseconds, after a warm-up.
-double InProcessP50(const metaload::models::Model& model, const at::Tensor& input, int n) {
-  std::vector<double> us;
-  for (int i = 0; i < n + n / 10; ++i) {
-    const auto t0 = Clock::now();
-    auto out = model.Run("forward", {{"input", input}});
-    const double elapsed = std::chrono::duration<double, std::micro>(Clock::now() - t0).count();
-    if (!out.ok()) {
-      std::fprintf(stderr, "in-process forward: %s\n", out.status().ToString().c_str());
-      std::exit(1);
-    }
-    if (i >= n / 10) us.push_back(elapsed);
-  }
-  return Median(us);
-}
-
 struct Loaded {
   std::unique_ptr<metaload::core::CheckpointSource> source;
   std::unique_ptr<metaload::models::Model> model;
@@ -261,15 +245,9 @@ int main(int argc, char** argv) {
               "gRPC us", "gRPC/in", "target");
   for (const std::string& preset : presets) {
     const std::string path = dir + "/mlp-" + preset;
-    auto source = metaload::core::CheckpointSource::Open(path);
-    auto model = source.ok()
-                     ? metaload::models::BuildModel("mlp", (*source)->index())
-                     : absl::StatusOr<std::unique_ptr<metaload::models::Model>>(source.status());
-    if (!model.ok() || !(*model)->Load(**source, {}, std::nullopt).ok()) {
-      std::fprintf(stderr, "load %s failed\n", path.c_str());
-      return 1;
-    }
-    const int64_t in_features = (*model)->Entries()[0].inputs[0].shape.back();
+    const Loaded loaded = LoadOrDie(path, "", std::nullopt);
+    const metaload::models::Model& model = *loaded.model;
+    const int64_t in_features = model.Entries()[0].inputs[0].shape.back();
     at::Tensor input = at::randn({1, in_features});
     std::string values;
     for (int64_t i = 0; i < in_features; ++i)
@@ -277,11 +255,12 @@ int main(int argc, char** argv) {
     run_cli({"load", "mlp-" + preset, "--id=" + preset, "--quiet"});
 
     // At most about two seconds of forwards per measurement, at least 50 requests.
-    const double estimate_us = InProcessP50(**model, input, 10);
+    const std::map<std::string, at::Tensor> feed = {{"input", input}};
+    const double estimate_us = RunP50(model, "forward", feed, 10);
     const int n = std::max(50, std::min(requests, static_cast<int>(2e6 / estimate_us)));
     std::vector<double> local, remote;
     for (int r = 0; r < rounds; ++r) {
-      local.push_back(InProcessP50(**model, input, n));
+      local.push_back(RunP50(model, "forward", feed, n));
       nlohmann::json b = nlohmann::json::parse(
           run_cli({"bench", "infer", "--model=" + preset,
                    absl::StrCat("--input=input=FP32:1x", in_features, ":", values),
@@ -295,7 +274,7 @@ int main(int argc, char** argv) {
       absl::StrAppend(&layers, layers.empty() ? "" : "-", s.get<int>());
     const double in_us = Median(local), rpc_us = Median(remote);
     std::printf("%-8s %-24s %12lld %12.1f %12.1f %9.2f <= 1.3: %s\n", preset.c_str(),
-                layers.c_str(), static_cast<long long>((*model)->ParameterCount()), in_us, rpc_us,
+                layers.c_str(), static_cast<long long>(model.ParameterCount()), in_us, rpc_us,
                 rpc_us / in_us, rpc_us / in_us <= 1.3 ? "yes" : "no");
   }
   server.Signal(SIGTERM);
