@@ -162,9 +162,10 @@ void PrintModel(const metaload::v1::ModelInfo& m) {
 }  // namespace
 
 int RunLoad(const std::vector<std::string>& argv) {
-  absl::StatusOr<Args> args =
-      Args::Parse(argv, With({"id", "arch", "device", "dtype", "compute_dtype", "override"}),
-                  {"json", "allow_missing_keys", "zero_copy", "replace", "pin", "quiet"});
+  absl::StatusOr<Args> args = Args::Parse(
+      argv,
+      With({"id", "arch", "device", "dtype", "compute_dtype", "override", "compute_override"}),
+      {"json", "allow_missing_keys", "zero_copy", "replace", "pin", "quiet"});
   if (!args.ok()) return Usage("load", std::string(args.status().message()));
   if (args->positionals().size() != 1)
     return Usage("load", "needs exactly one PATH (relative to a model root)");
@@ -177,11 +178,16 @@ int RunLoad(const std::vector<std::string>& argv) {
   request.set_device(args->Get("device"));
   request.set_dtype(args->Get("dtype"));
   request.set_compute_dtype(args->Get("compute_dtype"));
-  if (args->Has("override")) {
-    for (absl::string_view item : absl::StrSplit(args->Get("override"), ',', absl::SkipEmpty())) {
+  // --override=prefix=dtype,... and --compute_override=entry=dtype,...
+  for (auto [flag, map] :
+       {std::make_pair("override", request.mutable_dtype_overrides()),
+        std::make_pair("compute_override", request.mutable_compute_dtype_overrides())}) {
+    for (absl::string_view item : absl::StrSplit(args->Get(flag), ',', absl::SkipEmpty())) {
       std::pair<std::string, std::string> kv = absl::StrSplit(item, absl::MaxSplits('=', 1));
-      if (kv.second.empty()) return Usage("load", "--override takes prefix=dtype[,prefix=dtype]");
-      (*request.mutable_dtype_overrides())[kv.first] = kv.second;
+      if (kv.second.empty()) {
+        return Usage("load", absl::StrCat("--", flag, " takes name=dtype[,name=dtype]"));
+      }
+      (*map)[kv.first] = kv.second;
     }
   }
   request.set_allow_missing_keys(args->Has("allow_missing_keys"));

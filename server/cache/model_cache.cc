@@ -122,6 +122,20 @@ bool ModelCache::CancelWaiter(LoadWaiter* waiter) {
   return true;
 }
 
+namespace {
+
+// "compute=default" or "compute=bfloat16;vae_decode=float32" (by_entry is ordered).
+std::string ComputeKey(const models::ComputeChoice& compute) {
+  std::string key =
+      absl::StrCat("compute=", compute.dtype ? core::DTypeName(*compute.dtype) : "default");
+  for (const auto& [entry, dtype] : compute.by_entry) {
+    absl::StrAppend(&key, ";", entry, "=", core::DTypeName(dtype));
+  }
+  return key;
+}
+
+}  // namespace
+
 std::shared_ptr<LoadWaiter> ModelCache::Load(const LoadSpec& spec, ProgressFn progress,
                                              DoneFn done) {
   auto waiter = std::shared_ptr<LoadWaiter>(new LoadWaiter());
@@ -155,8 +169,8 @@ std::shared_ptr<LoadWaiter> ModelCache::Load(const LoadSpec& spec, ProgressFn pr
       spec.architecture, "|", canonical.device, "|",
       // "" means the architecture's default dtypes, "keep" the file's: different models.
       spec.dtype.empty() && spec.dtype_overrides.empty() ? "default" : policy->Describe(), "|",
-      spec.compute_dtype ? core::DTypeName(*spec.compute_dtype) : "compute_default", "|",
-      spec.zero_copy ? "zero_copy" : "copy", spec.allow_missing_keys ? "|allow_missing" : "");
+      ComputeKey(spec.compute), "|", spec.zero_copy ? "zero_copy" : "copy",
+      spec.allow_missing_keys ? "|allow_missing" : "");
 
   std::unique_lock<std::mutex> lock(mu_);
   std::unique_ptr<Slot>& slot = slots_[spec.model_id];
@@ -364,7 +378,7 @@ void ModelCache::RunFlight(std::shared_ptr<Flight> flight) {
       broadcast({p.phase == "done" ? "place" : "read", static_cast<int64_t>(p.bytes_done),
                  static_cast<int64_t>(p.bytes_total)});
     };
-    absl::StatusOr<core::LoadReport> r = model->Load(**source, options, spec.compute_dtype);
+    absl::StatusOr<core::LoadReport> r = model->Load(**source, options, spec.compute);
     if (!r.ok()) {
       status = r.status();
       break;

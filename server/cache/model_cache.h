@@ -47,9 +47,9 @@ struct LoadSpec {
   std::string device = "cpu";
   std::string dtype;  // "" = keep
   std::map<std::string, std::string> dtype_overrides;
-  // nullopt: each network computes in its device's default for its storage dtype (see
-  // models::Model::Load).
-  std::optional<core::DType> compute_dtype;
+  // How each network computes (see models::Model::Load); default: the device's default for its
+  // storage dtype.
+  models::ComputeChoice compute;
   bool allow_missing_keys = false;
   bool zero_copy = false;
   bool replace = false;

@@ -4,6 +4,7 @@
 #define METALOAD_SERVER_MODELS_ENTRY_SPEC_H_
 
 #include <cstdint>
+#include <map>
 #include <optional>
 #include <string>
 #include <vector>
@@ -17,6 +18,15 @@ struct TensorSpec {
   std::optional<core::DType> dtype;  // nullopt: the model's floating dtype, whatever it is
   std::vector<int64_t> shape;        // -1 = any size
   bool optional = false;
+};
+
+// How a load's networks compute (how their weights are stored is the load's dtype policy).
+struct ComputeChoice {
+  // Every network; nullopt: core::DefaultComputeDtype of its storage dtype on its device.
+  std::optional<core::DType> dtype;
+  // Entry name -> the dtype of that entry's network, over `dtype` (entries that run one
+  // network, such as SD's vae_decode and vae_encode, must agree).
+  std::map<std::string, core::DType> by_entry;
 };
 
 struct EntrySpec {

@@ -41,14 +41,14 @@ class Model {
   virtual std::vector<EntrySpec> LoadedEntries() const { return Entries(); }
 
   // Fills the model from the checkpoint (see core::LoadModule); `options` say how the weights
-  // are stored. Each network then computes in `compute_dtype`, or when nullopt in
-  // core::DefaultComputeDtype of its storage dtype on its device (float32 on a CPU for float16
-  // and bfloat16 storage). A compute dtype the device has no kernels for (float16 on a CPU) is
-  // FAILED_PRECONDITION here, not at the first Infer. Models without a module tree
-  // (TorchScript) load their own way.
+  // are stored, `compute` how each network computes (see ComputeChoice; by default float32 on
+  // a CPU for float16 and bfloat16 storage). A compute dtype the device has no kernels for
+  // (float16 on a CPU) is FAILED_PRECONDITION here, not at the first Infer; an unknown entry
+  // in `compute.by_entry` or two that disagree about one network INVALID_ARGUMENT. Models
+  // without a module tree (TorchScript) load their own way.
   virtual absl::StatusOr<core::LoadReport> Load(const core::CheckpointSource& source,
                                                 core::LoadOptions options,
-                                                std::optional<core::DType> compute_dtype) = 0;
+                                                const ComputeChoice& compute) = 0;
 
   // Runs `entry` on inputs given by name; checks names, dtypes and ranks against the entry's
   // spec (INVALID_ARGUMENT naming the input). Runs under InferenceMode on the model's device.

@@ -3,6 +3,8 @@
 #include <ATen/ATen.h>
 #include <c10/core/InferenceMode.h>
 
+#include <algorithm>
+
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "server/core/torch_types.h"
@@ -11,16 +13,38 @@ namespace metaload::models {
 
 absl::StatusOr<core::LoadReport> ModuleModel::Load(const core::CheckpointSource& source,
                                                    core::LoadOptions options,
-                                                   std::optional<core::DType> compute_dtype) {
+                                                   const ComputeChoice& compute) {
   absl::StatusOr<c10::Device> device = core::ParseDevice(options.device);
   if (!device.ok()) return device.status();
   device_ = *device;
-  if (compute_dtype) {
-    if (!core::IsFloatingPoint(*compute_dtype)) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "compute_dtype '", core::DTypeName(*compute_dtype), "' is not a floating-point dtype"));
+  // Every network's compute dtype, if the request names one: checked before loading.
+  const std::vector<EntrySpec> entries = Entries();
+  std::map<std::string, std::pair<core::DType, std::string>> asked;  // prefix -> dtype, entry
+  for (const auto& [name, dtype] : compute.by_entry) {
+    auto it = std::find_if(entries.begin(), entries.end(),
+                           [&](const EntrySpec& e) { return e.name == name; });
+    if (it == entries.end()) {
+      std::vector<std::string> names;
+      for (const EntrySpec& e : entries) names.push_back(e.name);
+      return absl::InvalidArgumentError(absl::StrCat("compute_dtype_overrides: no entry '", name,
+                                                     "' (", absl::StrJoin(names, ", "), ")"));
     }
-    if (device_.is_cpu() && *compute_dtype == core::DType::kFloat16) {
+    auto [other, inserted] = asked.emplace(EntryPrefix(name), std::make_pair(dtype, name));
+    if (!inserted && other->second.first != dtype) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("compute_dtype_overrides: entries '", other->second.second, "' and '", name,
+                       "' run one network and must compute in one dtype"));
+    }
+  }
+  std::vector<core::DType> named;
+  if (compute.dtype) named.push_back(*compute.dtype);
+  for (const auto& [prefix, dtype] : asked) named.push_back(dtype.first);
+  for (core::DType dtype : named) {
+    if (!core::IsFloatingPoint(dtype)) {
+      return absl::InvalidArgumentError(absl::StrCat("compute_dtype '", core::DTypeName(dtype),
+                                                     "' is not a floating-point dtype"));
+    }
+    if (device_.is_cpu() && dtype == core::DType::kFloat16) {
       return absl::FailedPreconditionError(
           "compute_dtype float16 needs a GPU: LibTorch's CPU kernels lack float16 matmul; on a "
           "cpu, float16 weights compute in float32 (the default) or bfloat16");
@@ -33,7 +57,7 @@ absl::StatusOr<core::LoadReport> ModuleModel::Load(const core::CheckpointSource&
   absl::StatusOr<core::LoadReport> report = core::LoadModule(*module_, source, options);
   if (!report.ok()) return report;
   const std::vector<core::TensorSlot> slots = module_->Slots();
-  for (const EntrySpec& entry : Entries()) {
+  for (const EntrySpec& entry : entries) {
     const std::string prefix = EntryPrefix(entry.name);
     // The network's storage dtype is the one most of its floating values are stored in (a
     // policy may keep some prefixes in another).
@@ -48,10 +72,13 @@ absl::StatusOr<core::LoadReport> ModuleModel::Load(const core::CheckpointSource&
     for (const auto& [type, count] : values) {
       if (count > most) storage = type, most = count;
     }
-    const at::ScalarType compute = compute_dtype ? core::ToScalarType(*compute_dtype)
-                                                 : core::DefaultComputeDtype(storage, device_);
-    module_->SetComputeDtype(prefix, compute);
-    entry_dtypes_[entry.name] = {storage, compute};
+    auto it = asked.find(prefix);
+    const at::ScalarType compute_dtype = it != asked.end() ? core::ToScalarType(it->second.first)
+                                         : compute.dtype
+                                             ? core::ToScalarType(*compute.dtype)
+                                             : core::DefaultComputeDtype(storage, device_);
+    module_->SetComputeDtype(prefix, compute_dtype);
+    entry_dtypes_[entry.name] = {storage, compute_dtype};
   }
   return report;
 }

@@ -18,7 +18,7 @@ class ModuleModel : public Model {
  public:
   absl::StatusOr<core::LoadReport> Load(const core::CheckpointSource& source,
                                         core::LoadOptions options,
-                                        std::optional<core::DType> compute_dtype) override;
+                                        const ComputeChoice& compute) override;
   std::vector<EntrySpec> LoadedEntries() const override;
   absl::StatusOr<NamedTensors> Run(const std::string& entry,
                                    const std::map<std::string, at::Tensor>& inputs) const override;

@@ -25,8 +25,8 @@ class TorchScriptModel : public Model {
   }
 
   absl::StatusOr<core::LoadReport> Load(const core::CheckpointSource&, core::LoadOptions options,
-                                        std::optional<core::DType> compute_dtype) override {
-    if (compute_dtype) {
+                                        const ComputeChoice& compute) override {
+    if (compute.dtype || !compute.by_entry.empty()) {
       return absl::FailedPreconditionError(
           absl::StrCat(path_, ": compute_dtype cannot be set for TorchScript (its code decides)"));
     }

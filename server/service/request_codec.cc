@@ -18,6 +18,18 @@ void ToProto(const models::TensorSpec& spec, metaload::v1::TensorSpec* out) {
   for (int64_t d : spec.shape) out->add_shape(d);
 }
 
+// A compute dtype named by a request (`field` says which), INVALID_ARGUMENT unless floating.
+absl::StatusOr<core::DType> ParseComputeDtype(const std::string& field, const std::string& name) {
+  std::optional<core::DType> dtype = core::DTypeFromName(name);
+  if (!dtype || !core::IsFloatingPoint(*dtype)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        field, " '", name,
+        "': expected float32, bfloat16, float16 (GPU only) or float64 (empty compute_dtype: "
+        "float32 on a cpu, the storage dtype on a GPU)"));
+  }
+  return *dtype;
+}
+
 }  // namespace
 
 cache::WireTensor FromProto(metaload::v1::Tensor* t) {
@@ -52,14 +64,16 @@ absl::StatusOr<cache::LoadSpec> MakeLoadSpec(const metaload::v1::LoadModelReques
                      "architecture's default: the file's, or the web UI's for Stable Diffusion)"));
   }
   if (!request.compute_dtype().empty()) {
-    std::optional<core::DType> compute = core::DTypeFromName(request.compute_dtype());
-    if (!compute || !core::IsFloatingPoint(*compute)) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "compute_dtype '", request.compute_dtype(),
-          "': expected float32, bfloat16, float16 (GPU only), float64 or empty (float32 on a "
-          "cpu, the storage dtype on a GPU)"));
-    }
-    spec.compute_dtype = compute;
+    absl::StatusOr<core::DType> compute =
+        ParseComputeDtype("compute_dtype", request.compute_dtype());
+    if (!compute.ok()) return compute.status();
+    spec.compute.dtype = *compute;
+  }
+  for (const auto& [entry, name] : request.compute_dtype_overrides()) {
+    absl::StatusOr<core::DType> compute =
+        ParseComputeDtype(absl::StrCat("compute_dtype_overrides['", entry, "']"), name);
+    if (!compute.ok()) return compute.status();
+    spec.compute.by_entry[entry] = *compute;
   }
   const std::string device = request.device().empty() ? "cpu" : request.device();
   if (device != "cpu" && device != "cuda" && device.rfind("cuda:", 0) != 0) {

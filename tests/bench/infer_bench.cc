@@ -74,7 +74,7 @@ Loaded LoadOrDie(const std::string& path, const std::string& dtype,
   metaload::core::LoadOptions options;
   options.dtype = dtype;
   absl::Status loaded =
-      model.ok() ? (*model)->Load(**source, options, compute).status() : model.status();
+      model.ok() ? (*model)->Load(**source, options, {compute, {}}).status() : model.status();
   if (!loaded.ok()) {
     std::fprintf(stderr, "load %s as %s: %s\n", path.c_str(), dtype.c_str(),
                  loaded.ToString().c_str());

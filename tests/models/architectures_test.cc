@@ -66,7 +66,7 @@ TEST_P(ArchitectureTest, MatchesPythonReference) {
   core::LoadOptions options;
   options.dtype = c.dtype;
   options.dtype_overrides = c.overrides;
-  absl::StatusOr<core::LoadReport> report = (*model)->Load(**source, options, std::nullopt);
+  absl::StatusOr<core::LoadReport> report = (*model)->Load(**source, options, {});
   ASSERT_TRUE(report.ok()) << report.status();
   EXPECT_TRUE(report->missing_keys.empty());
   EXPECT_TRUE(report->unexpected_keys.empty());
@@ -149,7 +149,7 @@ TEST(TorchScriptTest, ScriptedInPythonRunsTheSame) {
   ASSERT_TRUE(source.ok()) << source.status();
   absl::StatusOr<std::unique_ptr<Model>> model = BuildModel("", (*source)->index());
   ASSERT_TRUE(model.ok()) << model.status();
-  ASSERT_TRUE((*model)->Load(**source, {}, std::nullopt).ok());
+  ASSERT_TRUE((*model)->Load(**source, {}, {}).ok());
   std::vector<EntrySpec> entries = (*model)->Entries();
   ASSERT_EQ(entries.size(), 1u);
   ASSERT_EQ(entries[0].inputs.size(), 2u);

@@ -50,7 +50,7 @@ struct Loaded {
   core::LoadReport report;
 };
 
-Loaded Load(const std::string& path, const std::string& dtype) {
+Loaded Load(const std::string& path, const std::string& dtype, const ComputeChoice& compute = {}) {
   Loaded l;
   absl::StatusOr<std::unique_ptr<core::CheckpointSource>> source =
       core::CheckpointSource::Open(path);
@@ -62,7 +62,7 @@ Loaded Load(const std::string& path, const std::string& dtype) {
   if (!model.ok()) return l;
   core::LoadOptions options;
   options.dtype = dtype;
-  absl::StatusOr<core::LoadReport> report = (*model)->Load(*l.source, options, std::nullopt);
+  absl::StatusOr<core::LoadReport> report = (*model)->Load(*l.source, options, compute);
   EXPECT_TRUE(report.ok()) << report.status();
   if (!report.ok()) return l;
   l.model = *std::move(model);
@@ -220,6 +220,47 @@ TEST(Sd1Test, DefaultDtypesAreTheWebUis) {
   for (const core::TensorInfo& t : index->tensors) stored += t.nbytes;
   EXPECT_EQ(keep.model->ResidentBytes(), stored);
   EXPECT_EQ(keep.report.converted, 0);
+}
+
+// A network computes in the dtype asked for it; entries that run one network (the VAE's) follow
+// it together; what cannot run is refused before loading.
+TEST(Sd1Test, ComputeDtypePerNetwork) {
+  const std::string dir = Reference({}) / "sd";
+  Loaded l = Load(dir + "/model.safetensors", "float32",
+                  {std::nullopt, {{"vae_decode", core::DType::kFloat64}}});
+  ASSERT_NE(l.model, nullptr);
+  std::map<std::string, std::optional<core::DType>> compute;
+  for (const EntrySpec& e : l.model->LoadedEntries()) {
+    EXPECT_EQ(e.storage_dtype, core::DType::kFloat32) << e.name;
+    compute[e.name] = e.compute_dtype;
+  }
+  EXPECT_EQ(compute["vae_decode"], core::DType::kFloat64);
+  EXPECT_EQ(compute["vae_encode"], core::DType::kFloat64);
+  EXPECT_EQ(compute["unet"], core::DType::kFloat32);
+  EXPECT_EQ(compute["text_encoder"], core::DType::kFloat32);
+  EXPECT_LE(RelativeError(*l.model, dir, "vae_decode"), 1e-4);
+  absl::StatusOr<NamedTensors> image =
+      l.model->Run("vae_decode", {{"latents", at::zeros({1, 4, 8, 8})}});
+  ASSERT_TRUE(image.ok()) << image.status();
+  EXPECT_EQ(image->front().second.scalar_type(), at::kDouble);
+
+  auto refused = [&](const ComputeChoice& compute) {
+    auto source = core::CheckpointSource::Open(dir + "/model.safetensors");
+    auto model = BuildModel("", (*source)->index());
+    return (*model)->Load(**source, {}, compute).status();
+  };
+  absl::Status unknown = refused({std::nullopt, {{"vae", core::DType::kFloat32}}});
+  EXPECT_TRUE(absl::IsInvalidArgument(unknown)) << unknown;
+  EXPECT_NE(unknown.message().find("no entry 'vae' (unet, text_encoder, vae_decode, vae_encode)"),
+            std::string::npos)
+      << unknown;
+  absl::Status split =
+      refused({std::nullopt,
+               {{"vae_decode", core::DType::kFloat64}, {"vae_encode", core::DType::kFloat32}}});
+  EXPECT_TRUE(absl::IsInvalidArgument(split)) << split;
+  EXPECT_NE(split.message().find("run one network"), std::string::npos) << split;
+  absl::Status half = refused({std::nullopt, {{"unet", core::DType::kFloat16}}});
+  EXPECT_TRUE(absl::IsFailedPrecondition(half)) << half;
 }
 
 TEST(Sd1Test, BadInputsNameWhatIsWrong) {
