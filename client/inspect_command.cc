@@ -56,7 +56,8 @@ int RunInspect(const std::vector<std::string>& argv) {
   std::string sha256;
   if (args->Has("sha256")) {
     absl::StatusOr<std::unique_ptr<core::ChecksumStore>> store = core::ChecksumStore::Create({});
-    absl::StatusOr<std::string> sha = (*store)->Compute(index.files);
+    absl::StatusOr<std::string> sha =
+        store.ok() ? (*store)->Compute(index.files) : absl::StatusOr<std::string>(store.status());
     if (!sha.ok()) {
       std::fprintf(stderr, "metaload inspect: invalid: %s: %s\n",
                    absl::StatusCodeToString(sha.status().code()).c_str(),

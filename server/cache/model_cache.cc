@@ -282,6 +282,10 @@ void ModelCache::RunFlight(std::shared_ptr<Flight> flight) {
         models::EffectiveDtypes(*model, {spec.dtype, spec.dtype_overrides});
     absl::StatusOr<core::DtypePolicy> policy =
         core::DtypePolicy::Create(dtypes.dtype, dtypes.overrides);
+    if (!policy.ok()) {
+      status = policy.status();
+      break;
+    }
     int64_t need = static_cast<int64_t>(policy->LoadedBytes((*source)->index()));
     if ((*source)->index().format == core::CheckpointFormat::kTorchScript) {
       need = static_cast<int64_t>((*source)->index().files[0].size);

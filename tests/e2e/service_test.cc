@@ -542,6 +542,46 @@ TEST(ServiceAuthTest, TokenRequiredExceptForHealth) {
   EXPECT_EQ(health.exit_code, 0) << health.err;
 }
 
+// Hostile: LoadModel and LoadModelStream without (or with a wrong) token. Before the fix the
+// refusal built absl::StatusOr(OkStatus()), which Debian's Abseil aborts on (exit 134).
+TEST(ServiceAuthTest, LoadsWithoutTheTokenAreRefusedAndTheDaemonLives) {
+  testing::TempDir dir;
+  std::ofstream(dir / "token") << "s3cret\n";
+  DaemonProcess daemon(dir, {"--auth_token_file=" + (dir / "token")});
+  ASSERT_GT(daemon.grpc_port(), 0) << daemon.process().Stderr();
+  auto stub = ModelLoader::NewStub(daemon.Channel());
+  metaload::v1::LoadModelRequest request;
+  request.set_path("nothing.safetensors");
+  for (const char* token : {"", "Bearer wrong"}) {
+    {
+      grpc::ClientContext context;
+      if (*token) context.AddMetadata("authorization", token);
+      metaload::v1::LoadModelResponse response;
+      grpc::Status s = stub->LoadModel(&context, request, &response);
+      EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAUTHENTICATED) << token << s.error_message();
+    }
+    {
+      grpc::ClientContext context;
+      if (*token) context.AddMetadata("authorization", token);
+      auto reader = stub->LoadModelStream(&context, request);
+      metaload::v1::LoadEvent event;
+      while (reader->Read(&event)) {
+      }
+      grpc::Status s = reader->Finish();
+      EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAUTHENTICATED) << token << s.error_message();
+    }
+  }
+  EXPECT_FALSE(daemon.process().Wait(0ms).has_value()) << "the daemon died";
+  grpc::ClientContext context;
+  context.AddMetadata("authorization", "Bearer s3cret");
+  metaload::v1::ListModelsResponse list;
+  EXPECT_TRUE(stub->ListModels(&context, metaload::v1::ListModelsRequest(), &list).ok());
+  daemon.process().Signal(SIGTERM);
+  std::optional<int> exit = daemon.process().Wait(10s);
+  ASSERT_TRUE(exit.has_value());
+  EXPECT_TRUE(WIFEXITED(*exit) && WEXITSTATUS(*exit) == 0) << *exit;
+}
+
 }  // namespace
 }  // namespace metaload
 
