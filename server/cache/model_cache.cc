@@ -13,6 +13,7 @@
 #include "server/core/checkpoint.h"
 #include "server/core/checksum_store.h"
 #include "server/core/dtype_policy.h"
+#include "server/core/exception_boundary.h"
 #include "server/core/log.h"
 #include "server/core/thread_pool.h"
 #include "server/core/torch_types.h"
@@ -42,9 +43,31 @@ struct Loaded {
   bool pinned = false;
   std::atomic<int64_t> last_used_ms{0};
   std::atomic<int64_t> infer_count{0};
-  std::atomic<int> active{0};
+  std::atomic<int> active{0};  // Infers holding it; only through InUse
   std::mutex hash_mu;
   std::string sha256;  // guarded by hash_mu
+};
+
+// One Infer's hold on a model: eviction skips a model while any is alive. RAII, so no exception
+// or early return can leave a model counted as in use (and so unevictable) for ever.
+class InUse {
+ public:
+  // Call under the cache's lock, so an eviction deciding right now sees it.
+  explicit InUse(std::shared_ptr<Loaded> loaded) : loaded_(std::move(loaded)) {
+    loaded_->active.fetch_add(1);
+  }
+  ~InUse() { Release(); }
+  // Ends the hold early (before a done callback that may want the model evicted).
+  void Release() {
+    if (loaded_) loaded_->active.fetch_sub(1);
+    loaded_.reset();
+  }
+  InUse(const InUse&) = delete;
+  InUse& operator=(const InUse&) = delete;
+  const std::shared_ptr<Loaded>& get() const { return loaded_; }
+
+ private:
+  std::shared_ptr<Loaded> loaded_;
 };
 
 struct Flight {
@@ -262,14 +285,15 @@ void ModelCache::RunFlight(std::shared_ptr<Flight> flight) {
       break;
     }
     broadcast({"build", 0, 0});
-    absl::StatusOr<std::unique_ptr<core::CheckpointSource>> source =
-        core::CheckpointSource::Open(spec.path);
+    absl::StatusOr<std::unique_ptr<core::CheckpointSource>> source = core::CatchExceptions(
+        spec.path, [&] { return core::CheckpointSource::Open(spec.path); });
     if (!source.ok()) {
       status = source.status();
       break;
     }
-    absl::StatusOr<std::unique_ptr<models::Model>> built =
-        models::BuildModel(spec.architecture, (*source)->index());
+    absl::StatusOr<std::unique_ptr<models::Model>> built = core::CatchExceptions(
+        absl::StrCat(spec.path, ": building the model"),
+        [&] { return models::BuildModel(spec.architecture, (*source)->index()); });
     if (!built.ok()) {
       status = built.status();
       break;
@@ -367,7 +391,8 @@ void ModelCache::RunFlight(std::shared_ptr<Flight> flight) {
       broadcast({p.phase == "done" ? "place" : "read", static_cast<int64_t>(p.bytes_done),
                  static_cast<int64_t>(p.bytes_total)});
     };
-    absl::StatusOr<core::LoadReport> r = model->Load(**source, options);
+    absl::StatusOr<core::LoadReport> r =
+        core::CatchExceptions(spec.path, [&] { return model->Load(**source, options); });
     if (!r.ok()) {
       status = r.status();
       break;
@@ -589,43 +614,47 @@ absl::StatusOr<ModelInfo> ModelCache::Unload(const std::string& model_id) {
 
 void ModelCache::Infer(const std::string& model_id, const std::string& entry,
                        std::vector<WireTensor> inputs, bool typed_outputs, InferDoneFn done) {
-  std::shared_ptr<Loaded> loaded;
+  std::shared_ptr<InUse> held;  // shared: the pool's std::function must be copyable
   {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = slots_.find(model_id);
-    if (it != slots_.end()) loaded = it->second->current;
-    // Counted under the lock, so an eviction deciding right now sees this Infer.
-    if (loaded) loaded->active.fetch_add(1);
+    if (it != slots_.end() && it->second->current) {
+      held = std::make_shared<InUse>(it->second->current);
+    }
   }
-  if (!loaded) {
+  if (!held) {
     done(absl::NotFoundError(
         absl::StrCat("model_id '", model_id, "' is not loaded (or still loading)")));
     return;
   }
-  infer_pool_->Submit([this, loaded, entry, inputs = std::move(inputs), typed_outputs,
+  infer_pool_->Submit([this, held, entry, inputs = std::move(inputs), typed_outputs,
                        done = std::move(done), model_id]() mutable {
+    const std::shared_ptr<Loaded> loaded = held->get();
     const auto start = Clock::now();
-    absl::StatusOr<std::vector<WireTensor>> result =
+    absl::StatusOr<std::vector<WireTensor>> result = core::CatchExceptions(
+        absl::StrCat("model_id '", model_id, "'"),
         [&]() -> absl::StatusOr<std::vector<WireTensor>> {
-      std::map<std::string, at::Tensor> feed;
-      for (const WireTensor& w : inputs) {
-        absl::StatusOr<at::Tensor> t = DecodeTensor(w);
-        if (!t.ok()) return t.status();
-        if (!feed.emplace(w.name, *t).second) {
-          return absl::InvalidArgumentError(absl::StrCat("input '", w.name, "' given twice"));
-        }
-      }
-      inputs.clear();
-      absl::StatusOr<models::NamedTensors> out = loaded->model->Run(entry, feed);
-      if (!out.ok()) return out.status();
-      std::vector<WireTensor> wire;
-      for (const auto& [name, tensor] : *out)
-        wire.push_back(EncodeTensor(name, tensor, typed_outputs));
-      return wire;
-    }();
+          std::map<std::string, at::Tensor> feed;
+          for (const WireTensor& w : inputs) {
+            absl::StatusOr<at::Tensor> t = DecodeTensor(w);
+            if (!t.ok()) return t.status();
+            if (!feed.emplace(w.name, *t).second) {
+              return absl::InvalidArgumentError(absl::StrCat("input '", w.name, "' given twice"));
+            }
+          }
+          inputs.clear();
+          absl::StatusOr<models::NamedTensors> out = loaded->model->Run(entry, feed);
+          if (!out.ok()) return out.status();
+          std::vector<WireTensor> wire;
+          for (const auto& [name, tensor] : *out) {
+            absl::StatusOr<WireTensor> encoded = EncodeTensor(name, tensor, typed_outputs);
+            if (!encoded.ok()) return encoded.status();
+            wire.push_back(*std::move(encoded));
+          }
+          return wire;
+        });
     loaded->infer_count.fetch_add(1);
     loaded->last_used_ms = NowMs();
-    loaded->active.fetch_sub(1);
     if (options_.observer && result.ok()) {
       // Only while the id still holds this model: an Infer that outlives an Unload must not
       // bring back the per-model series OnModelRemoved dropped.
@@ -636,6 +665,7 @@ void ModelCache::Infer(const std::string& model_id, const std::string& entry,
                                    std::chrono::duration<double>(Clock::now() - start).count());
       }
     }
+    held->Release();
     done(std::move(result));
   });
 }

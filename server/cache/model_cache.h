@@ -14,6 +14,9 @@
 //   memory.
 // - Loads run on a bounded pool, Infer on another, sha256 hashing on a third (in the
 //   background, after a load): none on the caller's thread.
+// - No exception escapes: LibTorch and JSON calls run inside core::CatchExceptions (out of
+//   memory: RESOURCE_EXHAUSTED), and an Infer holds its model through an RAII handle, so no
+//   failure leaves a model counted as in use. Errors name the path as the caller gave it.
 //
 // This header is free of LibTorch and gRPC types. Thread-safe.
 #ifndef METALOAD_SERVER_CACHE_MODEL_CACHE_H_

@@ -5,12 +5,18 @@
 #include <chrono>
 
 #include "absl/strings/str_cat.h"
+#include "server/core/exception_boundary.h"
 #include "server/core/process_memory.h"
 #include "server/core/torch_types.h"
 #include "server/models/module_model.h"
 
 namespace metaload::models {
 namespace {
+
+int64_t Rss(bool peak) {
+  absl::StatusOr<core::ProcessMemory> m = core::ReadProcessMemory();
+  return m.ok() ? (peak ? m->peak_rss_bytes : m->rss_bytes) : 0;
+}
 
 class TorchScriptModel : public Model {
  public:
@@ -29,7 +35,7 @@ class TorchScriptModel : public Model {
     const auto start = std::chrono::steady_clock::now();
     absl::StatusOr<c10::Device> device = core::ParseDevice(options.device);
     if (!device.ok()) return device.status();
-    const int64_t before = core::ReadProcessMemory()->rss_bytes;
+    const int64_t before = Rss(/*peak=*/false);
     core::ResetPeakRss();
     try {
       module_ = torch::jit::load(path_, *device);
@@ -43,18 +49,18 @@ class TorchScriptModel : public Model {
       for (size_t i = 1; i < schema.arguments().size(); ++i) {
         arguments_.push_back(schema.arguments()[i].name());
       }
-    } catch (const std::exception& e) {
-      std::string what = e.what();
-      return absl::DataLossError(absl::StrCat(
-          path_, ": TorchScript archive does not load: ", what.substr(0, what.find('\n'))));
+    } catch (...) {
+      absl::Status s = core::CurrentExceptionToStatus(path_);
+      if (absl::IsResourceExhausted(s)) return s;
+      return core::CurrentExceptionToStatus(
+          absl::StrCat(path_, ": TorchScript archive does not load"), absl::StatusCode::kDataLoss);
     }
     core::LoadReport report;
     for (const auto& p : module_.parameters()) report.loaded_bytes += p.nbytes();
     for (const auto& b : module_.buffers()) report.loaded_bytes += b.nbytes();
     report.bytes_read = report.loaded_bytes;
     report.tensors = static_cast<int>(module_.parameters().size() + module_.buffers().size());
-    report.peak_host_bytes =
-        std::max<int64_t>(0, core::ReadProcessMemory()->peak_rss_bytes - before);
+    report.peak_host_bytes = std::max<int64_t>(0, Rss(/*peak=*/true) - before);
     report.seconds =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     device_ = *device;
@@ -95,10 +101,11 @@ class TorchScriptModel : public Model {
         return absl::FailedPreconditionError("forward returned neither a tensor nor a tuple");
       }
       return result;
-    } catch (const std::exception& e) {
-      std::string what = e.what();
-      return absl::InvalidArgumentError(
-          absl::StrCat("forward failed on these inputs: ", what.substr(0, what.find('\n'))));
+    } catch (...) {
+      absl::Status s = core::CurrentExceptionToStatus("entry 'forward'");
+      if (absl::IsResourceExhausted(s) || absl::IsInternal(s)) return s;
+      return core::CurrentExceptionToStatus("forward failed on these inputs",
+                                            absl::StatusCode::kInvalidArgument);
     }
   }
 
