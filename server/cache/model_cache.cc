@@ -70,6 +70,17 @@ class InUse {
   std::shared_ptr<Loaded> loaded_;
 };
 
+// Errors from below name the resolved absolute path; the caller sees the path it gave.
+absl::Status AsCallerSees(const absl::Status& status, const LoadSpec& spec) {
+  if (status.ok() || spec.path.empty() || spec.path == spec.display_path) return status;
+  std::string message(status.message());
+  for (size_t at = message.find(spec.path); at != std::string::npos;
+       at = message.find(spec.path, at + spec.display_path.size())) {
+    message.replace(at, spec.path.size(), spec.display_path);
+  }
+  return absl::Status(status.code(), message);
+}
+
 struct Flight {
   std::string key;
   LoadSpec spec;
@@ -285,8 +296,10 @@ void ModelCache::RunFlight(std::shared_ptr<Flight> flight) {
       break;
     }
     broadcast({"build", 0, 0});
+    core::CheckpointSource::Options source_options;
+    source_options.roots = options_.model_roots;
     absl::StatusOr<std::unique_ptr<core::CheckpointSource>> source = core::CatchExceptions(
-        spec.path, [&] { return core::CheckpointSource::Open(spec.path); });
+        spec.path, [&] { return core::CheckpointSource::Open(spec.path, source_options); });
     if (!source.ok()) {
       status = source.status();
       break;
@@ -423,6 +436,7 @@ void ModelCache::RunFlight(std::shared_ptr<Flight> flight) {
     loaded->model = std::move(model);
   } while (false);
 
+  status = AsCallerSees(status, spec);
   if (status.ok() && flight->cancel.load()) {
     loaded.reset();  // everybody left while the last bytes arrived
     status = absl::CancelledError(absl::StrCat("load of '", spec.display_path, "' cancelled"));

@@ -112,6 +112,9 @@ class ModelCache {
     // Optional: sha256 of checkpoints, in the background after each load.
     core::ChecksumStore* checksums = nullptr;
     CacheObserver* observer = nullptr;
+    // Canonical model roots every file a load opens must lie in (symlinks resolved); empty: no
+    // restriction. The daemon passes --model_root.
+    std::vector<std::string> model_roots;
   };
 
   using ProgressFn = std::function<void(const LoadProgressEvent&)>;

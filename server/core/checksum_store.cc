@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <openssl/evp.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -110,9 +111,17 @@ absl::StatusOr<std::string> ChecksumStore::Compute(const std::vector<CheckpointF
   }
   std::vector<char> buffer(kChunk);
   for (const CheckpointFile& f : files) {
-    int fd = ::open(f.path.c_str(), O_RDONLY | O_CLOEXEC);
+    int fd = ::open(f.path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0) {
       return absl::FailedPreconditionError(absl::StrCat(f.path, ": ", std::strerror(errno)));
+    }
+    // The file the load checked and read, not whatever the path names now (a swapped symlink).
+    struct stat st;
+    if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) ||
+        (f.inode != 0 && (static_cast<uint64_t>(st.st_dev) != f.device ||
+                          static_cast<uint64_t>(st.st_ino) != f.inode))) {
+      ::close(fd);
+      return absl::DataLossError(absl::StrCat(f.path, ": not the file that was loaded any more"));
     }
     ::posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL);
     uint64_t done = 0;

@@ -1,8 +1,13 @@
 // torchscript: any torch.jit.save archive, loaded straight onto the requested device by
 // torch::jit::load. Entry "forward" comes from the method's schema; inputs are positional.
+// TorchScript is a program: loading runs its code. The cache refuses it unless the operator
+// opted in (--allow_torchscript). The archive is read from the descriptor the checkpoint source
+// checked against the model roots, never reopened by name.
 #include <torch/script.h>
 
 #include <chrono>
+#include <istream>
+#include <streambuf>
 
 #include "absl/strings/str_cat.h"
 #include "server/core/exception_boundary.h"
@@ -12,6 +17,26 @@
 
 namespace metaload::models {
 namespace {
+
+// An istream over a read-only mapping, seekable, as torch::jit::load needs.
+class MappedStreamBuf : public std::streambuf {
+ public:
+  MappedStreamBuf(const char* data, size_t size) {
+    char* p = const_cast<char*>(data);
+    setg(p, p, p + size);
+  }
+
+ protected:
+  pos_type seekoff(off_type off, std::ios_base::seekdir dir, std::ios_base::openmode) override {
+    char* base = dir == std::ios_base::beg ? eback() : dir == std::ios_base::cur ? gptr() : egptr();
+    if (off < eback() - base || off > egptr() - base) return pos_type(off_type(-1));
+    setg(eback(), base + off, egptr());
+    return pos_type(gptr() - eback());
+  }
+  pos_type seekpos(pos_type pos, std::ios_base::openmode which) override {
+    return seekoff(off_type(pos), std::ios_base::beg, which);
+  }
+};
 
 int64_t Rss(bool peak) {
   absl::StatusOr<core::ProcessMemory> m = core::ReadProcessMemory();
@@ -30,15 +55,19 @@ class TorchScriptModel : public Model {
     return {e};
   }
 
-  absl::StatusOr<core::LoadReport> Load(const core::CheckpointSource&,
+  absl::StatusOr<core::LoadReport> Load(const core::CheckpointSource& source,
                                         core::LoadOptions options) override {
     const auto start = std::chrono::steady_clock::now();
     absl::StatusOr<c10::Device> device = core::ParseDevice(options.device);
     if (!device.ok()) return device.status();
     const int64_t before = Rss(/*peak=*/false);
     core::ResetPeakRss();
+    absl::StatusOr<std::shared_ptr<const core::MappedFile>> mapped = source.Map(0);
+    if (!mapped.ok()) return mapped.status();
     try {
-      module_ = torch::jit::load(path_, *device);
+      MappedStreamBuf buffer((*mapped)->data(), (*mapped)->size());
+      std::istream in(&buffer);
+      module_ = torch::jit::load(in, *device);
       module_.eval();
       if (!options.dtype.empty()) {
         std::optional<core::DType> d = core::DTypeFromName(options.dtype);

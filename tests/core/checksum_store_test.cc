@@ -86,6 +86,21 @@ TEST_F(ChecksumStoreTest, UnwritableStateStillHashes) {
   EXPECT_FALSE(std::filesystem::exists(dir_ / "state/checksums.json.tmp"));
 }
 
+// The hash is of the file the load checked: a path swapped for another file since is refused.
+TEST_F(ChecksumStoreTest, AFileSwappedSinceTheLoadIsNotHashed) {
+  struct stat st;
+  ASSERT_EQ(::stat((dir_ / "b.bin").c_str(), &st), 0);
+  std::vector<CheckpointFile> files = files_;
+  files[1].device = static_cast<uint64_t>(st.st_dev);
+  files[1].inode = static_cast<uint64_t>(st.st_ino);
+  std::ofstream(dir_ / "other.bin") << "second shard";  // same size
+  std::filesystem::rename(dir_ / "other.bin", dir_ / "b.bin");
+  absl::StatusOr<std::unique_ptr<ChecksumStore>> store = ChecksumStore::Create({});
+  absl::Status s = (*store)->Compute(files).status();
+  EXPECT_TRUE(absl::IsDataLoss(s)) << s;
+  EXPECT_NE(s.message().find("not the file that was loaded"), std::string::npos) << s;
+}
+
 TEST_F(ChecksumStoreTest, CancelAndTruncation) {
   absl::StatusOr<std::unique_ptr<ChecksumStore>> store = ChecksumStore::Create({});
   ASSERT_TRUE(store.ok());

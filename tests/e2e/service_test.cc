@@ -3,6 +3,7 @@
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
 #include <sys/stat.h>
+#include <sys/types.h>
 
 #include <atomic>
 #include <cstring>
@@ -652,6 +653,138 @@ TEST(ServiceMetricsTest, ExactCountsAndPeakBytes) {
             static_cast<double>(big_bytes + 1864 * 4));
   daemon.process().Signal(SIGTERM);
   EXPECT_TRUE(daemon.process().Wait(10s).has_value());
+}
+
+}  // namespace
+}  // namespace metaload
+
+namespace metaload {
+namespace {
+
+// Hostile model roots: what someone who can write a model directory (a downloaded checkpoint)
+// can plant there. One daemon, one directory per attack.
+class HostileRootTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    dir_ = new testing::TempDir();
+    const std::string root = *dir_ / "models";
+    const std::string outside = *dir_ / "outside";
+    std::filesystem::create_directories(root);
+    auto synth = [](const std::string& out, const std::vector<std::string>& extra = {}) {
+      std::vector<std::string> argv = {METALOAD_CLI_PATH, "synth", "--arch=mlp"};
+      argv.insert(argv.end(), extra.begin(), extra.end());
+      argv.push_back(out);
+      return testing::RunCommand(argv, out + ".synth").exit_code;
+    };
+    ASSERT_EQ(synth(outside), 0);
+    ASSERT_EQ(synth(*dir_ / "outside_sharded", {"--shards=2"}), 0);
+    // model.safetensors, config.json, a shard, pytorch_model.bin: each a symlink out.
+    ASSERT_EQ(synth(root + "/link_weights"), 0);
+    std::filesystem::remove(root + "/link_weights/model.safetensors");
+    std::filesystem::create_symlink(outside + "/model.safetensors",
+                                    root + "/link_weights/model.safetensors");
+    ASSERT_EQ(synth(root + "/link_config"), 0);
+    std::filesystem::remove(root + "/link_config/config.json");
+    std::filesystem::create_symlink(outside + "/config.json", root + "/link_config/config.json");
+    ASSERT_EQ(synth(root + "/link_shard", {"--shards=2"}), 0);
+    for (const auto& e : std::filesystem::directory_iterator(root + "/link_shard")) {
+      const std::string name = e.path().filename().string();
+      if (name.rfind("model-00002", 0) == 0) {
+        std::filesystem::remove(e.path());
+        std::filesystem::create_symlink(*dir_ / ("outside_sharded/" + name), e.path());
+      }
+    }
+    std::filesystem::create_directories(root + "/link_bin");
+    std::filesystem::copy_file(outside + "/config.json", root + "/link_bin/config.json");
+    std::filesystem::create_symlink(outside + "/model.safetensors",
+                                    root + "/link_bin/pytorch_model.bin");
+    // A FIFO where a shard should be: opening it for reading blocks until a writer comes.
+    ASSERT_EQ(synth(root + "/fifo_shard", {"--shards=2"}), 0);
+    for (const auto& e : std::filesystem::directory_iterator(root + "/fifo_shard")) {
+      const std::string name = e.path().filename().string();
+      if (name.rfind("model-00002", 0) == 0) {
+        std::filesystem::remove(e.path());
+        ASSERT_EQ(::mkfifo(e.path().c_str(), 0644), 0);
+      }
+    }
+    ASSERT_EQ(synth(root + "/fifo_weights"), 0);
+    std::filesystem::remove(root + "/fifo_weights/model.safetensors");
+    ASSERT_EQ(::mkfifo((root + "/fifo_weights/model.safetensors").c_str(), 0644), 0);
+    // A text file named like a checkpoint: its first 8 bytes must not come back in the error.
+    std::ofstream(root + "/notes.safetensors") << "secret-token-1234567890 and more text\n";
+    daemon_ = new DaemonProcess(*dir_, {"--model_root=" + root});
+  }
+  static void TearDownTestSuite() {
+    delete daemon_;
+    delete dir_;
+  }
+  void SetUp() override {
+    ASSERT_GT(daemon_->grpc_port(), 0) << daemon_->process().Stderr();
+    stub_ = v1::ModelLoader::NewStub(daemon_->Channel());
+  }
+  grpc::Status Load(const std::string& path) {
+    v1::LoadModelRequest request;
+    request.set_path(path);
+    v1::LoadModelResponse response;
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + 10s);
+    return stub_->LoadModel(&context, request, &response);
+  }
+
+  static testing::TempDir* dir_;
+  static DaemonProcess* daemon_;
+  std::unique_ptr<v1::ModelLoader::Stub> stub_;
+};
+
+testing::TempDir* HostileRootTest::dir_ = nullptr;
+DaemonProcess* HostileRootTest::daemon_ = nullptr;
+
+// Before the fix each of these loaded the outside file (OK), and Infer returned its bytes.
+TEST_F(HostileRootTest, FilesInsideAModelDirectoryMayNotLinkOutOfTheRoots) {
+  struct Case {
+    const char* path;
+    const char* names;  // the file the message must name
+  };
+  for (const Case& c : {Case{"link_weights", "link_weights/model.safetensors"},
+                        Case{"link_config", "link_config/config.json"},
+                        Case{"link_shard", "link_shard/model-00002-of-00002.safetensors"},
+                        Case{"link_bin", "link_bin/pytorch_model.bin"}}) {
+    grpc::Status s = Load(c.path);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT)
+        << c.path << ": " << s.error_message();
+    EXPECT_NE(s.error_message().find(c.names), std::string::npos) << s.error_message();
+    EXPECT_NE(s.error_message().find("outside the model roots"), std::string::npos)
+        << s.error_message();
+    // Neither where the link points nor the daemon's own roots.
+    EXPECT_EQ(s.error_message().find(dir_->path()), std::string::npos) << s.error_message();
+    EXPECT_EQ(s.error_message().find("outside/"), std::string::npos) << s.error_message();
+  }
+}
+
+// Before the fix a FIFO shard blocked the load (and a load thread) forever.
+TEST_F(HostileRootTest, AFifoIsRefusedAtOnce) {
+  for (const char* path : {"fifo_shard", "fifo_weights"}) {
+    const auto start = std::chrono::steady_clock::now();
+    grpc::Status s = Load(path);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION)
+        << path << ": " << s.error_message();
+    EXPECT_NE(s.error_message().find("not a regular file"), std::string::npos) << s.error_message();
+    EXPECT_LT(std::chrono::steady_clock::now() - start, 5s);
+  }
+}
+
+// Before the fix: "header length 8389754676633367923" (the file's first 8 bytes) and the
+// daemon's absolute path.
+TEST_F(HostileRootTest, ErrorsNeverQuoteFileBytesAndNamePathsAsGiven) {
+  grpc::Status s = Load("notes.safetensors");
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::DATA_LOSS) << s.error_message();
+  uint64_t first8 = 0;
+  std::memcpy(&first8, "secret-t", 8);
+  EXPECT_EQ(s.error_message().find(std::to_string(first8)), std::string::npos) << s.error_message();
+  EXPECT_EQ(s.error_message().find("secret"), std::string::npos) << s.error_message();
+  EXPECT_NE(s.error_message().find("notes.safetensors"), std::string::npos) << s.error_message();
+  EXPECT_EQ(s.error_message().find(dir_->path()), std::string::npos) << s.error_message();
+  EXPECT_FALSE(daemon_->process().Wait(0ms).has_value());
 }
 
 }  // namespace
