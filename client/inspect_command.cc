@@ -18,6 +18,11 @@ namespace {
 constexpr int kOk = 0;
 constexpr int kInvalid = 2;
 
+// What a TorchScript archive is, in both outputs.
+constexpr char kTorchScriptWarning[] =
+    "TorchScript: a program, not a state dict; loading it runs the file's code (metaloadd "
+    "refuses it unless started with --allow_torchscript)";
+
 }  // namespace
 
 int RunInspect(const std::vector<std::string>& argv) {
@@ -66,6 +71,7 @@ int RunInspect(const std::vector<std::string>& argv) {
     }
     sha256 = *sha;
   }
+  const bool runs_code = index.format == core::CheckpointFormat::kTorchScript;
   std::map<core::DType, int> tensors_by_dtype;
   for (const core::TensorInfo& t : index.tensors) ++tensors_by_dtype[t.dtype];
 
@@ -92,6 +98,8 @@ int RunInspect(const std::vector<std::string>& argv) {
         arch.name.empty() ? nlohmann::ordered_json() : nlohmann::ordered_json(arch.name);
     out["architecture_evidence"] = arch.evidence;
     out["skipped_entries"] = index.skipped_entries;
+    out["runs_code"] = runs_code;
+    if (runs_code) out["warning"] = kTorchScriptWarning;
     if (!sha256.empty()) {
       out["sha256"] = sha256;
       out["short_hash"] = core::ChecksumStore::ShortHash(sha256);
@@ -134,6 +142,7 @@ int RunInspect(const std::vector<std::string>& argv) {
   if (!index.skipped_entries.empty()) {
     std::printf("skipped:       %s\n", absl::StrJoin(index.skipped_entries, ", ").c_str());
   }
+  if (runs_code) std::printf("warning:       %s\n", kTorchScriptWarning);
   if (!sha256.empty()) {
     std::printf("sha256:        %s (short hash %s)\n", sha256.c_str(),
                 core::ChecksumStore::ShortHash(sha256).c_str());

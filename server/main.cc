@@ -50,8 +50,16 @@ ABSL_FLAG(int, infer_threads, 2, "Infer calls running at once");
 ABSL_FLAG(int, intra_op_threads, 0, "Threads one forward pass may use (0: LibTorch's default)");
 ABSL_FLAG(std::string, state_dir, "", "Directory for persistent state (checkpoint sha256 cache)");
 ABSL_FLAG(std::string, preload, "", "JSON list of LoadModel requests to load at start");
+ABSL_FLAG(bool, allow_torchscript, false,
+          "Load TorchScript archives (refused by default). TorchScript is a program: loading one "
+          "runs the file's code, with the daemon's rights. Only for model roots whose every file "
+          "you trust");
 ABSL_FLAG(absl::Duration, keepalive_time, absl::Minutes(2),
           "Ping idle clients this often (0 disables keepalive)");
+ABSL_FLAG(bool, allow_torchscript, false,
+          "Load TorchScript archives (refused by default). TorchScript is a program: loading one "
+          "runs the file's code, with the daemon's rights. Only for model roots whose every file "
+          "you trust");
 ABSL_FLAG(absl::Duration, keepalive_timeout, absl::Seconds(20),
           "Drop a client whose ping goes unanswered this long");
 
@@ -162,6 +170,7 @@ int main(int argc, char** argv) {
   options.preload_file = absl::GetFlag(FLAGS_preload);
   options.keepalive_time = absl::GetFlag(FLAGS_keepalive_time);
   options.keepalive_timeout = absl::GetFlag(FLAGS_keepalive_timeout);
+  options.allow_torchscript = absl::GetFlag(FLAGS_allow_torchscript);
   if (!absl::GetFlag(FLAGS_memory_budget).empty()) {
     absl::StatusOr<std::map<std::string, int64_t>> budgets =
         metaload::core::ParseMemoryBudgets(absl::GetFlag(FLAGS_memory_budget));
@@ -211,6 +220,7 @@ int main(int argc, char** argv) {
                        "/metrics"))
       .Kv("tls", options.tls_cert_file.empty() ? "off" : "on")
       .Kv("auth", options.auth_token.empty() ? "off" : "on")
+      .Kv("torchscript", options.allow_torchscript ? "allowed (runs the files' code)" : "refused")
       .Kv("model_roots", d.model_roots().size());
   for (const std::string& root : d.model_roots()) LogInfo("model_root").Kv("path", root);
   if (isatty(STDERR_FILENO)) {

@@ -304,6 +304,18 @@ void ModelCache::RunFlight(std::shared_ptr<Flight> flight) {
       status = source.status();
       break;
     }
+    // A TorchScript archive is a program: loading it runs its code (__setstate__, and forward
+    // on every Infer). Only an operator who trusts every model root may allow it.
+    if (((*source)->index().format == core::CheckpointFormat::kTorchScript ||
+         spec.architecture == "torchscript") &&
+        !options_.allow_torchscript) {
+      status = absl::FailedPreconditionError(absl::StrCat(
+          "'", spec.display_path,
+          "' is a TorchScript archive (or was asked to load as one): a program, and loading it "
+          "runs the file's code. metaloadd refuses TorchScript unless started with "
+          "--allow_torchscript (only for model roots whose every file you trust)"));
+      break;
+    }
     absl::StatusOr<std::unique_ptr<models::Model>> built = core::CatchExceptions(
         absl::StrCat(spec.path, ": building the model"),
         [&] { return models::BuildModel(spec.architecture, (*source)->index()); });

@@ -115,6 +115,9 @@ class ModelCache {
     // Canonical model roots every file a load opens must lie in (symlinks resolved); empty: no
     // restriction. The daemon passes --model_root.
     std::vector<std::string> model_roots;
+    // TorchScript archives are programs: loading one runs the file's code (and every Infer runs
+    // its forward). false: FAILED_PRECONDITION naming the file, whatever it is called.
+    bool allow_torchscript = false;
   };
 
   using ProgressFn = std::function<void(const LoadProgressEvent&)>;

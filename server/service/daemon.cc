@@ -135,6 +135,7 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(Options options) {
   cache_options.infer_threads = std::max(1, o.infer_threads);
   cache_options.checksums = daemon->checksums_.get();
   cache_options.model_roots = o.model_roots;
+  cache_options.allow_torchscript = o.allow_torchscript;
   cache_options.observer = daemon->loader_metrics_.get();
   for (const auto& [device, bytes] : cache_options.budgets) {
     core::LogInfo("memory_budget")

@@ -127,5 +127,17 @@ TEST_F(InspectTest, BrokenFilesExitTwoWithOneLine) {
   EXPECT_EQ(Inspect({}).exit_code, 2);
 }
 
+// Inspect says what TorchScript is: a program that runs when loaded.
+TEST_F(InspectTest, TorchScriptIsNamedAsCodeThatRunsWhenLoaded) {
+  testing::CommandResult r = Inspect({*dir_ / "scripted.pt"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("TorchScript"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("runs the file's code"), std::string::npos) << r.out;
+  nlohmann::json j = nlohmann::json::parse(Inspect({*dir_ / "scripted.pt", "--json"}).out);
+  EXPECT_EQ(j["runs_code"], true);
+  nlohmann::json st = nlohmann::json::parse(Inspect({*dir_ / "mixed.safetensors", "--json"}).out);
+  EXPECT_EQ(st["runs_code"], false);
+}
+
 }  // namespace
 }  // namespace metaload

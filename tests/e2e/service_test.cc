@@ -787,5 +787,60 @@ TEST_F(HostileRootTest, ErrorsNeverQuoteFileBytesAndNamePathsAsGiven) {
   EXPECT_FALSE(daemon_->process().Wait(0ms).has_value());
 }
 
+// TorchScript archives are programs: refused unless the daemon runs with --allow_torchscript,
+// whatever the file is called. Before the fix each loaded (and would have run its code).
+TEST(TorchScriptPolicyTest, RefusedByDefaultAndLoadedWithTheOptIn) {
+  testing::TempDir dir;
+  std::filesystem::create_directories(dir / "models/hf");
+  const std::string script =
+      "import sys, torch\n"
+      "m = torch.jit.script(torch.nn.Linear(3, 2))\n"
+      "m.save(sys.argv[1] + '/scripted.pt')\n"
+      "m.save(sys.argv[1] + '/innocent.ckpt')\n"
+      "m.save(sys.argv[1] + '/hf/pytorch_model.bin')\n"
+      "open(sys.argv[1] + '/hf/config.json', 'w').write('{\"model_type\": \"mlp\"}')\n";
+  std::ofstream(dir / "make.py") << script;
+  testing::CommandResult made =
+      testing::RunCommand({METALOAD_PYTHON, dir / "make.py", dir / "models"}, dir / "py");
+  ASSERT_EQ(made.exit_code, 0) << made.err;
+  auto load = [](DaemonProcess& daemon, const std::string& path) {
+    auto stub = v1::ModelLoader::NewStub(daemon.Channel());
+    v1::LoadModelRequest request;
+    request.set_path(path);
+    v1::LoadModelResponse response;
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + 30s);
+    return stub->LoadModel(&context, request, &response);
+  };
+  {
+    DaemonProcess daemon(dir, {"--model_root=" + (dir / "models")});
+    ASSERT_GT(daemon.grpc_port(), 0) << daemon.process().Stderr();
+    for (const char* path : {"scripted.pt", "innocent.ckpt", "hf"}) {
+      grpc::Status s = load(daemon, path);
+      EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION)
+          << path << ": " << s.error_message();
+      EXPECT_NE(s.error_message().find("TorchScript"), std::string::npos) << s.error_message();
+      EXPECT_NE(s.error_message().find("--allow_torchscript"), std::string::npos)
+          << s.error_message();
+      EXPECT_NE(s.error_message().find(path), std::string::npos) << s.error_message();
+    }
+    // Asking for the architecture by name is no way around it.
+    auto stub = v1::ModelLoader::NewStub(daemon.Channel());
+    v1::LoadModelRequest request;
+    request.set_path("scripted.pt");
+    request.set_architecture("torchscript");
+    v1::LoadModelResponse response;
+    grpc::ClientContext context;
+    EXPECT_EQ(stub->LoadModel(&context, request, &response).error_code(),
+              grpc::StatusCode::FAILED_PRECONDITION);
+  }
+  {
+    DaemonProcess daemon(dir, {"--model_root=" + (dir / "models"), "--allow_torchscript"});
+    ASSERT_GT(daemon.grpc_port(), 0) << daemon.process().Stderr();
+    grpc::Status s = load(daemon, "scripted.pt");
+    EXPECT_TRUE(s.ok()) << s.error_message();
+  }
+}
+
 }  // namespace
 }  // namespace metaload
