@@ -23,9 +23,29 @@ constexpr char kTorchScriptWarning[] =
     "TorchScript: a program, not a state dict; loading it runs the file's code (metaloadd "
     "refuses it unless started with --allow_torchscript)";
 
+int Inspect(const std::vector<std::string>& argv);
+
 }  // namespace
 
+// Hostile files are verdicts, never "internal error": whatever the readers and the JSON
+// library throw becomes one line and exit 2. (The CLI links no LibTorch, so this is not
+// core::CatchExceptions; there is no c10 exception to tell apart here.)
 int RunInspect(const std::vector<std::string>& argv) {
+  try {
+    return Inspect(argv);
+  } catch (const std::bad_alloc&) {
+    std::fprintf(stderr, "metaload inspect: invalid: RESOURCE_EXHAUSTED: out of memory\n");
+  } catch (const std::exception& e) {
+    std::string what = e.what();
+    std::fprintf(stderr, "metaload inspect: invalid: FAILED_PRECONDITION: %s\n",
+                 what.substr(0, what.find('\n')).c_str());
+  }
+  return kInvalid;
+}
+
+namespace {
+
+int Inspect(const std::vector<std::string>& argv) {
   absl::StatusOr<Args> args = Args::Parse(argv, {}, {"json", "tensors", "sha256"});
   if (!args.ok() || args->positionals().size() != 1) {
     std::fprintf(
@@ -157,5 +177,7 @@ int RunInspect(const std::vector<std::string>& argv) {
   std::printf("valid:         yes\n");
   return kOk;
 }
+
+}  // namespace
 
 }  // namespace metaload::client

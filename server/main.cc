@@ -1,5 +1,6 @@
 // metaloadd: the metaload daemon. Parses flags, starts the Daemon, waits for SIGTERM or SIGINT,
-// drains for --shutdown_grace and exits 0.
+// drains for --shutdown_grace and exits 0. SIGHUP is logged and ignored (a closed terminal or a
+// reload habit must not stop a server mid-load; there is nothing to reload).
 #include <malloc.h>
 #include <signal.h>
 #include <unistd.h>
@@ -56,10 +57,6 @@ ABSL_FLAG(bool, allow_torchscript, false,
           "you trust");
 ABSL_FLAG(absl::Duration, keepalive_time, absl::Minutes(2),
           "Ping idle clients this often (0 disables keepalive)");
-ABSL_FLAG(bool, allow_torchscript, false,
-          "Load TorchScript archives (refused by default). TorchScript is a program: loading one "
-          "runs the file's code, with the daemon's rights. Only for model roots whose every file "
-          "you trust");
 ABSL_FLAG(absl::Duration, keepalive_timeout, absl::Seconds(20),
           "Drop a client whose ping goes unanswered this long");
 
@@ -151,6 +148,7 @@ int main(int argc, char** argv) {
   sigemptyset(&signals);
   sigaddset(&signals, SIGTERM);
   sigaddset(&signals, SIGINT);
+  sigaddset(&signals, SIGHUP);
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
   signal(SIGPIPE, SIG_IGN);
 
@@ -171,6 +169,19 @@ int main(int argc, char** argv) {
   options.keepalive_time = absl::GetFlag(FLAGS_keepalive_time);
   options.keepalive_timeout = absl::GetFlag(FLAGS_keepalive_timeout);
   options.allow_torchscript = absl::GetFlag(FLAGS_allow_torchscript);
+  const absl::Duration grace = absl::GetFlag(FLAGS_shutdown_grace);
+  if (grace < absl::ZeroDuration()) {
+    LogError("start_failed")
+        .Kv("error", "--shutdown_grace must not be negative")
+        .Kv("value", absl::FormatDuration(grace));
+    return 1;
+  }
+  if (options.keepalive_time < absl::ZeroDuration() ||
+      options.keepalive_timeout < absl::ZeroDuration()) {
+    LogError("start_failed")
+        .Kv("error", "--keepalive_time and --keepalive_timeout must not be negative");
+    return 1;
+  }
   if (!absl::GetFlag(FLAGS_memory_budget).empty()) {
     absl::StatusOr<std::map<std::string, int64_t>> budgets =
         metaload::core::ParseMemoryBudgets(absl::GetFlag(FLAGS_memory_budget));
@@ -231,9 +242,11 @@ int main(int argc, char** argv) {
   }
 
   int sig = 0;
-  while (sigwait(&signals, &sig) != 0) {
+  while (true) {
+    if (sigwait(&signals, &sig) != 0) continue;
+    if (sig != SIGHUP) break;
+    LogInfo("sighup_ignored").Kv("hint", "SIGTERM or SIGINT stops metaloadd");
   }
-  const absl::Duration grace = absl::GetFlag(FLAGS_shutdown_grace);
   LogInfo("draining")
       .Kv("signal", sig == SIGTERM ? "SIGTERM" : "SIGINT")
       .Kv("grace", absl::FormatDuration(grace));

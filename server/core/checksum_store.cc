@@ -78,18 +78,27 @@ void ChecksumStore::Persist() {
   const std::string path = options_.state_dir + "/checksums.json";
   const std::string tmp = path + ".tmp";
   std::string text = nlohmann::json(hashes_).dump(1) + "\n";
-  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  // A fresh file, never a planted symlink or FIFO: unlink what is there, create exclusively.
+  ::unlink(tmp.c_str());
+  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644);
   bool ok = fd >= 0;
+  int saved_errno = ok ? 0 : errno;
   size_t done = 0;
   while (ok && done < text.size()) {
     ssize_t n = ::write(fd, text.data() + done, text.size() - done);
     if (n < 0 && errno == EINTR) continue;
     ok = n > 0;
     if (ok) done += static_cast<size_t>(n);
+    if (!ok) saved_errno = n < 0 ? errno : ENOSPC;
   }
-  const int saved_errno = errno;
-  if (fd >= 0 && ::close(fd) != 0) ok = false;
-  if (ok && ::rename(tmp.c_str(), path.c_str()) != 0) ok = false;
+  if (fd >= 0 && ::close(fd) != 0 && ok) {
+    ok = false;
+    saved_errno = errno;
+  }
+  if (ok && ::rename(tmp.c_str(), path.c_str()) != 0) {
+    ok = false;
+    saved_errno = errno;
+  }
   if (!ok) {
     ::unlink(tmp.c_str());
     LogWarning("checksums_not_saved").Kv("path", path).Kv("error", std::strerror(saved_errno));

@@ -41,6 +41,9 @@ class CallTracker;
 class ModelLoaderService;
 class PathResolver;
 
+// The smallest --max_message_bytes accepted: below it no real request fits.
+inline constexpr int kMinMessageBytes = 64 << 10;
+
 class Daemon {
  public:
   struct Options {

@@ -164,12 +164,13 @@ TEST_F(FaultsTest, BudgetSmallerThanTheModelLeavesRssUnchanged) {
   EXPECT_EQ(ModelCount(daemon), 0);
 }
 
-TEST_F(FaultsTest, FullDiskUnderStateDirSkipsSavingHashesWithAWarning) {
-  // Every write of the checksum file lands on /dev/full (ENOSPC), as on a full disk.
+TEST_F(FaultsTest, UnwritableStateDirSkipsSavingHashesWithAWarning) {
+  // checksums.json cannot be replaced (a directory is in its place), as on a full or broken
+  // disk. (This test used to plant checksums.json.tmp as a symlink to /dev/full; the daemon no
+  // longer follows a planted symlink there, see ChecksumStoreTest.)
   const std::string state = dir_ / "state";
-  std::filesystem::create_directories(state);
-  std::filesystem::remove(state + "/checksums.json.tmp");
-  std::filesystem::create_symlink("/dev/full", state + "/checksums.json.tmp");
+  std::filesystem::remove_all(state);
+  std::filesystem::create_directories(state + "/checksums.json/x");
   Synth("mlp", "tiny");
   Synth("mlp", "medium");
   DaemonProcess daemon(dir_, Flags({"--state_dir=" + state}));
@@ -188,8 +189,9 @@ TEST_F(FaultsTest, FullDiskUnderStateDirSkipsSavingHashesWithAWarning) {
     std::this_thread::sleep_for(20ms);
   }
   EXPECT_NE(log.find("warning event=checksums_not_saved"), std::string::npos) << log;
-  EXPECT_NE(log.find("No space left on device"), std::string::npos) << log;
-  EXPECT_FALSE(std::filesystem::exists(state + "/checksums.json"));
+  EXPECT_NE(log.find("Is a directory"), std::string::npos) << log;
+  EXPECT_TRUE(std::filesystem::is_directory(state + "/checksums.json"));
+  EXPECT_FALSE(std::filesystem::exists(state + "/checksums.json.tmp"));
   // Loads go on, and the hash is still computed and shown.
   metaload::v1::GetModelRequest get;
   get.set_model_id("mlp_tiny");

@@ -12,6 +12,7 @@
 #include <nlohmann/json.hpp>
 #include <thread>
 
+#include "grpc/reflection/v1alpha/reflection.grpc.pb.h"
 #include "metaload/v1/metaload.grpc.pb.h"
 #include "tests/e2e/daemon_process.h"
 #include "tests/test_util.h"
@@ -364,7 +365,7 @@ TEST_F(ServiceTest, ErrorTable) {
       {"unknown device", [](auto* r) { r->set_device("tpu"); }, grpc::StatusCode::INVALID_ARGUMENT,
        "tpu"},
       {"dot-dot", [](auto* r) { r->set_path("../outside.safetensors"); },
-       grpc::StatusCode::INVALID_ARGUMENT, ".."},
+       grpc::StatusCode::INVALID_ARGUMENT, "path '../outside.safetensors' may not contain '..'"},
       {"absolute outside", [outside](auto* r) { r->set_path(outside); },
        grpc::StatusCode::INVALID_ARGUMENT, "outside the model roots"},
       {"/proc", [](auto* r) { r->set_path("/proc/self/environ"); },
@@ -541,6 +542,74 @@ TEST(ServiceAuthTest, TokenRequiredExceptForHealth) {
       {METALOAD_CLI_PATH, "health", "--address=127.0.0.1:" + std::to_string(daemon.grpc_port())},
       dir / "health");
   EXPECT_EQ(health.exit_code, 0) << health.err;
+}
+
+// Hostile: with a token, server reflection must not describe the service to a caller without
+// it (before the fix it listed every service). Health stays open.
+TEST(ServiceAuthTest, ReflectionDoesNotAnswerWithoutTheToken) {
+  testing::TempDir dir;
+  std::ofstream(dir / "token") << "s3cret\n";
+  DaemonProcess daemon(dir, {"--auth_token_file=" + (dir / "token")});
+  ASSERT_GT(daemon.grpc_port(), 0) << daemon.process().Stderr();
+  auto reflection = grpc::reflection::v1alpha::ServerReflection::NewStub(daemon.Channel());
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + 5s);
+  auto stream = reflection->ServerReflectionInfo(&context);
+  grpc::reflection::v1alpha::ServerReflectionRequest list;
+  list.set_list_services("");
+  stream->Write(list);
+  stream->WritesDone();
+  grpc::reflection::v1alpha::ServerReflectionResponse listed;
+  int services = 0;
+  while (stream->Read(&listed)) services += listed.list_services_response().service_size();
+  grpc::Status s = stream->Finish();
+  EXPECT_EQ(services, 0);
+  EXPECT_FALSE(s.ok());
+  testing::CommandResult health = testing::RunCommand(
+      {METALOAD_CLI_PATH, "health", "--address=127.0.0.1:" + std::to_string(daemon.grpc_port())},
+      dir / "health");
+  EXPECT_EQ(health.exit_code, 0) << health.err;
+}
+
+// Flags that cannot work stop the start with a message naming them. Before the fix the first
+// four started a daemon anyway (this test then timed out), and a bad certificate said only
+// "cannot listen".
+TEST(DaemonFlagsTest, BadValuesStopTheStartWithAMessage) {
+  testing::TempDir dir;
+  std::ofstream(dir / "bad.pem") << "not a certificate\n";
+  struct Case {
+    std::vector<std::string> flags;
+    const char* message;
+  };
+  const std::vector<Case> cases = {
+      {{"--max_message_bytes=1"}, "--max_message_bytes"},
+      {{"--shutdown_grace=-1s"}, "--shutdown_grace"},
+      {{"--memory_budget=cpu=1GiB,cpu=2GiB"}, "twice"},
+      {{"--memory_budget=cpu=0"}, "budget of 0"},
+      {{"--tls_cert=" + (dir / "bad.pem"), "--tls_key=" + (dir / "bad.pem")}, "--tls_cert"},
+  };
+  for (const Case& c : cases) {
+    std::vector<std::string> argv = {METALOADD_PATH, "--listen=127.0.0.1:0",
+                                     "--metrics_listen=127.0.0.1:0", "--model_root=" + dir.path()};
+    argv.insert(argv.end(), c.flags.begin(), c.flags.end());
+    testing::CommandResult r = testing::RunCommand(argv, dir / "d", 5s);
+    EXPECT_EQ(r.exit_code, 1) << c.flags[0] << ": " << r.err;
+    EXPECT_NE(r.err.find(c.message), std::string::npos) << c.flags[0] << ": " << r.err;
+  }
+}
+
+// SIGHUP is logged and ignored; before the fix it ended the daemon at once, without a word.
+TEST(DaemonSignalsTest, SighupIsLoggedAndIgnored) {
+  testing::TempDir dir;
+  DaemonProcess daemon(dir);
+  ASSERT_GT(daemon.grpc_port(), 0) << daemon.process().Stderr();
+  daemon.process().Signal(SIGHUP);
+  EXPECT_FALSE(daemon.process().Wait(1s).has_value()) << "SIGHUP stopped the daemon";
+  EXPECT_NE(daemon.process().Stderr().find("sighup_ignored"), std::string::npos);
+  daemon.process().Signal(SIGTERM);
+  std::optional<int> exit = daemon.process().Wait(10s);
+  ASSERT_TRUE(exit.has_value());
+  EXPECT_TRUE(WIFEXITED(*exit) && WEXITSTATUS(*exit) == 0) << *exit;
 }
 
 // Hostile: LoadModel and LoadModelStream without (or with a wrong) token. Before the fix the
