@@ -867,6 +867,10 @@ TEST(TorchScriptPolicyTest, RefusedByDefaultAndLoadedWithTheOptIn) {
       "m.save(sys.argv[1] + '/scripted.pt')\n"
       "m.save(sys.argv[1] + '/innocent.ckpt')\n"
       "m.save(sys.argv[1] + '/hf/pytorch_model.bin')\n"
+      "class Sparse(torch.nn.Module):\n"
+      "    def forward(self, x):\n"
+      "        return x.to_sparse()\n"
+      "torch.jit.script(Sparse()).save(sys.argv[1] + '/sparse.pt')\n"
       "open(sys.argv[1] + '/hf/config.json', 'w').write('{\"model_type\": \"mlp\"}')\n";
   std::ofstream(dir / "make.py") << script;
   testing::CommandResult made =
@@ -908,6 +912,31 @@ TEST(TorchScriptPolicyTest, RefusedByDefaultAndLoadedWithTheOptIn) {
     ASSERT_GT(daemon.grpc_port(), 0) << daemon.process().Stderr();
     grpc::Status s = load(daemon, "scripted.pt");
     EXPECT_TRUE(s.ok()) << s.error_message();
+    // A forward that returns a sparse tensor: before the fix the encoder threw on the infer
+    // pool and the daemon aborted. Now FAILED_PRECONDITION naming the output, daemon alive.
+    ASSERT_TRUE(load(daemon, "sparse.pt").ok());
+    auto stub = v1::ModelLoader::NewStub(daemon.Channel());
+    v1::InferRequest infer;
+    infer.set_model_id("sparse");
+    v1::Tensor* x = infer.add_inputs();
+    x->set_name("x");
+    x->set_datatype("FP32");
+    x->add_shape(2);
+    x->add_shape(2);
+    for (float v : {1.f, 0.f, 0.f, 2.f}) x->add_fp32_contents(v);
+    v1::InferResponse out;
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + 30s);
+    grpc::Status sparse = stub->Infer(&context, infer, &out);
+    EXPECT_EQ(sparse.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << sparse.error_message();
+    EXPECT_NE(sparse.error_message().find("Sparse"), std::string::npos) << sparse.error_message();
+    EXPECT_FALSE(daemon.process().Wait(0ms).has_value()) << "the daemon died";
+    // It can still be unloaded (the failed Infer holds nothing).
+    v1::UnloadModelRequest unload;
+    unload.set_model_id("sparse");
+    v1::UnloadModelResponse unloaded;
+    grpc::ClientContext unload_context;
+    EXPECT_TRUE(stub->UnloadModel(&unload_context, unload, &unloaded).ok());
   }
 }
 
