@@ -148,7 +148,12 @@ void PrintModel(const metaload::v1::ModelInfo& m) {
       ins.push_back(absl::StrCat(t.name(), ":", t.datatype().empty() ? "float" : t.datatype(), "[",
                                  absl::StrJoin(t.shape(), ","), "]"));
     }
-    std::printf("entry:         %s(%s)\n", e.name().c_str(), absl::StrJoin(ins, ", ").c_str());
+    std::printf("entry:         %s(%s)", e.name().c_str(), absl::StrJoin(ins, ", ").c_str());
+    if (!e.storage_dtype().empty()) {
+      std::printf(" stored %s, computes in %s", e.storage_dtype().c_str(),
+                  e.compute_dtype().c_str());
+    }
+    std::printf("\n");
   }
   std::printf("infers:        %lld, last used %s\n", static_cast<long long>(m.infer_count()),
               Ago(m.last_used_unix_ms()).c_str());
@@ -158,7 +163,7 @@ void PrintModel(const metaload::v1::ModelInfo& m) {
 
 int RunLoad(const std::vector<std::string>& argv) {
   absl::StatusOr<Args> args =
-      Args::Parse(argv, With({"id", "arch", "device", "dtype", "override"}),
+      Args::Parse(argv, With({"id", "arch", "device", "dtype", "compute_dtype", "override"}),
                   {"json", "allow_missing_keys", "zero_copy", "replace", "pin", "quiet"});
   if (!args.ok()) return Usage("load", std::string(args.status().message()));
   if (args->positionals().size() != 1)
@@ -171,6 +176,7 @@ int RunLoad(const std::vector<std::string>& argv) {
   request.set_architecture(args->Get("arch"));
   request.set_device(args->Get("device"));
   request.set_dtype(args->Get("dtype"));
+  request.set_compute_dtype(args->Get("compute_dtype"));
   if (args->Has("override")) {
     for (absl::string_view item : absl::StrSplit(args->Get("override"), ',', absl::SkipEmpty())) {
       std::pair<std::string, std::string> kv = absl::StrSplit(item, absl::MaxSplits('=', 1));

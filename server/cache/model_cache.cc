@@ -189,6 +189,7 @@ std::shared_ptr<LoadWaiter> ModelCache::Load(const LoadSpec& spec, ProgressFn pr
       spec.architecture, "|", canonical.device, "|",
       // "" means the architecture's default dtypes, "keep" the file's: different models.
       spec.dtype.empty() && spec.dtype_overrides.empty() ? "default" : policy->Describe(), "|",
+      spec.compute_dtype ? core::DTypeName(*spec.compute_dtype) : "compute_default", "|",
       spec.zero_copy ? "zero_copy" : "copy", spec.allow_missing_keys ? "|allow_missing" : "");
 
   std::unique_lock<std::mutex> lock(mu_);
@@ -416,8 +417,8 @@ void ModelCache::RunFlight(std::shared_ptr<Flight> flight) {
       broadcast({p.phase == "done" ? "place" : "read", static_cast<int64_t>(p.bytes_done),
                  static_cast<int64_t>(p.bytes_total)});
     };
-    absl::StatusOr<core::LoadReport> r =
-        core::CatchExceptions(spec.path, [&] { return model->Load(**source, options); });
+    absl::StatusOr<core::LoadReport> r = core::CatchExceptions(
+        spec.path, [&] { return model->Load(**source, options, spec.compute_dtype); });
     if (!r.ok()) {
       status = r.status();
       break;
@@ -434,7 +435,7 @@ void ModelCache::RunFlight(std::shared_ptr<Flight> flight) {
     loaded->files = (*source)->index().files;
     loaded->parameter_count = model->ParameterCount();
     loaded->resident_bytes = static_cast<int64_t>(model->ResidentBytes());
-    loaded->entries = model->Entries();
+    loaded->entries = model->LoadedEntries();
     loaded->pinned = spec.pin;
     loaded->loaded_at_ms = NowMs();
     loaded->last_used_ms = loaded->loaded_at_ms;

@@ -27,6 +27,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -49,6 +50,9 @@ struct LoadSpec {
   std::string device = "cpu";
   std::string dtype;  // "" = keep
   std::map<std::string, std::string> dtype_overrides;
+  // nullopt: each network computes in its device's default for its storage dtype (see
+  // models::Model::Load).
+  std::optional<core::DType> compute_dtype;
   bool allow_missing_keys = false;
   bool zero_copy = false;
   bool replace = false;

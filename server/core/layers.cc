@@ -29,7 +29,7 @@ Linear::Linear(int64_t in_features, int64_t out_features, bool bias)
 }
 
 at::Tensor Linear::Forward(const at::Tensor& x) const {
-  return at::linear(x, weight_, bias_ != nullptr ? *bias_ : at::Tensor());
+  return at::linear(x, Weight(weight_), bias_ != nullptr ? Weight(*bias_) : at::Tensor());
 }
 
 Conv2d::Conv2d(int64_t in_channels, int64_t out_channels, int64_t kernel, int64_t stride,
@@ -42,14 +42,17 @@ Conv2d::Conv2d(int64_t in_channels, int64_t out_channels, int64_t kernel, int64_
 }
 
 at::Tensor Conv2d::Forward(const at::Tensor& x) const {
-  return at::conv2d(x, weight_, bias_ != nullptr ? *bias_ : at::Tensor(), {stride_, stride_},
-                    {padding_, padding_});
+  return at::conv2d(x, Weight(weight_), bias_ != nullptr ? Weight(*bias_) : at::Tensor(),
+                    {stride_, stride_}, {padding_, padding_});
 }
 
 Embedding::Embedding(int64_t num_embeddings, int64_t dim)
     : weight_(AddParameter("weight", {num_embeddings, dim}, Normal())) {}
 
-at::Tensor Embedding::Forward(const at::Tensor& ids) const { return at::embedding(weight_, ids); }
+// The rows are gathered as stored, then cast: a lookup never converts the whole table.
+at::Tensor Embedding::Forward(const at::Tensor& ids) const {
+  return InComputeDtype(at::embedding(weight_, ids));
+}
 
 LayerNorm::LayerNorm(int64_t dim, double eps, bool affine) : dim_(dim), eps_(eps) {
   if (affine) {
@@ -59,8 +62,8 @@ LayerNorm::LayerNorm(int64_t dim, double eps, bool affine) : dim_(dim), eps_(eps
 }
 
 at::Tensor LayerNorm::Forward(const at::Tensor& x) const {
-  return at::layer_norm(x, {dim_}, weight_ != nullptr ? *weight_ : at::Tensor(),
-                        bias_ != nullptr ? *bias_ : at::Tensor(), eps_);
+  return at::layer_norm(x, {dim_}, weight_ != nullptr ? Weight(*weight_) : at::Tensor(),
+                        bias_ != nullptr ? Weight(*bias_) : at::Tensor(), eps_);
 }
 
 GroupNorm::GroupNorm(int64_t groups, int64_t channels, double eps, bool float32)
@@ -76,7 +79,7 @@ at::Tensor GroupNorm::Forward(const at::Tensor& x) const {
                           eps_)
         .to(x.scalar_type());
   }
-  return at::group_norm(x, groups_, weight_, bias_, eps_);
+  return at::group_norm(x, groups_, Weight(weight_), Weight(bias_), eps_);
 }
 
 RMSNorm::RMSNorm(int64_t dim, double eps)
@@ -85,7 +88,7 @@ RMSNorm::RMSNorm(int64_t dim, double eps)
 at::Tensor RMSNorm::Forward(const at::Tensor& x) const {
   at::Tensor x32 = x.to(at::kFloat);
   at::Tensor normed = x32 * at::rsqrt(x32.pow(2).mean({-1}, /*keepdim=*/true) + eps_);
-  return weight_ * normed.to(x.scalar_type());
+  return Weight(weight_) * normed.to(x.scalar_type());
 }
 
 Attention::Attention(const Options& options)

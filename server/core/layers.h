@@ -1,8 +1,9 @@
 // The layer kit: the building blocks of metaload's architectures, allocating every parameter
 // and buffer through the init context (see module.h for why these are not torch::nn modules).
 // Weights use PyTorch's layouts and names ("weight", "bias"), so checkpoint keys map onto them
-// directly. Forward passes read the weights from their slots and are const: concurrent forwards
-// on one loaded model are safe.
+// directly. Every layer computes in its module's compute dtype (module.h): floating inputs
+// are expected in it, weights are cast to it when stored in another. Forward passes read the
+// weights from their slots and are const: concurrent forwards on one loaded model are safe.
 #ifndef METALOAD_SERVER_CORE_LAYERS_H_
 #define METALOAD_SERVER_CORE_LAYERS_H_
 
@@ -41,7 +42,8 @@ class Embedding : public Module {
  public:
   Embedding(int64_t num_embeddings, int64_t dim);
   at::Tensor Forward(const at::Tensor& ids) const;
-  const at::Tensor& weight() const { return weight_; }
+  // The table in the compute dtype (for an output projection tied to it).
+  at::Tensor weight() const { return Weight(weight_); }
 
  private:
   at::Tensor& weight_;

@@ -41,6 +41,29 @@ std::vector<TensorSlot> Module::Slots() {
   return out;
 }
 
+void Module::SetComputeDtype(const std::string& prefix, at::ScalarType dtype) {
+  SetComputeDtypeUnder("", prefix, dtype);
+}
+
+// `name` is this module's dotted name plus "." ("" for the root).
+void Module::SetComputeDtypeUnder(const std::string& name, const std::string& prefix,
+                                  at::ScalarType dtype) {
+  const bool under = name.compare(0, prefix.size(), prefix) == 0;
+  if (!under && prefix.compare(0, name.size(), name) != 0) return;  // disjoint subtree
+  if (under) compute_dtype_ = dtype;
+  for (auto& [child_name, child] : children_) {
+    child->SetComputeDtypeUnder(name + child_name + ".", prefix, dtype);
+  }
+}
+
+at::Tensor Module::Weight(const at::Tensor& stored) const {
+  if (!compute_dtype_ || stored.scalar_type() == *compute_dtype_ ||
+      !at::isFloatingType(stored.scalar_type())) {
+    return stored;
+  }
+  return stored.to(*compute_dtype_);
+}
+
 int64_t Module::ParameterCount() {
   int64_t total = 0;
   for (const TensorSlot& s : Slots()) {

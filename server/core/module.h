@@ -8,16 +8,26 @@
 // a slot with a stable address; the loader swaps a slot's tensor, and layers read their weights
 // through their slots at every forward, never through a stale copy.
 //
+// Storage and compute: a weight is stored in the dtype the load's policy chose (float16 to halve
+// memory, say), and each module computes in its compute dtype, set once after loading
+// (SetComputeDtype). Layers read their weights through Weight(), which casts a stored weight to
+// the compute dtype at every forward when the two differ, as the web UIs' "manual cast" does;
+// the cast copy lives only for that forward. So any storage mix runs wherever the compute dtype
+// has kernels (float32 on a CPU), and its values are those of the compute dtype applied to the
+// stored (rounded) weights, whatever the CPU's instruction set.
+//
 // A module owns its children. Not thread-safe while being built or loaded; forward passes on a
-// loaded module may run concurrently (they only read the slots).
+// loaded module may run concurrently (they only read the slots and the compute dtype).
 #ifndef METALOAD_SERVER_CORE_MODULE_H_
 #define METALOAD_SERVER_CORE_MODULE_H_
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/ScalarType.h>
 
 #include <deque>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -43,6 +53,13 @@ class Module {
   std::vector<TensorSlot> Slots();
   int64_t ParameterCount();
 
+  // Sets the compute dtype of every module whose dotted name (this one is "") falls under
+  // `prefix` ("" = all; "unet." covers "unet", "unet.down.0", ...). Call after loading, before
+  // any forward.
+  void SetComputeDtype(const std::string& prefix, at::ScalarType dtype);
+  // Unset (std::nullopt): weights are used as stored.
+  std::optional<at::ScalarType> compute_dtype() const { return compute_dtype_; }
+
  protected:
   // Allocates through the init context: a meta tensor under InitializeOnMeta, otherwise an
   // uninitialised CPU tensor that `init` fills unless DisableInitialization is active.
@@ -50,6 +67,13 @@ class Module {
                            at::ScalarType dtype = at::kFloat);
   at::Tensor& AddBuffer(std::string name, std::vector<int64_t> shape, InitFn init,
                         at::ScalarType dtype = at::kFloat);
+
+  // `stored` as this module computes with it: cast to the compute dtype when it is a floating
+  // tensor of another dtype, otherwise `stored` itself (no copy).
+  at::Tensor Weight(const at::Tensor& stored) const;
+  // A result computed from stored values without a floating input (an embedding lookup) in
+  // the compute dtype.
+  at::Tensor InComputeDtype(const at::Tensor& result) const { return Weight(result); }
 
   template <typename M>
   M& AddChild(std::string name, std::unique_ptr<M> child) {
@@ -65,9 +89,12 @@ class Module {
     bool is_buffer;
   };
   void CollectSlots(const std::string& prefix, std::vector<TensorSlot>* out);
+  void SetComputeDtypeUnder(const std::string& name, const std::string& prefix,
+                            at::ScalarType dtype);
 
   std::deque<Entry> tensors_;  // deque: growing it never moves existing slots
   std::vector<std::pair<std::string, std::unique_ptr<Module>>> children_;
+  std::optional<at::ScalarType> compute_dtype_;
 };
 
 }  // namespace metaload::core

@@ -42,6 +42,11 @@ std::optional<DType> FromScalarType(at::ScalarType type) {
   return std::nullopt;
 }
 
+at::ScalarType DefaultComputeDtype(at::ScalarType storage, c10::Device device) {
+  if (device.is_cpu() && (storage == at::kHalf || storage == at::kBFloat16)) return at::kFloat;
+  return storage;
+}
+
 absl::StatusOr<c10::Device> ParseDevice(const std::string& text) {
   if (text.empty() || text == "cpu") return c10::Device(c10::kCPU);
   absl::string_view rest = text;

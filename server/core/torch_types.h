@@ -20,6 +20,13 @@ std::optional<DType> FromScalarType(at::ScalarType type);
 // for CUDA when this build or machine has no CUDA device N.
 absl::StatusOr<c10::Device> ParseDevice(const std::string& text);
 
+// The dtype a network whose weights are stored as `storage` computes in on `device` when the
+// request names none: on a CPU, float16 and bfloat16 storage computes in float32 (LibTorch's CPU
+// kernels lack float16 matmul, and its bfloat16 kernels give results whose precision depends on
+// the CPU's instruction set: several times worse without AVX-512 BF16 in convolutions and group
+// norms); elsewhere, the storage dtype.
+at::ScalarType DefaultComputeDtype(at::ScalarType storage, c10::Device device);
+
 // Whether this LibTorch was built with CUDA and sees at least one device.
 bool CudaAvailable();
 

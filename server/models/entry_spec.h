@@ -23,6 +23,10 @@ struct EntrySpec {
   std::string name;
   std::vector<TensorSpec> inputs;
   std::vector<TensorSpec> outputs;
+  // Once loaded (Model::LoadedEntries): the dtype most of the entry's network is stored in and
+  // the one it computes in; nullopt where the model cannot tell (TorchScript).
+  std::optional<core::DType> storage_dtype;
+  std::optional<core::DType> compute_dtype;
 };
 
 }  // namespace metaload::models

@@ -16,7 +16,9 @@ class Conv1D : public core::Module {
   Conv1D(int64_t in, int64_t out)
       : weight_(AddParameter("weight", {in, out}, nullptr)),
         bias_(AddParameter("bias", {out}, nullptr)) {}
-  at::Tensor Forward(const at::Tensor& x) const { return at::matmul(x, weight_) + bias_; }
+  at::Tensor Forward(const at::Tensor& x) const {
+    return at::matmul(x, Weight(weight_)) + Weight(bias_);
+  }
 
  private:
   at::Tensor& weight_;

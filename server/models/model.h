@@ -10,6 +10,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -36,11 +37,18 @@ class Model {
   virtual std::string architecture() const = 0;
   // The first entry is the default one (an empty entry name in Infer).
   virtual std::vector<EntrySpec> Entries() const = 0;
+  // Entries() with each entry's storage and compute dtypes, once loaded.
+  virtual std::vector<EntrySpec> LoadedEntries() const { return Entries(); }
 
-  // Fills the model from the checkpoint (see core::LoadModule). Models without a module tree
+  // Fills the model from the checkpoint (see core::LoadModule); `options` say how the weights
+  // are stored. Each network then computes in `compute_dtype`, or when nullopt in
+  // core::DefaultComputeDtype of its storage dtype on its device (float32 on a CPU for float16
+  // and bfloat16 storage). A compute dtype the device has no kernels for (float16 on a CPU) is
+  // FAILED_PRECONDITION here, not at the first Infer. Models without a module tree
   // (TorchScript) load their own way.
   virtual absl::StatusOr<core::LoadReport> Load(const core::CheckpointSource& source,
-                                                core::LoadOptions options) = 0;
+                                                core::LoadOptions options,
+                                                std::optional<core::DType> compute_dtype) = 0;
 
   // Runs `entry` on inputs given by name; checks names, dtypes and ranks against the entry's
   // spec (INVALID_ARGUMENT naming the input). Runs under InferenceMode on the model's device.

@@ -11,7 +11,22 @@
 namespace metaload::models {
 
 absl::StatusOr<core::LoadReport> ModuleModel::Load(const core::CheckpointSource& source,
-                                                   core::LoadOptions options) {
+                                                   core::LoadOptions options,
+                                                   std::optional<core::DType> compute_dtype) {
+  absl::StatusOr<c10::Device> device = core::ParseDevice(options.device);
+  if (!device.ok()) return device.status();
+  device_ = *device;
+  if (compute_dtype) {
+    if (!core::IsFloatingPoint(*compute_dtype)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "compute_dtype '", core::DTypeName(*compute_dtype), "' is not a floating-point dtype"));
+    }
+    if (device_.is_cpu() && *compute_dtype == core::DType::kFloat16) {
+      return absl::FailedPreconditionError(
+          "compute_dtype float16 needs a GPU: LibTorch's CPU kernels lack float16 matmul; on a "
+          "cpu, float16 weights compute in float32 (the default) or bfloat16");
+    }
+  }
   if (key_map_) options.checkpoint_key = key_map_;
   DtypeChoice dtypes = EffectiveDtypes(*this, {options.dtype, options.dtype_overrides});
   options.dtype = dtypes.dtype;
@@ -19,17 +34,38 @@ absl::StatusOr<core::LoadReport> ModuleModel::Load(const core::CheckpointSource&
   absl::StatusOr<core::LoadReport> report = core::LoadModule(*module_, source, options);
   if (!report.ok()) return report;
   const std::vector<core::TensorSlot> slots = module_->Slots();
-  if (!slots.empty()) device_ = slots.front().tensor->device();
   for (const EntrySpec& entry : Entries()) {
     const std::string prefix = EntryPrefix(entry.name);
+    // The network's storage dtype is the one most of its floating values are stored in (a
+    // policy may keep some prefixes in another).
+    std::map<at::ScalarType, int64_t> values;
     for (const core::TensorSlot& slot : slots) {
       if (at::isFloatingType(slot.tensor->scalar_type()) && slot.name.rfind(prefix, 0) == 0) {
-        entry_dtype_[entry.name] = slot.tensor->scalar_type();
-        break;
+        values[slot.tensor->scalar_type()] += slot.tensor->numel();
       }
     }
+    at::ScalarType storage = at::kFloat;
+    int64_t most = -1;
+    for (const auto& [type, count] : values) {
+      if (count > most) storage = type, most = count;
+    }
+    const at::ScalarType compute = compute_dtype ? core::ToScalarType(*compute_dtype)
+                                                 : core::DefaultComputeDtype(storage, device_);
+    module_->SetComputeDtype(prefix, compute);
+    entry_dtypes_[entry.name] = {storage, compute};
   }
   return report;
+}
+
+std::vector<EntrySpec> ModuleModel::LoadedEntries() const {
+  std::vector<EntrySpec> entries = Entries();
+  for (EntrySpec& entry : entries) {
+    auto it = entry_dtypes_.find(entry.name);
+    if (it == entry_dtypes_.end()) continue;
+    entry.storage_dtype = core::FromScalarType(it->second.storage);
+    entry.compute_dtype = core::FromScalarType(it->second.compute);
+  }
+  return entries;
 }
 
 DtypeChoice EffectiveDtypes(const Model& model, const DtypeChoice& requested) {
@@ -50,13 +86,9 @@ absl::StatusOr<NamedTensors> ModuleModel::Run(
     return absl::InvalidArgumentError(
         absl::StrCat("unknown entry '", entry_name, "' (", absl::StrJoin(names, ", "), ")"));
   }
-  auto dtype_it = entry_dtype_.find(entry->name);
-  const at::ScalarType float_dtype = dtype_it == entry_dtype_.end() ? at::kFloat : dtype_it->second;
-  if (device_.is_cpu() && float_dtype == at::kHalf) {
-    // LibTorch's CPU kernels lack float16 matmul; bfloat16 has them.
-    return absl::FailedPreconditionError(
-        "float16 weights cannot run on cpu; load with dtype bfloat16 or float32 for cpu inference");
-  }
+  auto dtype_it = entry_dtypes_.find(entry->name);
+  const at::ScalarType float_dtype =
+      dtype_it == entry_dtypes_.end() ? at::kFloat : dtype_it->second.compute;
   std::map<std::string, at::Tensor> ready;
   for (const auto& [name, tensor] : inputs) {
     const TensorSpec* spec = nullptr;

@@ -17,7 +17,9 @@ namespace metaload::models {
 class ModuleModel : public Model {
  public:
   absl::StatusOr<core::LoadReport> Load(const core::CheckpointSource& source,
-                                        core::LoadOptions options) override;
+                                        core::LoadOptions options,
+                                        std::optional<core::DType> compute_dtype) override;
+  std::vector<EntrySpec> LoadedEntries() const override;
   absl::StatusOr<NamedTensors> Run(const std::string& entry,
                                    const std::map<std::string, at::Tensor>& inputs) const override;
   int64_t ParameterCount() const override;
@@ -27,20 +29,26 @@ class ModuleModel : public Model {
   // `module` is built on meta by the subclass's constructor.
   void SetModule(std::unique_ptr<core::Module> module) { module_ = std::move(module); }
   core::Module& module() const { return *module_; }
-  // The module-name prefix whose weights an entry runs on: its floating inputs are cast to the
-  // dtype of the first floating tensor under it (all of the module by default).
+  // The module-name prefix of the network an entry runs (all of the module by default). After
+  // loading, the network computes in core::DefaultComputeDtype of the dtype most of its
+  // floating values are stored in; the entry's floating inputs are cast to it. Entries'
+  // prefixes are equal or disjoint.
   virtual std::string EntryPrefix(const std::string& entry) const { return ""; }
   // Maps module tensor names to checkpoint keys; identity unless a subclass sets one.
   void SetKeyMap(std::function<std::string(const std::string&)> map) { key_map_ = std::move(map); }
 
-  // The validated inputs (moved to the weights' device; floating inputs cast to their dtype).
+  // The validated inputs (moved to the weights' device; floating inputs cast to the entry's
+  // compute dtype).
   virtual absl::StatusOr<NamedTensors> Forward(
       const std::string& entry, const std::map<std::string, at::Tensor>& inputs) const = 0;
 
  private:
   std::unique_ptr<core::Module> module_;
   std::function<std::string(const std::string&)> key_map_;
-  std::map<std::string, at::ScalarType> entry_dtype_;  // entry -> dtype of its loaded weights
+  struct NetworkDtypes {
+    at::ScalarType storage, compute;  // compute: what the entry's floating inputs are cast to
+  };
+  std::map<std::string, NetworkDtypes> entry_dtypes_;  // by entry name, once loaded
   c10::Device device_ = c10::Device(c10::kCPU);
 };
 

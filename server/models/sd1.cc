@@ -93,7 +93,7 @@ class ConvLayer : public UnetLayer {
       : weight_(AddParameter("weight", {out, in, 3, 3}, nullptr)),
         bias_(AddParameter("bias", {out}, nullptr)) {}
   at::Tensor Forward(const at::Tensor& x, const at::Tensor&, const at::Tensor&) const override {
-    return at::conv2d(x, weight_, bias_, {1, 1}, {1, 1});
+    return at::conv2d(x, Weight(weight_), Weight(bias_), {1, 1}, {1, 1});
   }
 
  private:

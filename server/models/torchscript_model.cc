@@ -56,7 +56,12 @@ class TorchScriptModel : public Model {
   }
 
   absl::StatusOr<core::LoadReport> Load(const core::CheckpointSource& source,
-                                        core::LoadOptions options) override {
+                                        core::LoadOptions options,
+                                        std::optional<core::DType> compute_dtype) override {
+    if (compute_dtype) {
+      return absl::FailedPreconditionError(
+          absl::StrCat(path_, ": compute_dtype cannot be set for TorchScript (its code decides)"));
+    }
     const auto start = std::chrono::steady_clock::now();
     absl::StatusOr<c10::Device> device = core::ParseDevice(options.device);
     if (!device.ok()) return device.status();

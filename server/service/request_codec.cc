@@ -51,6 +51,16 @@ absl::StatusOr<cache::LoadSpec> MakeLoadSpec(const metaload::v1::LoadModelReques
                      "': expected float32, float16, bfloat16, keep (the file's) or empty (the "
                      "architecture's default: the file's, or the web UI's for Stable Diffusion)"));
   }
+  if (!request.compute_dtype().empty()) {
+    std::optional<core::DType> compute = core::DTypeFromName(request.compute_dtype());
+    if (!compute || !core::IsFloatingPoint(*compute)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "compute_dtype '", request.compute_dtype(),
+          "': expected float32, bfloat16, float16 (GPU only), float64 or empty (float32 on a "
+          "cpu, the storage dtype on a GPU)"));
+    }
+    spec.compute_dtype = compute;
+  }
   const std::string device = request.device().empty() ? "cpu" : request.device();
   if (device != "cpu" && device != "cuda" && device.rfind("cuda:", 0) != 0) {
     return absl::InvalidArgumentError(
@@ -98,6 +108,8 @@ void ToProto(const cache::ModelInfo& info, metaload::v1::ModelInfo* out) {
     entry->set_name(e.name);
     for (const models::TensorSpec& t : e.inputs) ToProto(t, entry->add_inputs());
     for (const models::TensorSpec& t : e.outputs) ToProto(t, entry->add_outputs());
+    if (e.storage_dtype) entry->set_storage_dtype(std::string(core::DTypeName(*e.storage_dtype)));
+    if (e.compute_dtype) entry->set_compute_dtype(std::string(core::DTypeName(*e.compute_dtype)));
   }
   out->set_loaded_at_unix_ms(info.loaded_at_unix_ms);
   out->set_last_used_unix_ms(info.last_used_unix_ms);

@@ -184,7 +184,7 @@ int RunMode(const std::string& mode, const std::string& path) {
       std::fprintf(stderr, "%s\n", model.status().ToString().c_str());
       return 4;
     }
-    auto report = (*model)->Load(**source, {});  // no dtype named: the web UI's policy
+    auto report = (*model)->Load(**source, {}, std::nullopt);  // no dtype named: the web UI's policy
     if (!report.ok()) {
       std::fprintf(stderr, "%s\n", report.status().ToString().c_str());
       return 4;

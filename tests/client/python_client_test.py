@@ -55,7 +55,8 @@ def main():
             check("torch in, torch out", isinstance(out_t["output"], torch.Tensor) and
                   torch.allclose(out_t["output"], torch.from_numpy(expected), atol=1e-5))
 
-            client.load("ref_mlp", model_id="mlp_bf16", dtype="bfloat16")
+            # bfloat16 storage computes in float32 on a cpu unless asked: here, bfloat16 outputs.
+            client.load("ref_mlp", model_id="mlp_bf16", dtype="bfloat16", compute_dtype="bfloat16")
             out_b = client.infer("mlp_bf16", {"input": torch.from_numpy(x).bfloat16()}, as_torch=True)
             err = (out_b["output"].float() - torch.from_numpy(expected)).abs().max().item()
             check("bfloat16 round trip", out_b["output"].dtype == torch.bfloat16 and

@@ -269,6 +269,55 @@ TEST_F(LoaderTest, ForwardUsesTheLoadedWeights) {
   EXPECT_TRUE(at::equal(net->embed.Forward(ids), ref.at("embed.weight").index_select(0, ids)));
 }
 
+// A mixed storage policy computes in the compute dtype: exactly the float32 forward of the
+// stored (rounded) weights. Without a compute dtype the same forward mixes dtypes and fails.
+TEST_F(LoaderTest, LayersCastStoredWeightsToTheComputeDtype) {
+  const auto ref = Reference();
+  auto source = Open(WriteCheckpoint(dir_, ref));
+  auto net = MetaNet();
+  LoadOptions options;
+  options.dtype = "bfloat16";
+  options.dtype_overrides = {{"fc1.", "float16"}, {"head.", "keep"}};
+  ASSERT_TRUE(LoadModule(*net, *source, options).ok());
+  at::Tensor ids = at::tensor({3, 9}, at::kLong);
+  auto run = [&] {
+    return net->head.Forward(net->norm.Forward(net->fc1.Forward(net->embed.Forward(ids))));
+  };
+  EXPECT_ANY_THROW(run());  // bfloat16 rows into a float16 linear
+
+  net->SetComputeDtype("", at::kFloat);
+  for (Module* m :
+       std::vector<Module*>{net.get(), &net->embed, &net->fc1, &net->norm, &net->head}) {
+    EXPECT_EQ(m->compute_dtype(), at::kFloat);
+  }
+  auto rounded = [&](const char* name, at::ScalarType stored) {
+    return ref.at(name).to(stored).to(at::kFloat);
+  };
+  at::Tensor x = rounded("embed.weight", at::kBFloat16).index_select(0, ids);
+  x = at::linear(x, rounded("fc1.weight", at::kHalf), rounded("fc1.bias", at::kHalf));
+  x = at::layer_norm(x, {8}, rounded("norm.weight", at::kBFloat16),
+                     rounded("norm.bias", at::kBFloat16));
+  x = at::linear(x, ref.at("head.weight"));
+  at::Tensor got = run();
+  EXPECT_EQ(got.scalar_type(), at::kFloat);
+  EXPECT_TRUE(at::equal(got, x));
+  // The stored weights are untouched by forwards.
+  EXPECT_EQ(SlotMap(*net)["fc1.weight"].scalar_type(), at::kHalf);
+}
+
+TEST(LayerKitTest, ComputeDtypeFollowsThePrefix) {
+  auto net = MetaNet();
+  net->SetComputeDtype("fc1.", at::kDouble);
+  EXPECT_EQ(net->fc1.compute_dtype(), at::kDouble);
+  EXPECT_EQ(net->compute_dtype(), std::nullopt);  // the root is not under "fc1."
+  EXPECT_EQ(net->embed.compute_dtype(), std::nullopt);
+  EXPECT_EQ(net->head.compute_dtype(), std::nullopt);
+  EXPECT_EQ(DefaultComputeDtype(at::kHalf, c10::Device(c10::kCPU)), at::kFloat);
+  EXPECT_EQ(DefaultComputeDtype(at::kBFloat16, c10::Device(c10::kCPU)), at::kFloat);
+  EXPECT_EQ(DefaultComputeDtype(at::kDouble, c10::Device(c10::kCPU)), at::kDouble);
+  EXPECT_EQ(DefaultComputeDtype(at::kHalf, c10::Device(c10::kCUDA, 0)), at::kHalf);
+}
+
 TEST_F(LoaderTest, DtypeConversionAndLongestPrefixOverrides) {
   const auto ref = Reference();
   auto source = Open(WriteCheckpoint(dir_, ref));

@@ -246,6 +246,13 @@ TEST_F(ServiceTest, Sd1WithTheWebUiDtypesThroughGrpc) {
   ASSERT_EQ(loaded.model().entries_size(), 4);
   EXPECT_EQ(loaded.model().entries(0).name(), "unet");
   EXPECT_EQ(loaded.model().entries(3).name(), "vae_encode");
+  // Each network's storage and compute dtypes: float16 networks compute in float32 on a cpu.
+  for (int i : {0, 1}) {
+    EXPECT_EQ(loaded.model().entries(i).storage_dtype(), "float16") << i;
+    EXPECT_EQ(loaded.model().entries(i).compute_dtype(), "float32") << i;
+  }
+  EXPECT_EQ(loaded.model().entries(2).storage_dtype(), "float32");
+  EXPECT_EQ(loaded.model().entries(2).compute_dtype(), "float32");
 
   const std::string ref = *dir_ / "models/sd1/";
   std::string latents = testing::ReadFileOrEmpty(ref + "vae_decode.latents.bin");
@@ -266,7 +273,7 @@ TEST_F(ServiceTest, Sd1WithTheWebUiDtypesThroughGrpc) {
   ASSERT_EQ(response.outputs(0).raw_data().size(), expected.size());
   EXPECT_LE(MaxRelativeError(response.outputs(0).raw_data(), expected), 1e-4);
 
-  // The float16 UNet: refused on the CPU with the way out.
+  // The float16-stored UNet runs on the CPU, computing in float32.
   request.set_entry("unet");
   request.clear_inputs();
   *request.add_inputs() = Fp32Tensor("x", {1, 4, 8, 8}, std::vector<float>(256, 0.1f), true);
@@ -277,9 +284,12 @@ TEST_F(ServiceTest, Sd1WithTheWebUiDtypesThroughGrpc) {
   steps->add_int64_contents(10);
   *request.add_inputs() = Fp32Tensor("context", {1, 2, 128}, std::vector<float>(256, 0.1f), true);
   s = Infer(request, &response);
-  EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << s.error_message();
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  EXPECT_EQ(response.outputs(0).datatype(), "FP32");
+  const std::string eps16 = response.outputs(0).raw_data();
 
-  // "keep" is another model: no cache hit, the file's float32 everywhere; the UNet runs.
+  // "keep" is another model: no cache hit, the file's float32 everywhere; the same UNet output
+  // but for the float16 rounding of the weights.
   metaload::v1::LoadModelResponse kept;
   s = Load("sd1/model.safetensors", &kept, [](auto* r) {
     r->set_model_id("sd32");
@@ -293,6 +303,10 @@ TEST_F(ServiceTest, Sd1WithTheWebUiDtypesThroughGrpc) {
   s = Infer(request, &response);
   ASSERT_TRUE(s.ok()) << s.error_message();
   EXPECT_EQ(response.outputs(0).name(), "eps");
+  ASSERT_EQ(response.outputs(0).raw_data().size(), eps16.size());
+  const double rounding = MaxRelativeError(eps16, response.outputs(0).raw_data());
+  EXPECT_GT(rounding, 0.0);
+  EXPECT_LE(rounding, 1e-2);
   ASSERT_TRUE(Unload("sd").ok());
   ASSERT_TRUE(Unload("sd32").ok());
 }
@@ -364,6 +378,10 @@ TEST_F(ServiceTest, ErrorTable) {
        "float8"},
       {"unknown device", [](auto* r) { r->set_device("tpu"); }, grpc::StatusCode::INVALID_ARGUMENT,
        "tpu"},
+      {"unknown compute_dtype", [](auto* r) { r->set_compute_dtype("int8"); },
+       grpc::StatusCode::INVALID_ARGUMENT, "compute_dtype 'int8'"},
+      {"float16 compute on cpu", [](auto* r) { r->set_compute_dtype("float16"); },
+       grpc::StatusCode::FAILED_PRECONDITION, "needs a GPU"},
       {"dot-dot", [](auto* r) { r->set_path("../outside.safetensors"); },
        grpc::StatusCode::INVALID_ARGUMENT, "path '../outside.safetensors' may not contain '..'"},
       {"absolute outside", [outside](auto* r) { r->set_path(outside); },

@@ -1,7 +1,11 @@
 // Stable Diffusion 1.x: small checkpoints with the real LDM key names, written by an independent
 // Python implementation (tests/tools/ref_sd1.py, ldm's and transformers' structure), loaded through
 // the real loader; all four entries against the Python outputs. Tolerances as for the other
-// architectures: fp32 max abs error <= 1e-4 x max |output|; bf16 weights <= 5e-2 x.
+// architectures: fp32 max abs error <= 1e-4 x max |output|; bf16 weights against the float32
+// outputs <= 5e-2 x. Weights stored in float16 or bfloat16 compute in float32 on a CPU, so
+// against the Python outputs of the same rounded weights (ref_sd1.py --round) they are held to
+// the float32 limit, on every CPU (measured up to 1.2e-5 with ATEN_CPU_CAPABILITY=default, where
+// the float32 UNet itself differs from Python by as much).
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
@@ -58,7 +62,7 @@ Loaded Load(const std::string& path, const std::string& dtype) {
   if (!model.ok()) return l;
   core::LoadOptions options;
   options.dtype = dtype;
-  absl::StatusOr<core::LoadReport> report = (*model)->Load(*l.source, options);
+  absl::StatusOr<core::LoadReport> report = (*model)->Load(*l.source, options, std::nullopt);
   EXPECT_TRUE(report.ok()) << report.status();
   if (!report.ok()) return l;
   l.model = *std::move(model);
@@ -123,6 +127,26 @@ INSTANTIATE_TEST_SUITE_P(
     ::testing::Values(
         Case{"safetensors_fp32", {}, "model.safetensors", "float32", 1e-4, "sd1"},
         Case{"safetensors_bf16", {}, "model.safetensors", "bfloat16", 5e-2, "sd1"},
+        Case{"bf16_storage_rounded_reference",
+             {"--round", "bfloat16"},
+             "model.safetensors",
+             "bfloat16",
+             1e-4,
+             "sd1"},
+        // The web UI's policy (no dtype named): UNet and text encoder stored in float16.
+        Case{"webui_policy_rounded_reference",
+             {"--round", "float16", "--keep", "first_stage_model."},
+             "model.safetensors",
+             "",
+             1e-4,
+             "sd1"},
+        // Most shared SD1 files: every network stored in float16, loaded as stored.
+        Case{"fp16_file_kept",
+             {"--round", "float16", "--store", "float16"},
+             "model.safetensors",
+             "keep",
+             1e-4,
+             "sd1"},
         // The original releases: a .ckpt zip, CLIP keys without text_model., EMA weights kept.
         Case{"ckpt_short_clip_ema",
              {"--ckpt", "--short-clip", "--ema"},
@@ -182,13 +206,13 @@ TEST(Sd1Test, DefaultDtypesAreTheWebUis) {
   EXPECT_EQ(def.model->ResidentBytes(), expected);
   // The VAE ran in float32, as stored: same values as the reference.
   EXPECT_LE(RelativeError(*def.model, dir, "vae_decode"), 1e-4);
-  // The float16 UNet cannot run on this CPU; the message says what to do.
-  absl::Status unet = def.model
-                          ->Run("unet", {{"x", at::zeros({1, 4, 8, 8})},
-                                         {"timesteps", at::zeros({1}, at::kLong)},
-                                         {"context", at::zeros({1, 77, 128})}})
-                          .status();
-  EXPECT_TRUE(absl::IsFailedPrecondition(unet)) << unet;
+  // The float16 UNet runs on a CPU, in float32 (webui_policy_rounded_reference checks values).
+  absl::StatusOr<NamedTensors> unet =
+      def.model->Run("unet", {{"x", at::zeros({1, 4, 8, 8})},
+                              {"timesteps", at::zeros({1}, at::kLong)},
+                              {"context", at::zeros({1, 77, 128})}});
+  ASSERT_TRUE(unet.ok()) << unet.status();
+  EXPECT_EQ(unet->front().second.scalar_type(), at::kFloat);
 
   Loaded keep = Load(dir + "/model.safetensors", "keep");
   ASSERT_NE(keep.model, nullptr);

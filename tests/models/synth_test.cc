@@ -111,7 +111,7 @@ TEST(SynthTest, EveryArchitectureLoadsAndRuns) {
     EXPECT_EQ((*source)->index().total_bytes(), static_cast<uint64_t>(r->data_bytes));
     auto model = BuildModel("", (*source)->index());
     ASSERT_TRUE(model.ok()) << model.status();
-    auto report = (*model)->Load(**source, {});
+    auto report = (*model)->Load(**source, {}, std::nullopt);
     ASSERT_TRUE(report.ok()) << report.status();
     EXPECT_TRUE(report->unexpected_keys.empty()) << arch;
     std::map<std::string, at::Tensor> feed;
@@ -159,7 +159,7 @@ TEST(SynthTest, Sd1TinyHasTheReferenceKeySetAndRuns) {
   ASSERT_TRUE(model.ok()) << model.status();
   core::LoadOptions load;
   load.dtype = "float32";
-  auto report = (*model)->Load(**ours, load);
+  auto report = (*model)->Load(**ours, load, std::nullopt);
   ASSERT_TRUE(report.ok()) << report.status();
   EXPECT_TRUE(report->unexpected_keys.empty());
   const std::map<std::string, std::map<std::string, at::Tensor>> feeds = {

@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """Independent Python references for metaload's architectures, keyed by the Hugging Face names.
 
-  ref_models.py ARCH OUT_DIR [--unprefixed] [--shards N] [--tied]
+  ref_models.py ARCH OUT_DIR [--unprefixed] [--shards N] [--tied] [--round DTYPE [--keep P,..]]
 
 Writes OUT_DIR/config.json and random weights as safetensors (sharded with an index when asked,
 by an independent writer), then OUT_DIR/inputs.json (input_ids, attention_mask) and the
 reference outputs OUT_DIR/expected.bin (float32, row-major) with their shape in
-OUT_DIR/expected.json. ARCH: mlp, gpt2, llama.
+OUT_DIR/expected.json. ARCH: mlp, gpt2, llama. With --round, the outputs are those of the
+weights rounded as metaload stores them under that dtype policy, computed in float32 (the
+checkpoint itself stays float32).
 """
 import json
 import math
@@ -17,7 +19,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-ST = {torch.float32: "F32", torch.int64: "I64"}
+ST = {torch.float32: "F32", torch.float16: "F16", torch.int64: "I64"}
 
 
 def write_safetensors(path, tensors):
@@ -31,6 +33,18 @@ def write_safetensors(path, tensors):
     text += b" " * ((8 - len(text) % 8) % 8)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(text)) + text + b"".join(blobs))
+
+
+def round_weights(sd, flags):
+    """--round DTYPE [--keep P1,P2]: `sd` with every floating tensor rounded to DTYPE and back,
+    except those under a kept prefix: the values metaload stores when it loads the checkpoint
+    with dtype DTYPE and those prefixes kept."""
+    if "--round" not in flags:
+        return sd
+    dtype = getattr(torch, flags[flags.index("--round") + 1])
+    keep = flags[flags.index("--keep") + 1].split(",") if "--keep" in flags else []
+    return {k: v.to(dtype).to(v.dtype) if v.is_floating_point() and not any(k.startswith(p) for p in keep)
+            else v for k, v in sd.items()}
 
 
 def save(out, sd, shards):
@@ -190,7 +204,7 @@ def main():
             sd = make_mlp(g, cfg)
             x = torch.randn(3, 12, generator=g)
             inputs = {"input": x.tolist()}
-            y = run_mlp(sd, cfg, x)
+            y = run_mlp(round_weights(sd, flags), cfg, x)
         else:
             if arch == "gpt2":
                 cfg = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_embd": 32,
@@ -209,7 +223,7 @@ def main():
             ids = torch.randint(0, cfg["vocab_size"], (2, 7), generator=g)
             mask = torch.tensor([[1] * 7, [0, 0, 1, 1, 1, 1, 1]])
             inputs = {"input_ids": ids.tolist(), "attention_mask": mask.tolist()}
-            y = run(sd, cfg, ids, mask)
+            y = run(round_weights(sd, flags), cfg, ids, mask)
         with open(os.path.join(out, "config.json"), "w") as f:
             json.dump(cfg, f)
         save(out, sd, shards)

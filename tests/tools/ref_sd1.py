@@ -4,12 +4,16 @@ networks written the way ldm and transformers write them (nn.Module attributes g
 LDM key names), random weights, the four entries run on fixed inputs.
 
   ref_sd1.py OUT_DIR [--ckpt] [--short-clip] [--ema] [--in-channels N]
+             [--round DTYPE [--keep P,..]] [--store float16]
 
 Writes OUT_DIR/model.safetensors (or OUT_DIR/model.ckpt, a torch.save of {"state_dict": ...}
 like the original releases), OUT_DIR/<entry>.<input>.bin inputs and OUT_DIR/<entry>.out.bin
 outputs (float32 or int64, row-major) with every shape in OUT_DIR/cases.json.
   --short-clip   text encoder keys without "text_model." (older transformers)
   --ema          adds model_ema.* keys, as unpruned checkpoints have
+  --round DTYPE  outputs of the weights rounded as metaload stores them when it loads with dtype
+                 DTYPE (prefixes P kept), computed in float32: ref_models.round_weights
+  --store float16  writes the floating tensors as float16 (use with --round float16)
 """
 import json
 import math
@@ -20,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ref_models import write_safetensors  # F32 and I64, an independent writer
+from ref_models import round_weights, write_safetensors  # F32, F16, I64: an independent writer
 
 # Small, with SD1's topology: 4 levels, attention on the first three, 8 heads.
 UNET = dict(model_channels=32, mult=(1, 2, 2, 2), res_blocks=2, attention=(True, True, True, False),
@@ -425,6 +429,12 @@ def main():
         sd["model_ema.num_updates"] = torch.tensor(1000, dtype=torch.int64)
         sd["model_ema.diffusion_modelout2weight"] = sd["model.diffusion_model.out.2.weight"].clone()
     sd = {k: v.contiguous() for k, v in sd.items()}
+    rounded = round_weights(sd, flags)
+    if "--store" in flags:
+        store = getattr(torch, flags[flags.index("--store") + 1])
+        sd = {k: v.to(store) if v.is_floating_point() else v for k, v in rounded.items()}
+    for prefix, m in (("model.diffusion_model.", unet), ("first_stage_model.", vae), (clip_prefix, clip)):
+        m.load_state_dict({k[len(prefix):]: v for k, v in rounded.items() if k.startswith(prefix)})
     if "--ckpt" in flags:
         torch.save({"epoch": 1, "global_step": 1000, "state_dict": sd}, os.path.join(out, "model.ckpt"))
     else:

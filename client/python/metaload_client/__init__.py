@@ -105,13 +105,14 @@ class Client:
             raise MetaloadError(e.code(), e.details()) from None
 
     def load(self, path, model_id="", architecture="", device="", dtype="", dtype_overrides=None,
-             allow_missing_keys=False, zero_copy=False, replace=False, pin=False, on_progress=None):
+             allow_missing_keys=False, zero_copy=False, replace=False, pin=False, on_progress=None,
+             compute_dtype=""):
         """Loads `path` (relative to a model root); returns the LoadModelResponse. With
         `on_progress`, it is called with each LoadEvent (phase, bytes_done, bytes_total)."""
         request = pb.LoadModelRequest(path=path, model_id=model_id, architecture=architecture,
                                       device=device, dtype=dtype, dtype_overrides=dtype_overrides or {},
                                       allow_missing_keys=allow_missing_keys, zero_copy=zero_copy,
-                                      replace=replace, pin=pin)
+                                      replace=replace, pin=pin, compute_dtype=compute_dtype)
         if on_progress is None:
             return self._call(self._stub.LoadModel, request)
         try:
