@@ -25,6 +25,12 @@ using Clock = std::chrono::steady_clock;
 
 int64_t NowMs() { return absl::ToUnixMillis(absl::Now()); }
 
+// A process-wide use counter: strictly increasing, unlike wall-clock milliseconds.
+uint64_t NextUse() {
+  static std::atomic<uint64_t> counter{0};
+  return counter.fetch_add(1) + 1;
+}
+
 // One loaded model; shared by every model_id that names its key, and by running Infers.
 struct Loaded {
   // Hand the freed pages back to the kernel at once: RAM that is never returned on model
@@ -42,6 +48,9 @@ struct Loaded {
   LoadStats stats;
   bool pinned = false;
   std::atomic<int64_t> last_used_ms{0};
+  // Order of last use, for LRU eviction: milliseconds tie when a load and a hit land in the same
+  // one (ServiceBudgetTest evicted the model it had just used, 2 runs in 4).
+  std::atomic<uint64_t> last_use{0};
   std::atomic<int64_t> infer_count{0};
   std::atomic<int> active{0};  // Infers holding it; only through InUse
   std::mutex hash_mu;
@@ -198,6 +207,7 @@ std::shared_ptr<LoadWaiter> ModelCache::Load(const LoadSpec& spec, ProgressFn pr
   if (slot->current && slot->current->key == key && !slot->pending) {
     std::shared_ptr<Loaded> loaded = slot->current;
     loaded->last_used_ms = NowMs();
+    loaded->last_use = NextUse();
     LoadResult result{InfoLocked(spec.model_id, *loaded, "READY"), true, loaded->stats};
     lock.unlock();
     if (options_.observer) options_.observer->OnCacheRequest("hit");
@@ -234,6 +244,7 @@ std::shared_ptr<LoadWaiter> ModelCache::Load(const LoadSpec& spec, ProgressFn pr
     if (loaded && loaded->key == key) {
       slot->current = loaded;
       loaded->last_used_ms = NowMs();
+      loaded->last_use = NextUse();
       LoadResult result{InfoLocked(spec.model_id, *loaded, "READY"), true, loaded->stats};
       lock.unlock();
       if (options_.observer) options_.observer->OnCacheRequest("hit");
@@ -352,15 +363,15 @@ void ModelCache::RunFlight(std::shared_ptr<Flight> flight) {
         bool spare_replaced = true;
         while (UsedBytesLocked(spec.device) + need > budget->second) {
           std::string victim;
-          int64_t oldest = INT64_MAX;
+          uint64_t oldest = UINT64_MAX;
           for (const auto& [id, slot] : slots_) {
             const std::shared_ptr<Loaded>& l = slot->current;
             if (!l || l->device != spec.device || l->pinned || l->active.load() > 0) continue;
             bool wanted = false;
             for (const auto& w : flight->waiters) wanted |= w->model_id_ == id;
             if (wanted && spare_replaced) continue;
-            if (l->last_used_ms.load() < oldest) {
-              oldest = l->last_used_ms.load();
+            if (l->last_use.load() < oldest) {
+              oldest = l->last_use.load();
               victim = id;
             }
           }
@@ -439,6 +450,7 @@ void ModelCache::RunFlight(std::shared_ptr<Flight> flight) {
     loaded->pinned = spec.pin;
     loaded->loaded_at_ms = NowMs();
     loaded->last_used_ms = loaded->loaded_at_ms;
+    loaded->last_use = NextUse();
     loaded->stats.total_seconds = std::chrono::duration<double>(Clock::now() - start).count();
     loaded->stats.build_seconds = build_seconds;
     loaded->stats.read_seconds = report.seconds;
@@ -682,6 +694,7 @@ void ModelCache::Infer(const std::string& model_id, const std::string& entry,
         });
     loaded->infer_count.fetch_add(1);
     loaded->last_used_ms = NowMs();
+    loaded->last_use = NextUse();
     if (options_.observer && result.ok()) {
       // Only while the id still holds this model: an Infer that outlives an Unload must not
       // bring back the per-model series OnModelRemoved dropped.
