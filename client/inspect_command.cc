@@ -18,9 +18,34 @@ namespace {
 constexpr int kOk = 0;
 constexpr int kInvalid = 2;
 
+// What a TorchScript archive is, in both outputs.
+constexpr char kTorchScriptWarning[] =
+    "TorchScript: a program, not a state dict; loading it runs the file's code (metaloadd "
+    "refuses it unless started with --allow_torchscript)";
+
+int Inspect(const std::vector<std::string>& argv);
+
 }  // namespace
 
+// Hostile files are verdicts, never "internal error": whatever the readers and the JSON
+// library throw becomes one line and exit 2. (The CLI links no LibTorch, so this is not
+// core::CatchExceptions; there is no c10 exception to tell apart here.)
 int RunInspect(const std::vector<std::string>& argv) {
+  try {
+    return Inspect(argv);
+  } catch (const std::bad_alloc&) {
+    std::fprintf(stderr, "metaload inspect: invalid: RESOURCE_EXHAUSTED: out of memory\n");
+  } catch (const std::exception& e) {
+    std::string what = e.what();
+    std::fprintf(stderr, "metaload inspect: invalid: FAILED_PRECONDITION: %s\n",
+                 what.substr(0, what.find('\n')).c_str());
+  }
+  return kInvalid;
+}
+
+namespace {
+
+int Inspect(const std::vector<std::string>& argv) {
   absl::StatusOr<Args> args = Args::Parse(argv, {}, {"json", "tensors", "sha256"});
   if (!args.ok() || args->positionals().size() != 1) {
     std::fprintf(
@@ -56,7 +81,8 @@ int RunInspect(const std::vector<std::string>& argv) {
   std::string sha256;
   if (args->Has("sha256")) {
     absl::StatusOr<std::unique_ptr<core::ChecksumStore>> store = core::ChecksumStore::Create({});
-    absl::StatusOr<std::string> sha = (*store)->Compute(index.files);
+    absl::StatusOr<std::string> sha =
+        store.ok() ? (*store)->Compute(index.files) : absl::StatusOr<std::string>(store.status());
     if (!sha.ok()) {
       std::fprintf(stderr, "metaload inspect: invalid: %s: %s\n",
                    absl::StatusCodeToString(sha.status().code()).c_str(),
@@ -65,6 +91,7 @@ int RunInspect(const std::vector<std::string>& argv) {
     }
     sha256 = *sha;
   }
+  const bool runs_code = index.format == core::CheckpointFormat::kTorchScript;
   std::map<core::DType, int> tensors_by_dtype;
   for (const core::TensorInfo& t : index.tensors) ++tensors_by_dtype[t.dtype];
 
@@ -91,6 +118,8 @@ int RunInspect(const std::vector<std::string>& argv) {
         arch.name.empty() ? nlohmann::ordered_json() : nlohmann::ordered_json(arch.name);
     out["architecture_evidence"] = arch.evidence;
     out["skipped_entries"] = index.skipped_entries;
+    out["runs_code"] = runs_code;
+    if (runs_code) out["warning"] = kTorchScriptWarning;
     if (!sha256.empty()) {
       out["sha256"] = sha256;
       out["short_hash"] = core::ChecksumStore::ShortHash(sha256);
@@ -133,6 +162,7 @@ int RunInspect(const std::vector<std::string>& argv) {
   if (!index.skipped_entries.empty()) {
     std::printf("skipped:       %s\n", absl::StrJoin(index.skipped_entries, ", ").c_str());
   }
+  if (runs_code) std::printf("warning:       %s\n", kTorchScriptWarning);
   if (!sha256.empty()) {
     std::printf("sha256:        %s (short hash %s)\n", sha256.c_str(),
                 core::ChecksumStore::ShortHash(sha256).c_str());
@@ -147,5 +177,7 @@ int RunInspect(const std::vector<std::string>& argv) {
   std::printf("valid:         yes\n");
   return kOk;
 }
+
+}  // namespace
 
 }  // namespace metaload::client

@@ -1,5 +1,6 @@
 // metaloadd: the metaload daemon. Parses flags, starts the Daemon, waits for SIGTERM or SIGINT,
-// drains for --shutdown_grace and exits 0.
+// drains for --shutdown_grace and exits 0. SIGHUP is logged and ignored (a closed terminal or a
+// reload habit must not stop a server mid-load; there is nothing to reload).
 #include <malloc.h>
 #include <signal.h>
 #include <unistd.h>
@@ -50,6 +51,10 @@ ABSL_FLAG(int, infer_threads, 2, "Infer calls running at once");
 ABSL_FLAG(int, intra_op_threads, 0, "Threads one forward pass may use (0: LibTorch's default)");
 ABSL_FLAG(std::string, state_dir, "", "Directory for persistent state (checkpoint sha256 cache)");
 ABSL_FLAG(std::string, preload, "", "JSON list of LoadModel requests to load at start");
+ABSL_FLAG(bool, allow_torchscript, false,
+          "Load TorchScript archives (refused by default). TorchScript is a program: loading one "
+          "runs the file's code, with the daemon's rights. Only for model roots whose every file "
+          "you trust");
 ABSL_FLAG(absl::Duration, keepalive_time, absl::Minutes(2),
           "Ping idle clients this often (0 disables keepalive)");
 ABSL_FLAG(absl::Duration, keepalive_timeout, absl::Seconds(20),
@@ -143,6 +148,7 @@ int main(int argc, char** argv) {
   sigemptyset(&signals);
   sigaddset(&signals, SIGTERM);
   sigaddset(&signals, SIGINT);
+  sigaddset(&signals, SIGHUP);
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
   signal(SIGPIPE, SIG_IGN);
 
@@ -162,6 +168,20 @@ int main(int argc, char** argv) {
   options.preload_file = absl::GetFlag(FLAGS_preload);
   options.keepalive_time = absl::GetFlag(FLAGS_keepalive_time);
   options.keepalive_timeout = absl::GetFlag(FLAGS_keepalive_timeout);
+  options.allow_torchscript = absl::GetFlag(FLAGS_allow_torchscript);
+  const absl::Duration grace = absl::GetFlag(FLAGS_shutdown_grace);
+  if (grace < absl::ZeroDuration()) {
+    LogError("start_failed")
+        .Kv("error", "--shutdown_grace must not be negative")
+        .Kv("value", absl::FormatDuration(grace));
+    return 1;
+  }
+  if (options.keepalive_time < absl::ZeroDuration() ||
+      options.keepalive_timeout < absl::ZeroDuration()) {
+    LogError("start_failed")
+        .Kv("error", "--keepalive_time and --keepalive_timeout must not be negative");
+    return 1;
+  }
   if (!absl::GetFlag(FLAGS_memory_budget).empty()) {
     absl::StatusOr<std::map<std::string, int64_t>> budgets =
         metaload::core::ParseMemoryBudgets(absl::GetFlag(FLAGS_memory_budget));
@@ -211,6 +231,7 @@ int main(int argc, char** argv) {
                        "/metrics"))
       .Kv("tls", options.tls_cert_file.empty() ? "off" : "on")
       .Kv("auth", options.auth_token.empty() ? "off" : "on")
+      .Kv("torchscript", options.allow_torchscript ? "allowed (runs the files' code)" : "refused")
       .Kv("model_roots", d.model_roots().size());
   for (const std::string& root : d.model_roots()) LogInfo("model_root").Kv("path", root);
   if (isatty(STDERR_FILENO)) {
@@ -221,9 +242,11 @@ int main(int argc, char** argv) {
   }
 
   int sig = 0;
-  while (sigwait(&signals, &sig) != 0) {
+  while (true) {
+    if (sigwait(&signals, &sig) != 0) continue;
+    if (sig != SIGHUP) break;
+    LogInfo("sighup_ignored").Kv("hint", "SIGTERM or SIGINT stops metaloadd");
   }
-  const absl::Duration grace = absl::GetFlag(FLAGS_shutdown_grace);
   LogInfo("draining")
       .Kv("signal", sig == SIGTERM ? "SIGTERM" : "SIGINT")
       .Kv("grace", absl::FormatDuration(grace));

@@ -13,6 +13,7 @@
 #include "server/core/checkpoint.h"
 #include "server/core/checksum_store.h"
 #include "server/core/dtype_policy.h"
+#include "server/core/exception_boundary.h"
 #include "server/core/log.h"
 #include "server/core/thread_pool.h"
 #include "server/core/torch_types.h"
@@ -23,6 +24,12 @@ namespace metaload::cache {
 using Clock = std::chrono::steady_clock;
 
 int64_t NowMs() { return absl::ToUnixMillis(absl::Now()); }
+
+// A process-wide use counter: strictly increasing, unlike wall-clock milliseconds.
+uint64_t NextUse() {
+  static std::atomic<uint64_t> counter{0};
+  return counter.fetch_add(1) + 1;
+}
 
 // One loaded model; shared by every model_id that names its key, and by running Infers.
 struct Loaded {
@@ -41,11 +48,47 @@ struct Loaded {
   LoadStats stats;
   bool pinned = false;
   std::atomic<int64_t> last_used_ms{0};
+  // Order of last use, for LRU eviction: milliseconds tie when a load and a hit land in the same
+  // one (ServiceBudgetTest evicted the model it had just used, 2 runs in 4).
+  std::atomic<uint64_t> last_use{0};
   std::atomic<int64_t> infer_count{0};
-  std::atomic<int> active{0};
+  std::atomic<int> active{0};  // Infers holding it; only through InUse
   std::mutex hash_mu;
   std::string sha256;  // guarded by hash_mu
 };
+
+// One Infer's hold on a model: eviction skips a model while any is alive. RAII, so no exception
+// or early return can leave a model counted as in use (and so unevictable) for ever.
+class InUse {
+ public:
+  // Call under the cache's lock, so an eviction deciding right now sees it.
+  explicit InUse(std::shared_ptr<Loaded> loaded) : loaded_(std::move(loaded)) {
+    loaded_->active.fetch_add(1);
+  }
+  ~InUse() { Release(); }
+  // Ends the hold early (before a done callback that may want the model evicted).
+  void Release() {
+    if (loaded_) loaded_->active.fetch_sub(1);
+    loaded_.reset();
+  }
+  InUse(const InUse&) = delete;
+  InUse& operator=(const InUse&) = delete;
+  const std::shared_ptr<Loaded>& get() const { return loaded_; }
+
+ private:
+  std::shared_ptr<Loaded> loaded_;
+};
+
+// Errors from below name the resolved absolute path; the caller sees the path it gave.
+absl::Status AsCallerSees(const absl::Status& status, const LoadSpec& spec) {
+  if (status.ok() || spec.path.empty() || spec.path == spec.display_path) return status;
+  std::string message(status.message());
+  for (size_t at = message.find(spec.path); at != std::string::npos;
+       at = message.find(spec.path, at + spec.display_path.size())) {
+    message.replace(at, spec.path.size(), spec.display_path);
+  }
+  return absl::Status(status.code(), message);
+}
 
 struct Flight {
   std::string key;
@@ -178,6 +221,7 @@ std::shared_ptr<LoadWaiter> ModelCache::Load(const LoadSpec& spec, ProgressFn pr
   if (slot->current && slot->current->key == key && !slot->pending) {
     std::shared_ptr<Loaded> loaded = slot->current;
     loaded->last_used_ms = NowMs();
+    loaded->last_use = NextUse();
     LoadResult result{InfoLocked(spec.model_id, *loaded, "READY"), true, loaded->stats};
     lock.unlock();
     if (options_.observer) options_.observer->OnCacheRequest("hit");
@@ -214,6 +258,7 @@ std::shared_ptr<LoadWaiter> ModelCache::Load(const LoadSpec& spec, ProgressFn pr
     if (loaded && loaded->key == key) {
       slot->current = loaded;
       loaded->last_used_ms = NowMs();
+      loaded->last_use = NextUse();
       LoadResult result{InfoLocked(spec.model_id, *loaded, "READY"), true, loaded->stats};
       lock.unlock();
       if (options_.observer) options_.observer->OnCacheRequest("hit");
@@ -277,14 +322,29 @@ void ModelCache::RunFlight(std::shared_ptr<Flight> flight) {
       break;
     }
     broadcast({"build", 0, 0});
-    absl::StatusOr<std::unique_ptr<core::CheckpointSource>> source =
-        core::CheckpointSource::Open(spec.path);
+    core::CheckpointSource::Options source_options;
+    source_options.roots = options_.model_roots;
+    absl::StatusOr<std::unique_ptr<core::CheckpointSource>> source = core::CatchExceptions(
+        spec.path, [&] { return core::CheckpointSource::Open(spec.path, source_options); });
     if (!source.ok()) {
       status = source.status();
       break;
     }
-    absl::StatusOr<std::unique_ptr<models::Model>> built =
-        models::BuildModel(spec.architecture, (*source)->index());
+    // A TorchScript archive is a program: loading it runs its code (__setstate__, and forward
+    // on every Infer). Only an operator who trusts every model root may allow it.
+    if (((*source)->index().format == core::CheckpointFormat::kTorchScript ||
+         spec.architecture == "torchscript") &&
+        !options_.allow_torchscript) {
+      status = absl::FailedPreconditionError(absl::StrCat(
+          "'", spec.display_path,
+          "' is a TorchScript archive (or was asked to load as one): a program, and loading it "
+          "runs the file's code. metaloadd refuses TorchScript unless started with "
+          "--allow_torchscript (only for model roots whose every file you trust)"));
+      break;
+    }
+    absl::StatusOr<std::unique_ptr<models::Model>> built = core::CatchExceptions(
+        absl::StrCat(spec.path, ": building the model"),
+        [&] { return models::BuildModel(spec.architecture, (*source)->index()); });
     if (!built.ok()) {
       status = built.status();
       break;
@@ -297,6 +357,10 @@ void ModelCache::RunFlight(std::shared_ptr<Flight> flight) {
         models::EffectiveDtypes(*model, {spec.dtype, spec.dtype_overrides});
     absl::StatusOr<core::DtypePolicy> policy =
         core::DtypePolicy::Create(dtypes.dtype, dtypes.overrides);
+    if (!policy.ok()) {
+      status = policy.status();
+      break;
+    }
     int64_t need = static_cast<int64_t>(policy->LoadedBytes((*source)->index()));
     if ((*source)->index().format == core::CheckpointFormat::kTorchScript) {
       need = static_cast<int64_t>((*source)->index().files[0].size);
@@ -313,15 +377,15 @@ void ModelCache::RunFlight(std::shared_ptr<Flight> flight) {
         bool spare_replaced = true;
         while (UsedBytesLocked(spec.device) + need > budget->second) {
           std::string victim;
-          int64_t oldest = INT64_MAX;
+          uint64_t oldest = UINT64_MAX;
           for (const auto& [id, slot] : slots_) {
             const std::shared_ptr<Loaded>& l = slot->current;
             if (!l || l->device != spec.device || l->pinned || l->active.load() > 0) continue;
             bool wanted = false;
             for (const auto& w : flight->waiters) wanted |= w->model_id_ == id;
             if (wanted && spare_replaced) continue;
-            if (l->last_used_ms.load() < oldest) {
-              oldest = l->last_used_ms.load();
+            if (l->last_use.load() < oldest) {
+              oldest = l->last_use.load();
               victim = id;
             }
           }
@@ -378,7 +442,8 @@ void ModelCache::RunFlight(std::shared_ptr<Flight> flight) {
       broadcast({p.phase == "done" ? "place" : "read", static_cast<int64_t>(p.bytes_done),
                  static_cast<int64_t>(p.bytes_total)});
     };
-    absl::StatusOr<core::LoadReport> r = model->Load(**source, options, spec.compute);
+    absl::StatusOr<core::LoadReport> r = core::CatchExceptions(
+        spec.path, [&] { return model->Load(**source, options, spec.compute); });
     if (!r.ok()) {
       status = r.status();
       break;
@@ -399,6 +464,7 @@ void ModelCache::RunFlight(std::shared_ptr<Flight> flight) {
     loaded->pinned = spec.pin;
     loaded->loaded_at_ms = NowMs();
     loaded->last_used_ms = loaded->loaded_at_ms;
+    loaded->last_use = NextUse();
     loaded->stats.total_seconds = std::chrono::duration<double>(Clock::now() - start).count();
     loaded->stats.build_seconds = build_seconds;
     loaded->stats.read_seconds = report.seconds;
@@ -409,6 +475,7 @@ void ModelCache::RunFlight(std::shared_ptr<Flight> flight) {
     loaded->model = std::move(model);
   } while (false);
 
+  status = AsCallerSees(status, spec);
   if (status.ok() && flight->cancel.load()) {
     loaded.reset();  // everybody left while the last bytes arrived
     status = absl::CancelledError(absl::StrCat("load of '", spec.display_path, "' cancelled"));
@@ -600,43 +667,48 @@ absl::StatusOr<ModelInfo> ModelCache::Unload(const std::string& model_id) {
 
 void ModelCache::Infer(const std::string& model_id, const std::string& entry,
                        std::vector<WireTensor> inputs, bool typed_outputs, InferDoneFn done) {
-  std::shared_ptr<Loaded> loaded;
+  std::shared_ptr<InUse> held;  // shared: the pool's std::function must be copyable
   {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = slots_.find(model_id);
-    if (it != slots_.end()) loaded = it->second->current;
-    // Counted under the lock, so an eviction deciding right now sees this Infer.
-    if (loaded) loaded->active.fetch_add(1);
+    if (it != slots_.end() && it->second->current) {
+      held = std::make_shared<InUse>(it->second->current);
+    }
   }
-  if (!loaded) {
+  if (!held) {
     done(absl::NotFoundError(
         absl::StrCat("model_id '", model_id, "' is not loaded (or still loading)")));
     return;
   }
-  infer_pool_->Submit([this, loaded, entry, inputs = std::move(inputs), typed_outputs,
+  infer_pool_->Submit([this, held, entry, inputs = std::move(inputs), typed_outputs,
                        done = std::move(done), model_id]() mutable {
+    const std::shared_ptr<Loaded> loaded = held->get();
     const auto start = Clock::now();
-    absl::StatusOr<std::vector<WireTensor>> result =
+    absl::StatusOr<std::vector<WireTensor>> result = core::CatchExceptions(
+        absl::StrCat("model_id '", model_id, "'"),
         [&]() -> absl::StatusOr<std::vector<WireTensor>> {
-      std::map<std::string, at::Tensor> feed;
-      for (const WireTensor& w : inputs) {
-        absl::StatusOr<at::Tensor> t = DecodeTensor(w);
-        if (!t.ok()) return t.status();
-        if (!feed.emplace(w.name, *t).second) {
-          return absl::InvalidArgumentError(absl::StrCat("input '", w.name, "' given twice"));
-        }
-      }
-      inputs.clear();
-      absl::StatusOr<models::NamedTensors> out = loaded->model->Run(entry, feed);
-      if (!out.ok()) return out.status();
-      std::vector<WireTensor> wire;
-      for (const auto& [name, tensor] : *out)
-        wire.push_back(EncodeTensor(name, tensor, typed_outputs));
-      return wire;
-    }();
+          std::map<std::string, at::Tensor> feed;
+          for (const WireTensor& w : inputs) {
+            absl::StatusOr<at::Tensor> t = DecodeTensor(w);
+            if (!t.ok()) return t.status();
+            if (!feed.emplace(w.name, *t).second) {
+              return absl::InvalidArgumentError(absl::StrCat("input '", w.name, "' given twice"));
+            }
+          }
+          inputs.clear();
+          absl::StatusOr<models::NamedTensors> out = loaded->model->Run(entry, feed);
+          if (!out.ok()) return out.status();
+          std::vector<WireTensor> wire;
+          for (const auto& [name, tensor] : *out) {
+            absl::StatusOr<WireTensor> encoded = EncodeTensor(name, tensor, typed_outputs);
+            if (!encoded.ok()) return encoded.status();
+            wire.push_back(*std::move(encoded));
+          }
+          return wire;
+        });
     loaded->infer_count.fetch_add(1);
     loaded->last_used_ms = NowMs();
-    loaded->active.fetch_sub(1);
+    loaded->last_use = NextUse();
     if (options_.observer && result.ok()) {
       // Only while the id still holds this model: an Infer that outlives an Unload must not
       // bring back the per-model series OnModelRemoved dropped.
@@ -647,6 +719,7 @@ void ModelCache::Infer(const std::string& model_id, const std::string& entry,
                                    std::chrono::duration<double>(Clock::now() - start).count());
       }
     }
+    held->Release();
     done(std::move(result));
   });
 }

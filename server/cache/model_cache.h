@@ -14,6 +14,9 @@
 //   memory.
 // - Loads run on a bounded pool, Infer on another, sha256 hashing on a third (in the
 //   background, after a load): none on the caller's thread.
+// - No exception escapes: LibTorch and JSON calls run inside core::CatchExceptions (out of
+//   memory: RESOURCE_EXHAUSTED), and an Infer holds its model through an RAII handle, so no
+//   failure leaves a model counted as in use. Errors name the path as the caller gave it.
 //
 // This header is free of LibTorch and gRPC types. Thread-safe.
 #ifndef METALOAD_SERVER_CACHE_MODEL_CACHE_H_
@@ -113,6 +116,12 @@ class ModelCache {
     // Optional: sha256 of checkpoints, in the background after each load.
     core::ChecksumStore* checksums = nullptr;
     CacheObserver* observer = nullptr;
+    // Canonical model roots every file a load opens must lie in (symlinks resolved); empty: no
+    // restriction. The daemon passes --model_root.
+    std::vector<std::string> model_roots;
+    // TorchScript archives are programs: loading one runs the file's code (and every Infer runs
+    // its forward). false: FAILED_PRECONDITION naming the file, whatever it is called.
+    bool allow_torchscript = false;
   };
 
   using ProgressFn = std::function<void(const LoadProgressEvent&)>;

@@ -34,7 +34,23 @@ absl::StatusOr<at::Tensor> DecodeTensor(const WireTensor& wire) {
   return t;
 }
 
-WireTensor EncodeTensor(const std::string& name, const at::Tensor& tensor, bool typed) {
+absl::StatusOr<WireTensor> EncodeTensor(const std::string& name, const at::Tensor& tensor,
+                                        bool typed) {
+  // A model (TorchScript above all) may return anything: only dense tensors with storage have
+  // bytes to send.
+  if (!tensor.defined()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("output '", name, "' is an undefined tensor"));
+  }
+  if (tensor.layout() != at::kStrided) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("output '", name, "' is a ", c10::toString(tensor.layout()),
+                     " tensor; only dense (strided) outputs can be sent"));
+  }
+  if (tensor.is_meta() || tensor.is_quantized() || tensor.is_complex()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "output '", name, "' is a meta, quantized or complex tensor, which has no wire form"));
+  }
   at::Tensor t = tensor.detach().to(at::kCPU).contiguous();
   WireTensor wire;
   wire.name = name;

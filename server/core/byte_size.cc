@@ -62,7 +62,15 @@ absl::StatusOr<std::map<std::string, int64_t>> ParseMemoryBudgets(absl::string_v
     if (!bytes.ok())
       return absl::InvalidArgumentError(
           absl::StrCat("--memory_budget: ", bytes.status().message()));
-    out[device] = *bytes;
+    if (*bytes <= 0) {
+      return absl::InvalidArgumentError(absl::StrCat("--memory_budget: ", device,
+                                                     " has a budget of 0; a device that may hold "
+                                                     "no model is simply left out"));
+    }
+    if (!out.emplace(device, *bytes).second) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--memory_budget: ", device, " is given twice"));
+    }
   }
   return out;
 }

@@ -12,6 +12,7 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "server/core/model_roots.h"
 #include "server/core/safetensors_header.h"
 #include "server/core/safetensors_index.h"
 
@@ -21,37 +22,39 @@ namespace {
 constexpr uint64_t kMaxConfigBytes = 16 << 20;
 constexpr char kLegacyTorchMagic[] = "\x80\x02\x8a\x0a";
 
-absl::Status StatFile(const std::string& path, CheckpointFile* out) {
+CheckpointFile Describe(const std::string& path, const CheckedFile& f) {
+  CheckpointFile out;
+  out.path = path;
+  out.size = f.size;
+  out.mtime_ns = f.mtime_ns;
+  out.device = static_cast<uint64_t>(f.device);
+  out.inode = static_cast<uint64_t>(f.inode);
+  return out;
+}
+
+// Something is there (a file, a FIFO, a dangling symlink is not); OpenChecked says what.
+bool Exists(const std::string& path) {
   struct stat st;
-  if (::stat(path.c_str(), &st) != 0) {
-    if (errno == ENOENT) return absl::NotFoundError(absl::StrCat(path, ": no such file"));
-    return absl::FailedPreconditionError(absl::StrCat(path, ": ", std::strerror(errno)));
+  return ::lstat(path.c_str(), &st) == 0;
+}
+
+absl::StatusOr<std::string> ReadSmallFile(const std::string& path, uint64_t limit,
+                                          const ModelRoots& roots) {
+  absl::StatusOr<CheckedFile> f = OpenChecked(path, roots);
+  if (!f.ok()) return f.status();
+  if (f->size > limit) {
+    return absl::DataLossError(absl::StrCat(path, ": larger than ", limit, " bytes"));
   }
-  out->path = path;
-  out->size = static_cast<uint64_t>(st.st_size);
-  out->mtime_ns = static_cast<int64_t>(st.st_mtim.tv_sec) * 1'000'000'000 + st.st_mtim.tv_nsec;
-  return absl::OkStatus();
-}
-
-bool IsFile(const std::string& path) {
-  struct stat st;
-  return ::stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode);
-}
-
-absl::StatusOr<std::string> ReadSmallFile(const std::string& path, uint64_t limit) {
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return absl::FailedPreconditionError(absl::StrCat(path, ": ", std::strerror(errno)));
   std::string out;
   char buf[65536];
   ssize_t n;
-  while ((n = ::read(fd, buf, sizeof(buf))) > 0) {
+  while ((n = ::read(f->fd(), buf, sizeof(buf))) > 0 || (n < 0 && errno == EINTR)) {
+    if (n < 0) continue;
     out.append(buf, static_cast<size_t>(n));
     if (out.size() > limit) {
-      ::close(fd);
       return absl::DataLossError(absl::StrCat(path, ": larger than ", limit, " bytes"));
     }
   }
-  ::close(fd);
   if (n < 0) return absl::DataLossError(absl::StrCat(path, ": ", std::strerror(errno)));
   return out;
 }
@@ -69,24 +72,25 @@ void AddSafetensorsFile(const SafetensorsHeader& header, int file, CheckpointInd
   }
 }
 
-absl::StatusOr<CheckpointIndex> IndexSafetensors(const std::string& path) {
+absl::StatusOr<CheckpointIndex> IndexSafetensors(const std::string& path, CheckedFile file,
+                                                 std::vector<int>* fds) {
   CheckpointIndex index;
   index.format = CheckpointFormat::kSafetensors;
   index.path = path;
-  CheckpointFile file;
-  absl::Status s = StatFile(path, &file);
-  if (!s.ok()) return s;
-  absl::StatusOr<SafetensorsHeader> header = ReadSafetensorsHeader(path);
+  absl::StatusOr<SafetensorsHeader> header = ReadSafetensorsHeader(file.fd(), file.size, path);
   if (!header.ok()) return header.status();
-  index.files.push_back(file);
+  index.files.push_back(Describe(path, file));
+  fds->push_back(file.release());
   index.metadata = header->metadata;
   AddSafetensorsFile(*header, 0, &index);
   return index;
 }
 
 absl::StatusOr<CheckpointIndex> IndexShardedSafetensors(const std::string& dir,
-                                                        const std::string& index_path) {
-  absl::StatusOr<std::string> text = ReadSmallFile(index_path, kMaxSafetensorsIndexBytes);
+                                                        const std::string& index_path,
+                                                        const ModelRoots& roots,
+                                                        std::vector<int>* fds) {
+  absl::StatusOr<std::string> text = ReadSmallFile(index_path, kMaxSafetensorsIndexBytes, roots);
   if (!text.ok()) return text.status();
   absl::StatusOr<std::map<std::string, std::string>> weight_map =
       ParseSafetensorsIndex(*text, index_path);
@@ -99,9 +103,16 @@ absl::StatusOr<CheckpointIndex> IndexShardedSafetensors(const std::string& dir,
   for (const auto& [name, shard] : *weight_map) shards.insert(shard);
   std::map<std::string, std::string> found;  // tensor -> shard it was found in
   for (const std::string& shard : shards) {
+    // A shard is a file name next to the index, nothing else.
+    if (shard.empty() || shard[0] == '/' || shard == "." || shard == ".." ||
+        shard.rfind("../", 0) == 0 || shard.find("/../") != std::string::npos ||
+        (shard.size() >= 3 && shard.compare(shard.size() - 3, 3, "/..") == 0)) {
+      return absl::DataLossError(
+          absl::StrCat(index_path, ": shard name '", shard, "' leaves the directory"));
+    }
     const std::string shard_path = dir + "/" + shard;
-    CheckpointFile file;
-    absl::Status s = StatFile(shard_path, &file);
+    absl::StatusOr<CheckedFile> file = OpenChecked(shard_path, roots);
+    absl::Status s = file.status();
     if (absl::IsNotFound(s)) {
       std::string example;
       for (const auto& [name, sh] : *weight_map) {
@@ -114,7 +125,8 @@ absl::StatusOr<CheckpointIndex> IndexShardedSafetensors(const std::string& dir,
                                               example, "') does not exist"));
     }
     if (!s.ok()) return s;
-    absl::StatusOr<SafetensorsHeader> header = ReadSafetensorsHeader(shard_path);
+    absl::StatusOr<SafetensorsHeader> header =
+        ReadSafetensorsHeader(file->fd(), file->size, shard_path);
     if (!header.ok()) return header.status();
     for (const SafetensorsEntry& e : header->tensors) {
       auto previous = found.find(e.name);
@@ -134,7 +146,8 @@ absl::StatusOr<CheckpointIndex> IndexShardedSafetensors(const std::string& dir,
       }
     }
     const int file_number = static_cast<int>(index.files.size());
-    index.files.push_back(file);
+    index.files.push_back(Describe(shard_path, *file));
+    fds->push_back(file->release());
     for (const auto& [k, v] : header->metadata) index.metadata.emplace(k, v);
     AddSafetensorsFile(*header, file_number, &index);
   }
@@ -147,13 +160,18 @@ absl::StatusOr<CheckpointIndex> IndexShardedSafetensors(const std::string& dir,
   return index;
 }
 
-absl::StatusOr<CheckpointIndex> IndexFile(const std::string& path) {
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return absl::FailedPreconditionError(absl::StrCat(path, ": ", std::strerror(errno)));
+absl::StatusOr<CheckpointIndex> IndexFile(const std::string& path, const ModelRoots& roots,
+                                          std::vector<int>* fds) {
+  absl::StatusOr<CheckedFile> file = OpenChecked(path, roots);
+  if (!file.ok()) return file.status();
   char magic[4] = {0, 0, 0, 0};
-  ssize_t n = ::pread(fd, magic, sizeof(magic), 0);
-  ::close(fd);
-  if (n == 4 && std::memcmp(magic, "PK\x03\x04", 4) == 0) return IndexTorchZip(path);
+  ssize_t n = ::pread(file->fd(), magic, sizeof(magic), 0);
+  if (n == 4 && std::memcmp(magic, "PK\x03\x04", 4) == 0) {
+    const CheckpointFile described = Describe(path, *file);
+    absl::StatusOr<CheckpointIndex> index = IndexTorchZipFd(file->fd(), described);
+    if (index.ok()) fds->push_back(file->release());
+    return index;
+  }
   if (n == 4 && std::memcmp(magic, kLegacyTorchMagic, 4) == 0) {
     return absl::FailedPreconditionError(absl::StrCat(
         path,
@@ -161,7 +179,7 @@ absl::StatusOr<CheckpointIndex> IndexFile(const std::string& path) {
         "once with: python3 -c \"import torch; torch.save(torch.load('IN', map_location='cpu'), "
         "'OUT.pt')\" (or save it as safetensors)"));
   }
-  return IndexSafetensors(path);
+  return IndexSafetensors(path, *std::move(file), fds);
 }
 
 }  // namespace
@@ -229,20 +247,39 @@ absl::StatusOr<std::unique_ptr<CheckpointSource>> CheckpointSource::Open(const s
     }
     return absl::FailedPreconditionError(absl::StrCat(path, ": ", std::strerror(errno)));
   }
+  const ModelRoots roots(options.roots);
+  // Descriptors of the indexed files, in index order: read from until the source goes, so the
+  // files checked are the files read. Closed here if the index fails.
+  std::vector<int> fds;
+  struct CloseUnlessKept {
+    std::vector<int>* fds;
+    ~CloseUnlessKept() {
+      if (fds != nullptr)
+        for (int fd : *fds) ::close(fd);
+    }
+  } close_unless_kept{&fds};
   absl::StatusOr<CheckpointIndex> index = absl::InternalError("unset");
   if (S_ISDIR(st.st_mode)) {
     std::string config;
-    if (IsFile(path + "/config.json")) {
-      absl::StatusOr<std::string> text = ReadSmallFile(path + "/config.json", kMaxConfigBytes);
+    if (Exists(path + "/config.json")) {
+      absl::StatusOr<std::string> text =
+          ReadSmallFile(path + "/config.json", kMaxConfigBytes, roots);
       if (!text.ok()) return text.status();
       config = *std::move(text);
     }
-    if (IsFile(path + "/model.safetensors.index.json")) {
-      index = IndexShardedSafetensors(path, path + "/model.safetensors.index.json");
-    } else if (IsFile(path + "/model.safetensors")) {
-      index = IndexSafetensors(path + "/model.safetensors");
-    } else if (IsFile(path + "/pytorch_model.bin")) {
-      index = IndexTorchZip(path + "/pytorch_model.bin");
+    if (Exists(path + "/model.safetensors.index.json")) {
+      index = IndexShardedSafetensors(path, path + "/model.safetensors.index.json", roots, &fds);
+    } else if (Exists(path + "/model.safetensors")) {
+      const std::string file = path + "/model.safetensors";
+      absl::StatusOr<CheckedFile> opened = OpenChecked(file, roots);
+      if (!opened.ok()) return opened.status();
+      index = IndexSafetensors(file, *std::move(opened), &fds);
+    } else if (Exists(path + "/pytorch_model.bin")) {
+      const std::string file = path + "/pytorch_model.bin";
+      absl::StatusOr<CheckedFile> opened = OpenChecked(file, roots);
+      if (!opened.ok()) return opened.status();
+      index = IndexTorchZipFd(opened->fd(), Describe(file, *opened));
+      if (index.ok()) fds.push_back(opened->release());
     } else {
       return absl::FailedPreconditionError(
           absl::StrCat(path,
@@ -254,9 +291,10 @@ absl::StatusOr<std::unique_ptr<CheckpointSource>> CheckpointSource::Open(const s
       index->config_json = std::move(config);
     }
   } else if (S_ISREG(st.st_mode)) {
-    index = IndexFile(path);
+    index = IndexFile(path, roots, &fds);
   } else {
-    return absl::FailedPreconditionError(absl::StrCat(path, ": not a file or directory"));
+    return absl::FailedPreconditionError(
+        absl::StrCat(path, ": not a regular file or directory (a FIFO, socket or device)"));
   }
   if (!index.ok()) return index.status();
 
@@ -270,22 +308,15 @@ absl::StatusOr<std::unique_ptr<CheckpointSource>> CheckpointSource::Open(const s
           absl::StrCat(path, ": tensor '", index->tensors[i].name, "' appears twice"));
     }
   }
-  std::unique_ptr<CheckpointSource> source(new CheckpointSource(*std::move(index), options));
-  absl::Status s = source->OpenFiles();
-  if (!s.ok()) return s;
-  return source;
-}
-
-absl::Status CheckpointSource::OpenFiles() {
-  for (const CheckpointFile& f : index_.files) {
-    int fd = ::open(f.path.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd < 0) {
-      return absl::FailedPreconditionError(absl::StrCat(f.path, ": ", std::strerror(errno)));
-    }
-    fds_.push_back(fd);
+  if (fds.size() != index->files.size()) {
+    return absl::InternalError(
+        absl::StrCat(path, ": ", index->files.size(), " files but ", fds.size(), " descriptors"));
   }
-  maps_.resize(index_.files.size());
-  return absl::OkStatus();
+  std::unique_ptr<CheckpointSource> source(new CheckpointSource(*std::move(index), options));
+  source->fds_ = std::move(fds);
+  close_unless_kept.fds = nullptr;
+  source->maps_.resize(source->index_.files.size());
+  return source;
 }
 
 absl::Status CheckpointSource::Read(const TensorInfo& tensor, uint64_t begin, uint64_t n,

@@ -17,6 +17,12 @@
 // Errors: NOT_FOUND for a missing path, DATA_LOSS for a corrupt or truncated file (naming file and
 // tensor), FAILED_PRECONDITION for something valid that metaload cannot use.
 //
+// Every file is opened once, through OpenChecked (model_roots.h): a regular file (a FIFO or
+// device is refused at once), inside Options::roots once every symlink is resolved
+// (INVALID_ARGUMENT naming it), and then read only through that descriptor, so nothing swapped in
+// after the check is read. Shard names that leave the directory are DATA_LOSS. Messages never
+// quote bytes of a file that is not (yet) a valid checkpoint.
+//
 // Thread-safety: index() is immutable after Open; Read, Map and Release may be called from many
 // threads at once.
 #ifndef METALOAD_SERVER_CORE_CHECKPOINT_H_
@@ -55,6 +61,9 @@ struct CheckpointFile {
   std::string path;
   uint64_t size = 0;
   int64_t mtime_ns = 0;
+  // The file that was checked and read (st_dev, st_ino); 0 when unknown (bytes in memory).
+  uint64_t device = 0;
+  uint64_t inode = 0;
 };
 
 struct CheckpointIndex {
@@ -96,6 +105,9 @@ class CheckpointSource {
     int read_threads = 2;
     // Reads shorter than this stay on the calling thread.
     uint64_t parallel_read_min_bytes = 32 << 20;
+    // Canonical absolute directories every opened file must lie in, symlinks resolved. Empty:
+    // no restriction (local tools); the daemon passes its --model_root directories.
+    std::vector<std::string> roots;
   };
 
   static absl::StatusOr<std::unique_ptr<CheckpointSource>> Open(const std::string& path,
@@ -123,11 +135,10 @@ class CheckpointSource {
 
  private:
   CheckpointSource(CheckpointIndex index, Options options);
-  absl::Status OpenFiles();
 
   CheckpointIndex index_;
   Options options_;
-  std::vector<int> fds_;
+  std::vector<int> fds_;  // one per index_.files, opened and checked while indexing
   mutable std::mutex map_mu_;
   mutable std::vector<std::shared_ptr<const MappedFile>> maps_;  // guarded by map_mu_
 };
@@ -135,6 +146,8 @@ class CheckpointSource {
 // The torch.save / TorchScript zip indexer (checkpoint_torch_zip.cc), on a file or on bytes in
 // memory (tests and fuzzing; `name` stands for the path in messages).
 absl::StatusOr<CheckpointIndex> IndexTorchZip(const std::string& path);
+// The same on an open descriptor of `file` (the caller keeps it open and owns it).
+absl::StatusOr<CheckpointIndex> IndexTorchZipFd(int fd, const CheckpointFile& file);
 absl::StatusOr<CheckpointIndex> IndexTorchZipBytes(absl::string_view bytes,
                                                    const std::string& name);
 

@@ -237,20 +237,26 @@ class ZipIndexer {
 }  // namespace
 
 absl::StatusOr<CheckpointIndex> IndexTorchZip(const std::string& path) {
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
   if (fd < 0) {
     if (errno == ENOENT) return absl::NotFoundError(absl::StrCat(path, ": no such file"));
     return absl::FailedPreconditionError(absl::StrCat(path, ": ", std::strerror(errno)));
   }
   struct stat st;
-  if (::fstat(fd, &st) != 0) {
+  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
     ::close(fd);
-    return absl::FailedPreconditionError(absl::StrCat(path, ": ", std::strerror(errno)));
+    return absl::FailedPreconditionError(absl::StrCat(path, ": not a regular file"));
   }
   CheckpointFile file;
   file.path = path;
   file.size = static_cast<uint64_t>(st.st_size);
   file.mtime_ns = static_cast<int64_t>(st.st_mtim.tv_sec) * 1'000'000'000 + st.st_mtim.tv_nsec;
+  absl::StatusOr<CheckpointIndex> index = IndexTorchZipFd(fd, file);
+  ::close(fd);
+  return index;
+}
+
+absl::StatusOr<CheckpointIndex> IndexTorchZipFd(int fd, const CheckpointFile& file) {
   auto read = [fd](uint64_t offset, uint64_t length, std::string* out) {
     out->resize(length);
     uint64_t done = 0;
@@ -262,9 +268,7 @@ absl::StatusOr<CheckpointIndex> IndexTorchZip(const std::string& path) {
     }
     return true;
   };
-  absl::StatusOr<CheckpointIndex> index = ZipIndexer(path, read, file).Run();
-  ::close(fd);
-  return index;
+  return ZipIndexer(file.path, read, file).Run();
 }
 
 absl::StatusOr<CheckpointIndex> IndexTorchZipBytes(absl::string_view bytes,

@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <openssl/evp.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -77,18 +78,27 @@ void ChecksumStore::Persist() {
   const std::string path = options_.state_dir + "/checksums.json";
   const std::string tmp = path + ".tmp";
   std::string text = nlohmann::json(hashes_).dump(1) + "\n";
-  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  // A fresh file, never a planted symlink or FIFO: unlink what is there, create exclusively.
+  ::unlink(tmp.c_str());
+  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644);
   bool ok = fd >= 0;
+  int saved_errno = ok ? 0 : errno;
   size_t done = 0;
   while (ok && done < text.size()) {
     ssize_t n = ::write(fd, text.data() + done, text.size() - done);
     if (n < 0 && errno == EINTR) continue;
     ok = n > 0;
     if (ok) done += static_cast<size_t>(n);
+    if (!ok) saved_errno = n < 0 ? errno : ENOSPC;
   }
-  const int saved_errno = errno;
-  if (fd >= 0 && ::close(fd) != 0) ok = false;
-  if (ok && ::rename(tmp.c_str(), path.c_str()) != 0) ok = false;
+  if (fd >= 0 && ::close(fd) != 0 && ok) {
+    ok = false;
+    saved_errno = errno;
+  }
+  if (ok && ::rename(tmp.c_str(), path.c_str()) != 0) {
+    ok = false;
+    saved_errno = errno;
+  }
   if (!ok) {
     ::unlink(tmp.c_str());
     LogWarning("checksums_not_saved").Kv("path", path).Kv("error", std::strerror(saved_errno));
@@ -110,9 +120,17 @@ absl::StatusOr<std::string> ChecksumStore::Compute(const std::vector<CheckpointF
   }
   std::vector<char> buffer(kChunk);
   for (const CheckpointFile& f : files) {
-    int fd = ::open(f.path.c_str(), O_RDONLY | O_CLOEXEC);
+    int fd = ::open(f.path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0) {
       return absl::FailedPreconditionError(absl::StrCat(f.path, ": ", std::strerror(errno)));
+    }
+    // The file the load checked and read, not whatever the path names now (a swapped symlink).
+    struct stat st;
+    if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) ||
+        (f.inode != 0 && (static_cast<uint64_t>(st.st_dev) != f.device ||
+                          static_cast<uint64_t>(st.st_ino) != f.inode))) {
+      ::close(fd);
+      return absl::DataLossError(absl::StrCat(f.path, ": not the file that was loaded any more"));
     }
     ::posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL);
     uint64_t done = 0;

@@ -17,6 +17,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "server/core/dtype_policy.h"
+#include "server/core/exception_boundary.h"
 #include "server/core/process_memory.h"
 #include "server/core/staging_ring.h"
 #include "server/core/torch_types.h"
@@ -268,34 +269,44 @@ absl::StatusOr<LoadReport> LoadModule(Module& module, const CheckpointSource& so
   uint64_t total = 0;
   for (size_t i = 0; i < plan.size(); ++i) {
     Planned& p = plan[i];
-    const at::TensorOptions to = at::TensorOptions().dtype(p.target).device(*device);
-    if (p.info == nullptr) {
-      p.tensor = at::zeros(p.slot.tensor->sizes(), to);
-      continue;
-    }
-    const at::ScalarType stored = ToScalarType(p.info->dtype);
-    if (stored != p.target) ++report.converted;
-    if (options.zero_copy) {
-      const bool aligned = p.info->offset % static_cast<uint64_t>(DTypeSize(p.info->dtype)) == 0;
-      if (stored == p.target && aligned) {
-        absl::StatusOr<std::shared_ptr<const MappedFile>> map = source.Map(p.info->file);
-        if (!map.ok()) return map.status();
-        std::shared_ptr<const MappedFile> keep = *map;
-        void* data = const_cast<char*>(keep->data()) + p.info->offset;
-        p.tensor = p.info->nbytes == 0 ? at::empty(p.info->shape, to)
-                                       : at::from_blob(
-                                             data, p.info->shape, [keep](void*) {}, to);
-        ++report.zero_copy;
-        report.loaded_bytes += p.info->nbytes;
-        continue;
-      }
-      ++report.zero_copy_fallbacks;
-    }
-    p.tensor = at::empty(p.info->shape, to);
-    AdviseHugePages(p.tensor);
-    p.needs_copy = true;
-    report.loaded_bytes += static_cast<uint64_t>(p.tensor.nbytes());
-    if (device->is_cpu()) host_copies += static_cast<uint64_t>(p.tensor.nbytes());
+    // Allocation is where a load meets the machine's limits (a CUDA OOM, a CPU allocation the
+    // kernel refuses): RESOURCE_EXHAUSTED naming the key, never an exception.
+    absl::Status allocated = CatchExceptions(
+        absl::StrCat(index.path, ": key '", p.info != nullptr ? p.info->name : p.slot.name, "'"),
+        [&]() -> absl::Status {
+          const at::TensorOptions to = at::TensorOptions().dtype(p.target).device(*device);
+          if (p.info == nullptr) {
+            p.tensor = at::zeros(p.slot.tensor->sizes(), to);
+            return absl::OkStatus();
+          }
+          const at::ScalarType stored = ToScalarType(p.info->dtype);
+          if (stored != p.target) ++report.converted;
+          if (options.zero_copy) {
+            const bool aligned =
+                p.info->offset % static_cast<uint64_t>(DTypeSize(p.info->dtype)) == 0;
+            if (stored == p.target && aligned) {
+              absl::StatusOr<std::shared_ptr<const MappedFile>> map = source.Map(p.info->file);
+              if (!map.ok()) return map.status();
+              std::shared_ptr<const MappedFile> keep = *map;
+              void* data = const_cast<char*>(keep->data()) + p.info->offset;
+              p.tensor = p.info->nbytes == 0 ? at::empty(p.info->shape, to)
+                                             : at::from_blob(
+                                                   data, p.info->shape, [keep](void*) {}, to);
+              ++report.zero_copy;
+              report.loaded_bytes += p.info->nbytes;
+              return absl::OkStatus();
+            }
+            ++report.zero_copy_fallbacks;
+          }
+          p.tensor = at::empty(p.info->shape, to);
+          AdviseHugePages(p.tensor);
+          p.needs_copy = true;
+          report.loaded_bytes += static_cast<uint64_t>(p.tensor.nbytes());
+          if (device->is_cpu()) host_copies += static_cast<uint64_t>(p.tensor.nbytes());
+          return absl::OkStatus();
+        });
+    if (!allocated.ok()) return allocated;
+    if (!p.needs_copy) continue;
     // Chunks end on element boundaries so each converts on its own.
     const uint64_t item = static_cast<uint64_t>(DTypeSize(p.info->dtype));
     const uint64_t step = std::max(item, options.chunk_bytes / item * item);
@@ -378,8 +389,8 @@ absl::StatusOr<LoadReport> LoadModule(Module& module, const CheckpointSource& so
         }
         progress.Add(n);
       }
-    } catch (const std::exception& e) {
-      fail(absl::InternalError(absl::StrCat(index.path, ": ", e.what())));
+    } catch (...) {
+      fail(CurrentExceptionToStatus(index.path, absl::StatusCode::kInternal));
     }
   };
   const int threads = std::max(1, std::min<int>(options.threads, static_cast<int>(chunks.size())));
@@ -391,8 +402,8 @@ absl::StatusOr<LoadReport> LoadModule(Module& module, const CheckpointSource& so
   if (copier != nullptr) {
     try {
       copier->Finish();
-    } catch (const std::exception& e) {
-      fail(absl::InternalError(absl::StrCat(index.path, ": ", e.what())));
+    } catch (...) {
+      fail(CurrentExceptionToStatus(index.path, absl::StatusCode::kInternal));
     }
   }
   if (failed.load()) {

@@ -219,12 +219,13 @@ absl::StatusOr<uint64_t> HeaderLength(absl::string_view prefix, uint64_t file_si
   uint64_t n = 0;
   for (int i = 7; i >= 0; --i) n = (n << 8) | static_cast<unsigned char>(prefix[i]);
   if (n > kMaxSafetensorsHeaderBytes) {
-    return Corrupt(file, absl::StrCat("header length ", n, " exceeds the limit of ",
-                                      kMaxSafetensorsHeaderBytes));
+    // The length is the file's first 8 bytes: never quoted, they may be anything (a secret).
+    return Corrupt(file, absl::StrCat("the 8-byte header length exceeds the limit of ",
+                                      kMaxSafetensorsHeaderBytes, " (not a safetensors file?)"));
   }
   if (n > file_size - 8) {
-    return Corrupt(file, absl::StrCat("header length ", n, " runs past the end of the ", file_size,
-                                      "-byte file"));
+    return Corrupt(file, absl::StrCat("the 8-byte header length runs past the end of the ",
+                                      file_size, "-byte file (not a safetensors file?)"));
   }
   return n;
 }
@@ -239,40 +240,38 @@ absl::StatusOr<SafetensorsHeader> ParseSafetensorsBytes(absl::string_view bytes,
 }
 
 absl::StatusOr<SafetensorsHeader> ReadSafetensorsHeader(const std::string& path) {
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
   if (fd < 0) {
     if (errno == ENOENT) return absl::NotFoundError(absl::StrCat(path, ": no such file"));
     return absl::FailedPreconditionError(absl::StrCat(path, ": ", std::strerror(errno)));
   }
   struct stat st;
-  if (::fstat(fd, &st) != 0) {
+  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
     ::close(fd);
-    return absl::FailedPreconditionError(absl::StrCat(path, ": ", std::strerror(errno)));
+    return absl::FailedPreconditionError(absl::StrCat(path, ": not a regular file"));
   }
-  const uint64_t size = static_cast<uint64_t>(st.st_size);
+  absl::StatusOr<SafetensorsHeader> header =
+      ReadSafetensorsHeader(fd, static_cast<uint64_t>(st.st_size), path);
+  ::close(fd);
+  return header;
+}
+
+absl::StatusOr<SafetensorsHeader> ReadSafetensorsHeader(int fd, uint64_t size,
+                                                        const std::string& path) {
   std::string buffer(8, '\0');
-  absl::StatusOr<uint64_t> n = absl::DataLossError("unread");
   if (size >= 8 && ::pread(fd, buffer.data(), 8, 0) != 8) {
-    ::close(fd);
     return Corrupt(path, "cannot read the length prefix");
   }
-  n = HeaderLength(buffer, size, path);
-  if (!n.ok()) {
-    ::close(fd);
-    return n.status();
-  }
+  absl::StatusOr<uint64_t> n = HeaderLength(buffer, size, path);
+  if (!n.ok()) return n.status();
   buffer.resize(*n);
   uint64_t done = 0;
   while (done < *n) {
     ssize_t r = ::pread(fd, buffer.data() + done, *n - done, static_cast<off_t>(8 + done));
     if (r < 0 && errno == EINTR) continue;
-    if (r <= 0) {
-      ::close(fd);
-      return Corrupt(path, "file ended inside the header");
-    }
+    if (r <= 0) return Corrupt(path, "file ended inside the header");
     done += static_cast<uint64_t>(r);
   }
-  ::close(fd);
   return ParseSafetensorsHeader(buffer, size - 8 - *n, path);
 }
 

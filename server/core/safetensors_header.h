@@ -16,7 +16,8 @@
 //   element count or byte size overflows int64; data_offsets that are not two integers
 //   0 <= b <= e; e - b != numel x itemsize; offsets past the data section; tensors that overlap or
 //   leave gaps (the data section must be covered exactly, as the reference implementation
-//   requires); __metadata__ that is not an object of strings.
+//   requires); __metadata__ that is not an object of strings. The length prefix is never quoted
+//   in a message: in a file that is no safetensors file, those 8 bytes may be anything.
 //
 // Uses nlohmann::json, not LibTorch, so it can be fuzzed on its own. Stateless and thread-safe.
 #ifndef METALOAD_SERVER_CORE_SAFETENSORS_HEADER_H_
@@ -65,6 +66,9 @@ absl::StatusOr<SafetensorsHeader> ParseSafetensorsBytes(absl::string_view bytes,
 // Reads the header of the file at `path` (8 + N bytes, nothing else) and validates it against the
 // file's size. NOT_FOUND when the file does not exist.
 absl::StatusOr<SafetensorsHeader> ReadSafetensorsHeader(const std::string& path);
+// The same on an open descriptor of a `size`-byte file; `path` names it in messages.
+absl::StatusOr<SafetensorsHeader> ReadSafetensorsHeader(int fd, uint64_t size,
+                                                        const std::string& path);
 
 }  // namespace metaload::core
 

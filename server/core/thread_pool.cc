@@ -1,6 +1,9 @@
 #include "server/core/thread_pool.h"
 
 #include <algorithm>
+#include <exception>
+
+#include "server/core/log.h"
 
 namespace metaload::core {
 
@@ -45,7 +48,16 @@ void ThreadPool::Work() {
       task = std::move(tasks_.front());
       tasks_.pop_front();
     }
-    task();
+    // The last line of defence: tasks return errors through their callbacks, and callers wrap
+    // LibTorch and JSON calls in core::CatchExceptions. One that still throws is a bug, logged;
+    // the worker (and the daemon) goes on.
+    try {
+      task();
+    } catch (const std::exception& e) {
+      LogError("pool_task_threw").Kv("error", e.what());
+    } catch (...) {
+      LogError("pool_task_threw").Kv("error", "an exception that is no std::exception");
+    }
   }
 }
 

@@ -1,5 +1,6 @@
 // A fixed pool of worker threads running queued closures in FIFO order. Destruction runs what is
-// queued, then joins. Thread-safe.
+// queued, then joins. A task that throws is logged (pool_task_threw) and its worker carries on:
+// no exception ends a thread, let alone the daemon. Thread-safe.
 #ifndef METALOAD_SERVER_CORE_THREAD_POOL_H_
 #define METALOAD_SERVER_CORE_THREAD_POOL_H_
 

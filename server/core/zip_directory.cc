@@ -2,6 +2,7 @@
 
 #include <algorithm>
 
+#include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
 
 namespace metaload::core {
@@ -81,6 +82,7 @@ absl::StatusOr<std::vector<ZipEntry>> ReadZipDirectory(const ZipReadFn& read, ui
   if (!read(dir_offset, dir_size, &dir)) return Corrupt(file, "short read of central directory");
 
   std::vector<ZipEntry> out;
+  absl::flat_hash_set<std::string> names;
   out.reserve(entries);
   size_t p = 0;
   for (uint64_t n = 0; n < entries; ++n) {
@@ -137,6 +139,10 @@ absl::StatusOr<std::vector<ZipEntry>> ReadZipDirectory(const ZipReadFn& read, ui
       return Corrupt(file, absl::StrCat("entry '", entry.name, "': stored sizes disagree"));
     }
     entry.data_offset = data;
+    // torch reads the first of two same-named entries, a map would keep the last: refuse both.
+    if (!names.insert(entry.name).second) {
+      return Corrupt(file, absl::StrCat("entry '", entry.name, "' appears twice"));
+    }
     out.push_back(std::move(entry));
   }
   return out;

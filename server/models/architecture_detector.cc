@@ -19,7 +19,10 @@ bool HasPrefix(const core::CheckpointIndex& index, absl::string_view prefix) {
 std::string FromConfig(const std::string& config_json) {
   nlohmann::json config = nlohmann::json::parse(config_json, nullptr, /*allow_exceptions=*/false);
   if (!config.is_object()) return "";
-  std::string type = config.value("model_type", "");
+  // Any JSON may be here: a model_type that is no string is ignored, never thrown over.
+  auto model_type = config.find("model_type");
+  const std::string type =
+      model_type != config.end() && model_type->is_string() ? model_type->get<std::string>() : "";
   if (type == "mlp" || type == "gpt2" || type == "llama") return type;
   auto archs = config.find("architectures");
   if (archs != config.end() && archs->is_array()) {

@@ -173,7 +173,10 @@ absl::StatusOr<std::unique_ptr<Model>> BuildGpt2(const core::CheckpointIndex& in
   absl::StatusOr<double> eps = ConfigDouble(*config, "layer_norm_epsilon", "gpt2", 1e-5);
   if (!eps.ok()) return eps.status();
   c.eps = *eps;
-  c.activation = config->value("activation_function", "gelu_new");
+  absl::StatusOr<std::string> activation =
+      ConfigString(*config, "activation_function", "gpt2", "gelu_new");
+  if (!activation.ok()) return activation.status();
+  c.activation = *activation;
   if (c.n_embd % c.n_head != 0) {
     return absl::FailedPreconditionError(
         absl::StrCat("gpt2: n_embd ", c.n_embd, " is not a multiple of n_head ", c.n_head));

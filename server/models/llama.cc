@@ -162,7 +162,9 @@ absl::StatusOr<std::unique_ptr<Model>> BuildLlama(const core::CheckpointIndex& i
   c.eps = *d;
   if (!(d = ConfigDouble(*config, "rope_theta", "llama", 10000.0)).ok()) return d.status();
   c.rope_theta = *d;
-  c.tie = config->value("tie_word_embeddings", false);
+  absl::StatusOr<bool> tie = ConfigBool(*config, "tie_word_embeddings", "llama", false);
+  if (!tie.ok()) return tie.status();
+  c.tie = *tie;
   if (c.hidden % c.heads != 0 || c.heads % c.kv_heads != 0 || (c.hidden / c.heads) % 2 != 0) {
     return absl::FailedPreconditionError(absl::StrCat(
         "llama: hidden_size ", c.hidden, ", num_attention_heads ", c.heads,

@@ -76,6 +76,12 @@ absl::StatusOr<std::unique_ptr<Model>> BuildMlp(const core::CheckpointIndex& ind
             "mlp: config.json layer_sizes must be positive integers");
       }
       sizes.push_back(v.get<int64_t>());
+      // Each layer's weight is sizes[i] x sizes[i+1] elements: its byte size must fit in int64.
+      if (sizes.size() >= 2 && sizes[sizes.size() - 2] > INT64_MAX / 8 / sizes.back()) {
+        return absl::FailedPreconditionError(
+            absl::StrCat("mlp: config.json layer_sizes ", sizes[sizes.size() - 2], " x ",
+                         sizes.back(), " is too large for one weight"));
+      }
     }
   } else {
     // layers.0.weight [h1, in], layers.1.weight [h2, h1], ...
@@ -93,7 +99,9 @@ absl::StatusOr<std::unique_ptr<Model>> BuildMlp(const core::CheckpointIndex& ind
     return absl::FailedPreconditionError(
         "mlp: no layer_sizes in config.json and no layers.N.weight in the checkpoint");
   }
-  std::string activation = config->value("activation", "gelu");
+  absl::StatusOr<std::string> configured = ConfigString(*config, "activation", "mlp", "gelu");
+  if (!configured.ok()) return configured.status();
+  std::string activation = *configured;
   if (activation != "gelu" && activation != "relu" && activation != "tanh" &&
       activation != "silu") {
     return absl::FailedPreconditionError(

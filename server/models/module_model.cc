@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "server/core/exception_boundary.h"
 #include "server/core/torch_types.h"
 
 namespace metaload::models {
@@ -161,11 +162,14 @@ absl::StatusOr<NamedTensors> ModuleModel::Run(
   try {
     c10::InferenceMode guard;
     return Forward(entry->name, ready);
-  } catch (const std::exception& e) {
-    // Shapes the spec allows but the weights do not (e.g. a sequence longer than the positions).
-    std::string what = e.what();
-    return absl::InvalidArgumentError(absl::StrCat(
-        "entry '", entry->name, "' failed on these inputs: ", what.substr(0, what.find('\n'))));
+  } catch (...) {
+    // Out of memory is the server's state, not the caller's inputs: RESOURCE_EXHAUSTED. The rest
+    // are shapes the spec allows but the weights do not (a sequence longer than the positions).
+    absl::Status s = core::CurrentExceptionToStatus(absl::StrCat("entry '", entry->name, "'"));
+    if (absl::IsResourceExhausted(s) || absl::IsInternal(s)) return s;
+    return core::CurrentExceptionToStatus(
+        absl::StrCat("entry '", entry->name, "' failed on these inputs"),
+        absl::StatusCode::kInvalidArgument);
   }
 }
 
@@ -214,6 +218,28 @@ absl::StatusOr<double> ConfigDouble(const nlohmann::json& config, const char* ke
         absl::StrCat(arch, ": config.json ", key, " must be a number"));
   }
   return it->get<double>();
+}
+
+absl::StatusOr<std::string> ConfigString(const nlohmann::json& config, const char* key,
+                                         const std::string& arch, std::string fallback) {
+  auto it = config.find(key);
+  if (it == config.end() || it->is_null()) return fallback;
+  if (!it->is_string()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(arch, ": config.json ", key, " must be a string"));
+  }
+  return it->get<std::string>();
+}
+
+absl::StatusOr<bool> ConfigBool(const nlohmann::json& config, const char* key,
+                                const std::string& arch, bool fallback) {
+  auto it = config.find(key);
+  if (it == config.end() || it->is_null()) return fallback;
+  if (!it->is_boolean()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(arch, ": config.json ", key, " must be true or false"));
+  }
+  return it->get<bool>();
 }
 
 }  // namespace metaload::models

@@ -61,6 +61,10 @@ absl::StatusOr<int64_t> ConfigInt(const nlohmann::json& config, const char* key,
 absl::StatusOr<double> ConfigDouble(const nlohmann::json& config, const char* key,
                                     const std::string& arch,
                                     std::optional<double> fallback = std::nullopt);
+absl::StatusOr<std::string> ConfigString(const nlohmann::json& config, const char* key,
+                                         const std::string& arch, std::string fallback);
+absl::StatusOr<bool> ConfigBool(const nlohmann::json& config, const char* key,
+                                const std::string& arch, bool fallback);
 
 // Builders (one file each).
 absl::StatusOr<std::unique_ptr<Model>> BuildMlp(const core::CheckpointIndex& index);

@@ -1,16 +1,47 @@
 // torchscript: any torch.jit.save archive, loaded straight onto the requested device by
 // torch::jit::load. Entry "forward" comes from the method's schema; inputs are positional.
+// TorchScript is a program: loading runs its code. The cache refuses it unless the operator
+// opted in (--allow_torchscript). The archive is read from the descriptor the checkpoint source
+// checked against the model roots, never reopened by name.
 #include <torch/script.h>
 
 #include <chrono>
+#include <istream>
+#include <streambuf>
 
 #include "absl/strings/str_cat.h"
+#include "server/core/exception_boundary.h"
 #include "server/core/process_memory.h"
 #include "server/core/torch_types.h"
 #include "server/models/module_model.h"
 
 namespace metaload::models {
 namespace {
+
+// An istream over a read-only mapping, seekable, as torch::jit::load needs.
+class MappedStreamBuf : public std::streambuf {
+ public:
+  MappedStreamBuf(const char* data, size_t size) {
+    char* p = const_cast<char*>(data);
+    setg(p, p, p + size);
+  }
+
+ protected:
+  pos_type seekoff(off_type off, std::ios_base::seekdir dir, std::ios_base::openmode) override {
+    char* base = dir == std::ios_base::beg ? eback() : dir == std::ios_base::cur ? gptr() : egptr();
+    if (off < eback() - base || off > egptr() - base) return pos_type(off_type(-1));
+    setg(eback(), base + off, egptr());
+    return pos_type(gptr() - eback());
+  }
+  pos_type seekpos(pos_type pos, std::ios_base::openmode which) override {
+    return seekoff(off_type(pos), std::ios_base::beg, which);
+  }
+};
+
+int64_t Rss(bool peak) {
+  absl::StatusOr<core::ProcessMemory> m = core::ReadProcessMemory();
+  return m.ok() ? (peak ? m->peak_rss_bytes : m->rss_bytes) : 0;
+}
 
 class TorchScriptModel : public Model {
  public:
@@ -24,7 +55,8 @@ class TorchScriptModel : public Model {
     return {e};
   }
 
-  absl::StatusOr<core::LoadReport> Load(const core::CheckpointSource&, core::LoadOptions options,
+  absl::StatusOr<core::LoadReport> Load(const core::CheckpointSource& source,
+                                        core::LoadOptions options,
                                         const ComputeChoice& compute) override {
     if (compute.dtype || !compute.by_entry.empty()) {
       return absl::FailedPreconditionError(
@@ -33,10 +65,14 @@ class TorchScriptModel : public Model {
     const auto start = std::chrono::steady_clock::now();
     absl::StatusOr<c10::Device> device = core::ParseDevice(options.device);
     if (!device.ok()) return device.status();
-    const int64_t before = core::ReadProcessMemory()->rss_bytes;
+    const int64_t before = Rss(/*peak=*/false);
     core::ResetPeakRss();
+    absl::StatusOr<std::shared_ptr<const core::MappedFile>> mapped = source.Map(0);
+    if (!mapped.ok()) return mapped.status();
     try {
-      module_ = torch::jit::load(path_, *device);
+      MappedStreamBuf buffer((*mapped)->data(), (*mapped)->size());
+      std::istream in(&buffer);
+      module_ = torch::jit::load(in, *device);
       module_.eval();
       if (!options.dtype.empty()) {
         std::optional<core::DType> d = core::DTypeFromName(options.dtype);
@@ -47,18 +83,18 @@ class TorchScriptModel : public Model {
       for (size_t i = 1; i < schema.arguments().size(); ++i) {
         arguments_.push_back(schema.arguments()[i].name());
       }
-    } catch (const std::exception& e) {
-      std::string what = e.what();
-      return absl::DataLossError(absl::StrCat(
-          path_, ": TorchScript archive does not load: ", what.substr(0, what.find('\n'))));
+    } catch (...) {
+      absl::Status s = core::CurrentExceptionToStatus(path_);
+      if (absl::IsResourceExhausted(s)) return s;
+      return core::CurrentExceptionToStatus(
+          absl::StrCat(path_, ": TorchScript archive does not load"), absl::StatusCode::kDataLoss);
     }
     core::LoadReport report;
     for (const auto& p : module_.parameters()) report.loaded_bytes += p.nbytes();
     for (const auto& b : module_.buffers()) report.loaded_bytes += b.nbytes();
     report.bytes_read = report.loaded_bytes;
     report.tensors = static_cast<int>(module_.parameters().size() + module_.buffers().size());
-    report.peak_host_bytes =
-        std::max<int64_t>(0, core::ReadProcessMemory()->peak_rss_bytes - before);
+    report.peak_host_bytes = std::max<int64_t>(0, Rss(/*peak=*/true) - before);
     report.seconds =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     device_ = *device;
@@ -99,10 +135,11 @@ class TorchScriptModel : public Model {
         return absl::FailedPreconditionError("forward returned neither a tensor nor a tuple");
       }
       return result;
-    } catch (const std::exception& e) {
-      std::string what = e.what();
-      return absl::InvalidArgumentError(
-          absl::StrCat("forward failed on these inputs: ", what.substr(0, what.find('\n'))));
+    } catch (...) {
+      absl::Status s = core::CurrentExceptionToStatus("entry 'forward'");
+      if (absl::IsResourceExhausted(s) || absl::IsInternal(s)) return s;
+      return core::CurrentExceptionToStatus("forward failed on these inputs",
+                                            absl::StatusCode::kInvalidArgument);
     }
   }
 

@@ -4,8 +4,13 @@
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
+#include <grpcpp/impl/server_builder_option.h>
 #include <grpcpp/security/server_credentials.h>
+#include <openssl/err.h>
+#include <openssl/pem.h>
+#include <openssl/x509.h>
 
+#include <algorithm>
 #include <chrono>
 #include <filesystem>
 #include <fstream>
@@ -40,6 +45,40 @@ absl::StatusOr<std::string> ReadFile(const std::string& path, const char* what) 
   return ss.str();
 }
 
+// gRPC only says "cannot listen" when it cannot use a certificate: check the PEM first, with
+// OpenSSL, and name the flag that is wrong.
+absl::Status CheckPem(const std::string& cert, const std::string& key, const std::string& ca) {
+  auto bio = [](const std::string& text) {
+    return std::unique_ptr<BIO, decltype(&BIO_free)>(
+        BIO_new_mem_buf(text.data(), static_cast<int>(text.size())), BIO_free);
+  };
+  auto cert_bio = bio(cert);
+  std::unique_ptr<X509, decltype(&X509_free)> x509(
+      PEM_read_bio_X509(cert_bio.get(), nullptr, nullptr, nullptr), X509_free);
+  if (x509 == nullptr) {
+    return absl::InvalidArgumentError("--tls_cert: not a PEM certificate");
+  }
+  auto key_bio = bio(key);
+  std::unique_ptr<EVP_PKEY, decltype(&EVP_PKEY_free)> pkey(
+      PEM_read_bio_PrivateKey(key_bio.get(), nullptr, nullptr, nullptr), EVP_PKEY_free);
+  if (pkey == nullptr) {
+    return absl::InvalidArgumentError("--tls_key: not a PEM private key (or it has a passphrase)");
+  }
+  if (X509_check_private_key(x509.get(), pkey.get()) != 1) {
+    return absl::InvalidArgumentError("--tls_key does not belong to the --tls_cert certificate");
+  }
+  if (!ca.empty()) {
+    auto ca_bio = bio(ca);
+    std::unique_ptr<X509, decltype(&X509_free)> ca_x509(
+        PEM_read_bio_X509(ca_bio.get(), nullptr, nullptr, nullptr), X509_free);
+    if (ca_x509 == nullptr) {
+      return absl::InvalidArgumentError("--tls_client_ca: not a PEM certificate");
+    }
+  }
+  ERR_clear_error();
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeCredentials(const Daemon::Options& o) {
   if (o.tls_cert_file.empty() && o.tls_key_file.empty()) {
     if (!o.tls_client_ca_file.empty()) {
@@ -54,16 +93,34 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeCredentials(const D
   if (!cert.ok()) return cert.status();
   absl::StatusOr<std::string> key = ReadFile(o.tls_key_file, "--tls_key");
   if (!key.ok()) return key.status();
-  grpc::SslServerCredentialsOptions ssl;
-  ssl.pem_key_cert_pairs.push_back({*key, *cert});
+  std::string ca_pem;
   if (!o.tls_client_ca_file.empty()) {
     absl::StatusOr<std::string> ca = ReadFile(o.tls_client_ca_file, "--tls_client_ca");
     if (!ca.ok()) return ca.status();
-    ssl.pem_root_certs = *ca;
+    ca_pem = *ca;
+  }
+  if (absl::Status pem = CheckPem(*cert, *key, ca_pem); !pem.ok()) return pem;
+  grpc::SslServerCredentialsOptions ssl;
+  ssl.pem_key_cert_pairs.push_back({*key, *cert});
+  if (!o.tls_client_ca_file.empty()) {
+    ssl.pem_root_certs = ca_pem;
     ssl.client_certificate_request = GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY;
   }
   return grpc::SslServerCredentials(ssl);
 }
+
+// Removes gRPC's reflection plugin from one server (linking it registers it for every server).
+class WithoutReflection : public grpc::ServerBuilderOption {
+ public:
+  void UpdateArguments(grpc::ChannelArguments*) override {}
+  void UpdatePlugins(std::vector<std::unique_ptr<grpc::ServerBuilderPlugin>>* plugins) override {
+    plugins->erase(std::remove_if(plugins->begin(), plugins->end(),
+                                  [](const std::unique_ptr<grpc::ServerBuilderPlugin>& p) {
+                                    return p->name() == "proto_server_reflection";
+                                  }),
+                   plugins->end());
+  }
+};
 
 }  // namespace
 
@@ -83,8 +140,10 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(Options options) {
     }
     root = canonical.string();
   }
-  if (options.max_message_bytes <= 0) {
-    return absl::InvalidArgumentError("--max_message_bytes must be positive");
+  if (options.max_message_bytes < kMinMessageBytes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--max_message_bytes=", options.max_message_bytes, ": must be at least ",
+                     kMinMessageBytes, " (64 KiB; a smaller limit refuses every real request)"));
   }
   absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> creds = MakeCredentials(options);
   if (!creds.ok()) return creds.status();
@@ -134,6 +193,8 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(Options options) {
   cache_options.load_threads = std::max(1, o.load_threads);
   cache_options.infer_threads = std::max(1, o.infer_threads);
   cache_options.checksums = daemon->checksums_.get();
+  cache_options.model_roots = o.model_roots;
+  cache_options.allow_torchscript = o.allow_torchscript;
   cache_options.observer = daemon->loader_metrics_.get();
   for (const auto& [device, bytes] : cache_options.budgets) {
     core::LogInfo("memory_budget")
@@ -160,6 +221,9 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(Options options) {
       });
 
   grpc::ServerBuilder builder;
+  // gRPC's reflection service is a sync service metaloadd cannot put behind its token check;
+  // with a token it is not served at all (README "Threat model"). Health stays open.
+  if (!o.auth_token.empty()) builder.SetOption(std::make_unique<WithoutReflection>());
   builder.AddListeningPort(o.listen, *creds, &daemon->grpc_port_);
   builder.SetMaxReceiveMessageSize(o.max_message_bytes);
   builder.SetMaxSendMessageSize(o.max_message_bytes);

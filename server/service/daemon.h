@@ -41,6 +41,9 @@ class CallTracker;
 class ModelLoaderService;
 class PathResolver;
 
+// The smallest --max_message_bytes accepted: below it no real request fits.
+inline constexpr int kMinMessageBytes = 64 << 10;
+
 class Daemon {
  public:
   struct Options {
@@ -71,6 +74,8 @@ class Daemon {
     std::string state_dir;
     // JSON list of LoadModel requests (proto JSON field names) loaded at start.
     std::string preload_file;
+    // Load TorchScript archives, which runs their code (see ModelCache::Options).
+    bool allow_torchscript = false;
     // HTTP/2 keepalive pings to idle clients; zero disables.
     absl::Duration keepalive_time = absl::Minutes(2);
     absl::Duration keepalive_timeout = absl::Seconds(20);

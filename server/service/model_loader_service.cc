@@ -186,13 +186,17 @@ grpc::Status ModelLoaderService::Admit(grpc::CallbackServerContext* context) con
 grpc::ServerUnaryReactor* ModelLoaderService::LoadModel(
     grpc::CallbackServerContext* context, const metaload::v1::LoadModelRequest* request,
     metaload::v1::LoadModelResponse* response) {
+  // Refusals first: a StatusOr is never built from an OK status (Debian's Abseil aborts on it).
   grpc::Status admitted = Admit(context);
-  absl::StatusOr<cache::LoadSpec> spec = admitted.ok()
-                                             ? MakeLoadSpec(*request, *resolver_)
-                                             : absl::StatusOr<cache::LoadSpec>(absl::OkStatus());
-  if (!admitted.ok() || !spec.ok()) {
+  if (!admitted.ok()) {
     auto* reactor = context->DefaultReactor();
-    reactor->Finish(admitted.ok() ? ToGrpcStatus(spec.status()) : admitted);
+    reactor->Finish(admitted);
+    return reactor;
+  }
+  absl::StatusOr<cache::LoadSpec> spec = MakeLoadSpec(*request, *resolver_);
+  if (!spec.ok()) {
+    auto* reactor = context->DefaultReactor();
+    reactor->Finish(ToGrpcStatus(spec.status()));
     return reactor;
   }
   return new LoadReactor(cache_, *spec, response);
@@ -200,18 +204,15 @@ grpc::ServerUnaryReactor* ModelLoaderService::LoadModel(
 
 grpc::ServerWriteReactor<LoadEvent>* ModelLoaderService::LoadModelStream(
     grpc::CallbackServerContext* context, const metaload::v1::LoadModelRequest* request) {
+  class Refused : public grpc::ServerWriteReactor<LoadEvent> {
+   public:
+    explicit Refused(grpc::Status s) { Finish(std::move(s)); }
+    void OnDone() override { delete this; }
+  };
   grpc::Status admitted = Admit(context);
-  absl::StatusOr<cache::LoadSpec> spec = admitted.ok()
-                                             ? MakeLoadSpec(*request, *resolver_)
-                                             : absl::StatusOr<cache::LoadSpec>(absl::OkStatus());
-  if (!admitted.ok() || !spec.ok()) {
-    class Refused : public grpc::ServerWriteReactor<LoadEvent> {
-     public:
-      explicit Refused(grpc::Status s) { Finish(std::move(s)); }
-      void OnDone() override { delete this; }
-    };
-    return new Refused(admitted.ok() ? ToGrpcStatus(spec.status()) : admitted);
-  }
+  if (!admitted.ok()) return new Refused(admitted);
+  absl::StatusOr<cache::LoadSpec> spec = MakeLoadSpec(*request, *resolver_);
+  if (!spec.ok()) return new Refused(ToGrpcStatus(spec.status()));
   return new LoadStreamReactor(cache_, *spec);
 }
 

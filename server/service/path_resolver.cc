@@ -26,7 +26,9 @@ absl::StatusOr<std::string> PathResolver::Resolve(const std::string& path) const
   if (path.find('\0') != std::string::npos)
     return absl::InvalidArgumentError("path contains a NUL byte");
   for (absl::string_view part : absl::StrSplit(path, '/')) {
-    if (part == "..") return absl::InvalidArgumentError("path may not contain '..'");
+    if (part == "..") {
+      return absl::InvalidArgumentError(absl::StrCat("path '", path, "' may not contain '..'"));
+    }
   }
   if (roots_.empty()) {
     return absl::InvalidArgumentError(

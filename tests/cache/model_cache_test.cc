@@ -3,11 +3,14 @@
 
 #include <fcntl.h>
 #include <gtest/gtest.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <condition_variable>
 #include <filesystem>
+#include <fstream>
 #include <future>
+#include <nlohmann/json.hpp>
 #include <random>
 #include <thread>
 #include <utility>
@@ -396,6 +399,171 @@ TEST_F(ModelCacheTest, RacesOnTheSameIdsStayConsistent) {
     ASSERT_TRUE(again.ok()) << info.model_id;
     EXPECT_EQ(again->state, "READY");
   }
+}
+
+absl::StatusOr<LoadResult> LoadNow(ModelCache& cache, const LoadSpec& spec) {
+  std::promise<absl::StatusOr<LoadResult>> done;
+  auto waiter = cache.Load(spec, nullptr,
+                           [&done](absl::StatusOr<LoadResult> r) { done.set_value(std::move(r)); });
+  std::future<absl::StatusOr<LoadResult>> f = done.get_future();
+  if (f.wait_for(60s) != std::future_status::ready) return absl::DeadlineExceededError("hung");
+  return f.get();
+}
+
+absl::StatusOr<std::vector<WireTensor>> InferNow(ModelCache& cache, const std::string& id,
+                                                 std::vector<WireTensor> inputs) {
+  std::promise<absl::StatusOr<std::vector<WireTensor>>> done;
+  cache.Infer(id, "", std::move(inputs), false,
+              [&done](absl::StatusOr<std::vector<WireTensor>> r) { done.set_value(std::move(r)); });
+  std::future<absl::StatusOr<std::vector<WireTensor>>> f = done.get_future();
+  if (f.wait_for(60s) != std::future_status::ready) return absl::DeadlineExceededError("hung");
+  return f.get();
+}
+
+// Sanitizers reserve terabytes of address space and refuse huge allocations themselves.
+bool UnderSanitizer() {
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+  return true;
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
+  return true;
+#endif
+#endif
+  return false;
+}
+
+// Hostile: config.json values of the wrong type. Before the fix nlohmann::json threw
+// type_error on a load thread (std::terminate); now each is FAILED_PRECONDITION naming the key,
+// and the cache still loads afterwards.
+TEST_F(ModelCacheTest, ConfigValuesOfTheWrongTypeAreFailedPrecondition) {
+  struct Case {
+    const char* arch;
+    const char* key;
+    nlohmann::json value;
+  };
+  const std::vector<Case> cases = {
+      {"mlp", "model_type", 1},
+      {"mlp", "activation", 5},
+      {"gpt2", "activation_function", 5},
+      {"llama", "tie_word_embeddings", "yes"},
+      {"mlp", "layer_sizes", nlohmann::json::array({int64_t{1} << 40, int64_t{1} << 40})},
+  };
+  ModelCache cache(ModelCache::Options{});
+  int n = 0;
+  for (const Case& c : cases) {
+    const std::string name = absl::StrCat("config_", n++, "_", c.arch);
+    models::SynthOptions synth;
+    synth.architecture = c.arch;
+    ASSERT_TRUE(models::Synthesize(synth, *dir_ / name).ok());
+    nlohmann::json config =
+        nlohmann::json::parse(testing::ReadFileOrEmpty(*dir_ / (name + "/config.json")));
+    config[c.key] = c.value;
+    std::ofstream(*dir_ / (name + "/config.json"), std::ios::trunc) << config.dump();
+    absl::StatusOr<LoadResult> r = LoadNow(cache, Spec(name, name));
+    if (std::string(c.key) == "model_type") {
+      // Ignored when it is no string: the architecture comes from the keys.
+      ASSERT_TRUE(r.ok()) << r.status();
+      EXPECT_EQ(r->model.architecture, "mlp");
+      continue;
+    }
+    EXPECT_TRUE(absl::IsFailedPrecondition(r.status())) << c.key << ": " << r.status();
+    EXPECT_NE(r.status().message().find(c.key), std::string::npos) << r.status();
+  }
+  EXPECT_TRUE(LoadNow(cache, Spec("tiny", "still_works")).ok());
+}
+
+// Hostile: a checkpoint whose tensor cannot be allocated (a sparse 1 TiB file, no budget to stop
+// it first). Before the fix at::empty threw on the load thread (std::terminate).
+TEST_F(ModelCacheTest, ADestinationThatCannotBeAllocatedIsResourceExhausted) {
+  if (UnderSanitizer()) GTEST_SKIP() << "sanitizers refuse a 1 TiB allocation by aborting";
+  if (testing::ReadFileOrEmpty("/proc/sys/vm/overcommit_memory").rfind("1", 0) == 0) {
+    GTEST_SKIP() << "vm.overcommit_memory=1 would grant 1 TiB";
+  }
+  const int64_t n = int64_t{1} << 19;  // [n, n] float32: 1 TiB
+  const int64_t weight = n * n * 4, bias = n * 4;
+  std::string header = absl::StrCat("{\"layers.0.weight\":{\"dtype\":\"F32\",\"shape\":[", n, ",",
+                                    n, "],\"data_offsets\":[0,", weight,
+                                    "]},\"layers.0.bias\":{\"dtype\":\"F32\",\"shape\":[", n,
+                                    "],\"data_offsets\":[", weight, ",", weight + bias, "]}}");
+  header.append((8 - header.size() % 8) % 8, ' ');
+  const std::string path = *dir_ / "huge.safetensors";
+  {
+    std::ofstream f(path, std::ios::binary | std::ios::trunc);
+    const uint64_t len = header.size();
+    f.write(reinterpret_cast<const char*>(&len), 8);
+    f << header;
+  }
+  ASSERT_EQ(::truncate(path.c_str(), static_cast<off_t>(8 + header.size() + weight + bias)), 0);
+  ModelCache cache(ModelCache::Options{});
+  absl::StatusOr<LoadResult> r = LoadNow(cache, Spec("huge.safetensors", "huge"));
+  EXPECT_TRUE(absl::IsResourceExhausted(r.status())) << r.status();
+  EXPECT_NE(r.status().message().find("layers.0.weight"), std::string::npos) << r.status();
+  EXPECT_TRUE(LoadNow(cache, Spec("tiny", "still_works")).ok());
+  ::unlink(path.c_str());
+}
+
+// Restores the address-space limit on scope exit.
+class AddressSpaceLimit {
+ public:
+  explicit AddressSpaceLimit(int64_t headroom) {
+    ::getrlimit(RLIMIT_AS, &old_);
+    int64_t vm_kib = 0;
+    std::istringstream in(testing::ReadFileOrEmpty("/proc/self/status"));
+    for (std::string line; std::getline(in, line);) {
+      if (line.rfind("VmSize:", 0) == 0) vm_kib = std::stoll(line.substr(7));
+    }
+    rlimit tight = old_;
+    tight.rlim_cur = static_cast<rlim_t>(vm_kib * 1024 + headroom);
+    ok_ = vm_kib > 0 && ::setrlimit(RLIMIT_AS, &tight) == 0;
+  }
+  ~AddressSpaceLimit() { ::setrlimit(RLIMIT_AS, &old_); }
+  bool ok() const { return ok_; }
+
+ private:
+  rlimit old_{};
+  bool ok_ = false;
+};
+
+// Hostile: an Infer whose activations do not fit in memory. Before the fix it was
+// INVALID_ARGUMENT "failed on these inputs"; it is RESOURCE_EXHAUSTED, and the model still
+// serves and can still be unloaded (its in-use count went back to zero).
+TEST_F(ModelCacheTest, OutOfMemoryInAForwardIsResourceExhausted) {
+  if (UnderSanitizer()) GTEST_SKIP() << "sanitizers reserve address space";
+  ASSERT_TRUE(models::Synthesize(
+                  [] {
+                    models::SynthOptions o;
+                    o.preset = "small";  // 256 -> 1024 -> 1024 -> 256
+                    return o;
+                  }(),
+                  *dir_ / "oom_small")
+                  .ok());
+  ModelCache::Options options;
+  options.budgets["cpu"] = 10 << 20;  // one small mlp (6.3 MB), not two
+  ModelCache cache(options);
+  ASSERT_TRUE(LoadNow(cache, Spec("oom_small", "s")).ok());
+  std::vector<WireTensor> input = MlpInput(65536, 256);  // 64 MiB in, 256 MiB per activation
+  absl::StatusOr<std::vector<WireTensor>> out;
+  {
+    AddressSpaceLimit limit(160 << 20);
+    ASSERT_TRUE(limit.ok());
+    out = InferNow(cache, "s", std::move(input));
+  }
+  EXPECT_TRUE(absl::IsResourceExhausted(out.status())) << out.status();
+  absl::StatusOr<std::vector<WireTensor>> small = InferNow(cache, "s", MlpInput(2, 256));
+  ASSERT_TRUE(small.ok()) << small.status();
+  // Not held by the failed Infer: another model evicts it under the budget.
+  ASSERT_TRUE(models::Synthesize(
+                  [] {
+                    models::SynthOptions o;
+                    o.preset = "small";
+                    o.seed = 7;
+                    return o;
+                  }(),
+                  *dir_ / "oom_other")
+                  .ok());
+  absl::StatusOr<LoadResult> other = LoadNow(cache, Spec("oom_other", "o"));
+  ASSERT_TRUE(other.ok()) << other.status();
+  EXPECT_TRUE(absl::IsNotFound(cache.Get("s").status()));
 }
 
 }  // namespace

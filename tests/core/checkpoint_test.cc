@@ -173,6 +173,26 @@ TEST_F(CheckpointTest, CorruptZipsAreDataLoss) {
   }
 }
 
+// Hostile: two entries of one name. torch reads the first, a map would keep the last, so the
+// same file would mean two different state dicts: DATA_LOSS. Before the fix the last one won.
+TEST_F(CheckpointTest, DuplicateZipEntryNamesAreDataLoss) {
+  const std::string out = *dir_ / "duplicate.pt";
+  testing::CommandResult r = testing::RunCommand(
+      {METALOAD_PYTHON, "-W", "ignore", "-c",
+       "import sys, zipfile\n"
+       "src = zipfile.ZipFile(sys.argv[1])\n"
+       "with zipfile.ZipFile(sys.argv[2], 'w', zipfile.ZIP_STORED) as z:\n"
+       "    for i in src.infolist(): z.writestr(i.filename, src.read(i))\n"
+       "    pkl = [i for i in src.infolist() if i.filename.endswith('/data.pkl')][0]\n"
+       "    z.writestr(pkl.filename, src.read(pkl))\n",
+       Path("state_dict.pt"), out},
+      *dir_ / "dup");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  absl::Status status = CheckpointSource::Open(out).status();
+  EXPECT_TRUE(absl::IsDataLoss(status)) << status;
+  EXPECT_NE(status.message().find("data.pkl' appears twice"), std::string::npos) << status;
+}
+
 // A two-shard directory built with metaload's writer, then broken one way per case.
 class ShardedFailureTest : public ::testing::Test {
  protected:

@@ -86,6 +86,39 @@ TEST_F(ChecksumStoreTest, UnwritableStateStillHashes) {
   EXPECT_FALSE(std::filesystem::exists(dir_ / "state/checksums.json.tmp"));
 }
 
+// Hostile: whoever can write --state_dir plants checksums.json.tmp as a symlink to a file the
+// daemon may write. Before the fix the daemon truncated and wrote through it (the full-disk fault
+// test relied on exactly that, with a link to /dev/full).
+TEST_F(ChecksumStoreTest, APlantedSymlinkAtTheTempFileIsNotFollowed) {
+  std::filesystem::create_directories(dir_ / "state");
+  std::ofstream(dir_ / "victim") << "precious";
+  std::filesystem::create_symlink(dir_ / "victim", dir_ / "state/checksums.json.tmp");
+  ChecksumStore::Options options;
+  options.state_dir = dir_ / "state";
+  absl::StatusOr<std::unique_ptr<ChecksumStore>> store = ChecksumStore::Create(options);
+  ASSERT_TRUE(store.ok());
+  ASSERT_TRUE((*store)->Compute(files_).ok());
+  EXPECT_EQ(testing::ReadFileOrEmpty(dir_ / "victim"), "precious");
+  EXPECT_FALSE(std::filesystem::is_symlink(dir_ / "state/checksums.json"));
+  EXPECT_NE(testing::ReadFileOrEmpty(dir_ / "state/checksums.json").find("a.bin"),
+            std::string::npos);
+}
+
+// The hash is of the file the load checked: a path swapped for another file since is refused.
+TEST_F(ChecksumStoreTest, AFileSwappedSinceTheLoadIsNotHashed) {
+  struct stat st;
+  ASSERT_EQ(::stat((dir_ / "b.bin").c_str(), &st), 0);
+  std::vector<CheckpointFile> files = files_;
+  files[1].device = static_cast<uint64_t>(st.st_dev);
+  files[1].inode = static_cast<uint64_t>(st.st_ino);
+  std::ofstream(dir_ / "other.bin") << "second shard";  // same size
+  std::filesystem::rename(dir_ / "other.bin", dir_ / "b.bin");
+  absl::StatusOr<std::unique_ptr<ChecksumStore>> store = ChecksumStore::Create({});
+  absl::Status s = (*store)->Compute(files).status();
+  EXPECT_TRUE(absl::IsDataLoss(s)) << s;
+  EXPECT_NE(s.message().find("not the file that was loaded"), std::string::npos) << s;
+}
+
 TEST_F(ChecksumStoreTest, CancelAndTruncation) {
   absl::StatusOr<std::unique_ptr<ChecksumStore>> store = ChecksumStore::Create({});
   ASSERT_TRUE(store.ok());

@@ -1,4 +1,5 @@
-// ThreadPool: FIFO order, queued work finished on destruction, the per-thread start hook.
+// ThreadPool: FIFO order, queued work finished on destruction, the per-thread start hook, and
+// a worker that outlives a throwing task.
 #include "server/core/thread_pool.h"
 
 #include <gtest/gtest.h>
@@ -42,6 +43,20 @@ TEST(ThreadPoolTest, TheStartHookRunsOnEachWorkerBeforeItsFirstTask) {
   EXPECT_EQ(tasks.load(), 300);
   EXPECT_EQ(unhooked_tasks.load(), 0);
   EXPECT_EQ(hooked.size(), 3u);
+}
+
+// Hostile: a task that throws (a std::exception or anything else) is logged; its worker goes on.
+// Before the fix the exception left the worker thread: std::terminate, the daemon gone.
+TEST(ThreadPoolTest, AThrowingTaskIsLoggedAndItsWorkerSurvives) {
+  std::vector<int> ran;
+  {
+    ThreadPool pool(1);
+    pool.Submit([] { throw std::runtime_error("task failed"); });
+    pool.Submit([&ran] { ran.push_back(1); });
+    pool.Submit([] { throw 42; });
+    pool.Submit([&ran] { ran.push_back(2); });
+  }
+  EXPECT_EQ(ran, (std::vector<int>{1, 2}));
 }
 
 }  // namespace

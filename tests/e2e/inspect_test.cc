@@ -1,6 +1,7 @@
 // `metaload inspect` end to end: the right verdict on every fixture, machine-readable output
 // that matches the files, and one-line errors (never a crash) on broken ones.
 #include <gtest/gtest.h>
+#include <sys/stat.h>
 
 #include <filesystem>
 #include <fstream>
@@ -10,6 +11,8 @@
 
 namespace metaload {
 namespace {
+
+using namespace std::chrono_literals;
 
 class InspectTest : public ::testing::Test {
  protected:
@@ -125,6 +128,46 @@ TEST_F(InspectTest, BrokenFilesExitTwoWithOneLine) {
     EXPECT_EQ(parsed["error"]["code"], c.code) << c.path;
   }
   EXPECT_EQ(Inspect({}).exit_code, 2);
+}
+
+// Hostile files: never "internal error", never a hang. Before the fix a non-string model_type
+// threw out of the detector ("metaload: internal error", exit 1) and a FIFO shard blocked
+// inspect for ever.
+TEST_F(InspectTest, HostileFilesGetAVerdictNotACrashOrAHang) {
+  const std::string odd = *dir_ / "odd_config";
+  ASSERT_EQ(
+      testing::RunCommand({METALOAD_CLI_PATH, "synth", "--arch=mlp", odd}, *dir_ / "s").exit_code,
+      0);
+  std::ofstream(odd + "/config.json", std::ios::trunc)
+      << R"({"model_type": 1, "architectures": [5, "GPT2LMHeadModel"]})";
+  testing::CommandResult r = Inspect({odd, "--json"});
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(r.err.find("internal error"), std::string::npos) << r.err;
+
+  const std::string fifo = *dir_ / "fifo_shard";
+  ASSERT_EQ(testing::RunCommand({METALOAD_CLI_PATH, "synth", "--arch=mlp", "--shards=2", fifo},
+                                *dir_ / "s")
+                .exit_code,
+            0);
+  const std::string shard = fifo + "/model-00002-of-00002.safetensors";
+  std::filesystem::remove(shard);
+  ASSERT_EQ(::mkfifo(shard.c_str(), 0644), 0);
+  testing::CommandResult f =
+      testing::RunCommand({METALOAD_CLI_PATH, "inspect", fifo}, *dir_ / "inspect", 10s);
+  EXPECT_EQ(f.exit_code, 2) << f.err;
+  EXPECT_NE(f.err.find("not a regular file"), std::string::npos) << f.err;
+}
+
+// Inspect says what TorchScript is: a program that runs when loaded.
+TEST_F(InspectTest, TorchScriptIsNamedAsCodeThatRunsWhenLoaded) {
+  testing::CommandResult r = Inspect({*dir_ / "scripted.pt"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("TorchScript"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("runs the file's code"), std::string::npos) << r.out;
+  nlohmann::json j = nlohmann::json::parse(Inspect({*dir_ / "scripted.pt", "--json"}).out);
+  EXPECT_EQ(j["runs_code"], true);
+  nlohmann::json st = nlohmann::json::parse(Inspect({*dir_ / "mixed.safetensors", "--json"}).out);
+  EXPECT_EQ(st["runs_code"], false);
 }
 
 }  // namespace

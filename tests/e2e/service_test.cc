@@ -3,6 +3,7 @@
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
 #include <sys/stat.h>
+#include <sys/types.h>
 
 #include <atomic>
 #include <cstring>
@@ -11,6 +12,7 @@
 #include <nlohmann/json.hpp>
 #include <thread>
 
+#include "grpc/reflection/v1alpha/reflection.grpc.pb.h"
 #include "metaload/v1/metaload.grpc.pb.h"
 #include "tests/e2e/daemon_process.h"
 #include "tests/test_util.h"
@@ -387,7 +389,7 @@ TEST_F(ServiceTest, ErrorTable) {
        [](auto* r) { (*r->mutable_compute_dtype_overrides())["forward"] = "int64"; },
        grpc::StatusCode::INVALID_ARGUMENT, "compute_dtype_overrides['forward'] 'int64'"},
       {"dot-dot", [](auto* r) { r->set_path("../outside.safetensors"); },
-       grpc::StatusCode::INVALID_ARGUMENT, ".."},
+       grpc::StatusCode::INVALID_ARGUMENT, "path '../outside.safetensors' may not contain '..'"},
       {"absolute outside", [outside](auto* r) { r->set_path(outside); },
        grpc::StatusCode::INVALID_ARGUMENT, "outside the model roots"},
       {"/proc", [](auto* r) { r->set_path("/proc/self/environ"); },
@@ -566,6 +568,114 @@ TEST(ServiceAuthTest, TokenRequiredExceptForHealth) {
   EXPECT_EQ(health.exit_code, 0) << health.err;
 }
 
+// Hostile: with a token, server reflection must not describe the service to a caller without
+// it (before the fix it listed every service). Health stays open.
+TEST(ServiceAuthTest, ReflectionDoesNotAnswerWithoutTheToken) {
+  testing::TempDir dir;
+  std::ofstream(dir / "token") << "s3cret\n";
+  DaemonProcess daemon(dir, {"--auth_token_file=" + (dir / "token")});
+  ASSERT_GT(daemon.grpc_port(), 0) << daemon.process().Stderr();
+  auto reflection = grpc::reflection::v1alpha::ServerReflection::NewStub(daemon.Channel());
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + 5s);
+  auto stream = reflection->ServerReflectionInfo(&context);
+  grpc::reflection::v1alpha::ServerReflectionRequest list;
+  list.set_list_services("");
+  stream->Write(list);
+  stream->WritesDone();
+  grpc::reflection::v1alpha::ServerReflectionResponse listed;
+  int services = 0;
+  while (stream->Read(&listed)) services += listed.list_services_response().service_size();
+  grpc::Status s = stream->Finish();
+  EXPECT_EQ(services, 0);
+  EXPECT_FALSE(s.ok());
+  testing::CommandResult health = testing::RunCommand(
+      {METALOAD_CLI_PATH, "health", "--address=127.0.0.1:" + std::to_string(daemon.grpc_port())},
+      dir / "health");
+  EXPECT_EQ(health.exit_code, 0) << health.err;
+}
+
+// Flags that cannot work stop the start with a message naming them. Before the fix the first
+// four started a daemon anyway (this test then timed out), and a bad certificate said only
+// "cannot listen".
+TEST(DaemonFlagsTest, BadValuesStopTheStartWithAMessage) {
+  testing::TempDir dir;
+  std::ofstream(dir / "bad.pem") << "not a certificate\n";
+  struct Case {
+    std::vector<std::string> flags;
+    const char* message;
+  };
+  const std::vector<Case> cases = {
+      {{"--max_message_bytes=1"}, "--max_message_bytes"},
+      {{"--shutdown_grace=-1s"}, "--shutdown_grace"},
+      {{"--memory_budget=cpu=1GiB,cpu=2GiB"}, "twice"},
+      {{"--memory_budget=cpu=0"}, "budget of 0"},
+      {{"--tls_cert=" + (dir / "bad.pem"), "--tls_key=" + (dir / "bad.pem")}, "--tls_cert"},
+  };
+  for (const Case& c : cases) {
+    std::vector<std::string> argv = {METALOADD_PATH, "--listen=127.0.0.1:0",
+                                     "--metrics_listen=127.0.0.1:0", "--model_root=" + dir.path()};
+    argv.insert(argv.end(), c.flags.begin(), c.flags.end());
+    testing::CommandResult r = testing::RunCommand(argv, dir / "d", 5s);
+    EXPECT_EQ(r.exit_code, 1) << c.flags[0] << ": " << r.err;
+    EXPECT_NE(r.err.find(c.message), std::string::npos) << c.flags[0] << ": " << r.err;
+  }
+}
+
+// SIGHUP is logged and ignored; before the fix it ended the daemon at once, without a word.
+TEST(DaemonSignalsTest, SighupIsLoggedAndIgnored) {
+  testing::TempDir dir;
+  DaemonProcess daemon(dir);
+  ASSERT_GT(daemon.grpc_port(), 0) << daemon.process().Stderr();
+  daemon.process().Signal(SIGHUP);
+  EXPECT_FALSE(daemon.process().Wait(1s).has_value()) << "SIGHUP stopped the daemon";
+  EXPECT_NE(daemon.process().Stderr().find("sighup_ignored"), std::string::npos);
+  daemon.process().Signal(SIGTERM);
+  std::optional<int> exit = daemon.process().Wait(10s);
+  ASSERT_TRUE(exit.has_value());
+  EXPECT_TRUE(WIFEXITED(*exit) && WEXITSTATUS(*exit) == 0) << *exit;
+}
+
+// Hostile: LoadModel and LoadModelStream without (or with a wrong) token. Before the fix the
+// refusal built absl::StatusOr(OkStatus()), which Debian's Abseil aborts on (exit 134).
+TEST(ServiceAuthTest, LoadsWithoutTheTokenAreRefusedAndTheDaemonLives) {
+  testing::TempDir dir;
+  std::ofstream(dir / "token") << "s3cret\n";
+  DaemonProcess daemon(dir, {"--auth_token_file=" + (dir / "token")});
+  ASSERT_GT(daemon.grpc_port(), 0) << daemon.process().Stderr();
+  auto stub = ModelLoader::NewStub(daemon.Channel());
+  metaload::v1::LoadModelRequest request;
+  request.set_path("nothing.safetensors");
+  for (const char* token : {"", "Bearer wrong"}) {
+    {
+      grpc::ClientContext context;
+      if (*token) context.AddMetadata("authorization", token);
+      metaload::v1::LoadModelResponse response;
+      grpc::Status s = stub->LoadModel(&context, request, &response);
+      EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAUTHENTICATED) << token << s.error_message();
+    }
+    {
+      grpc::ClientContext context;
+      if (*token) context.AddMetadata("authorization", token);
+      auto reader = stub->LoadModelStream(&context, request);
+      metaload::v1::LoadEvent event;
+      while (reader->Read(&event)) {
+      }
+      grpc::Status s = reader->Finish();
+      EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAUTHENTICATED) << token << s.error_message();
+    }
+  }
+  EXPECT_FALSE(daemon.process().Wait(0ms).has_value()) << "the daemon died";
+  grpc::ClientContext context;
+  context.AddMetadata("authorization", "Bearer s3cret");
+  metaload::v1::ListModelsResponse list;
+  EXPECT_TRUE(stub->ListModels(&context, metaload::v1::ListModelsRequest(), &list).ok());
+  daemon.process().Signal(SIGTERM);
+  std::optional<int> exit = daemon.process().Wait(10s);
+  ASSERT_TRUE(exit.has_value());
+  EXPECT_TRUE(WIFEXITED(*exit) && WEXITSTATUS(*exit) == 0) << *exit;
+}
+
 }  // namespace
 }  // namespace metaload
 
@@ -636,6 +746,222 @@ TEST(ServiceMetricsTest, ExactCountsAndPeakBytes) {
             static_cast<double>(big_bytes + 1864 * 4));
   daemon.process().Signal(SIGTERM);
   EXPECT_TRUE(daemon.process().Wait(10s).has_value());
+}
+
+}  // namespace
+}  // namespace metaload
+
+namespace metaload {
+namespace {
+
+// Hostile model roots: what someone who can write a model directory (a downloaded checkpoint)
+// can plant there. One daemon, one directory per attack.
+class HostileRootTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    dir_ = new testing::TempDir();
+    const std::string root = *dir_ / "models";
+    const std::string outside = *dir_ / "outside";
+    std::filesystem::create_directories(root);
+    auto synth = [](const std::string& out, const std::vector<std::string>& extra = {}) {
+      std::vector<std::string> argv = {METALOAD_CLI_PATH, "synth", "--arch=mlp"};
+      argv.insert(argv.end(), extra.begin(), extra.end());
+      argv.push_back(out);
+      return testing::RunCommand(argv, out + ".synth").exit_code;
+    };
+    ASSERT_EQ(synth(outside), 0);
+    ASSERT_EQ(synth(*dir_ / "outside_sharded", {"--shards=2"}), 0);
+    // model.safetensors, config.json, a shard, pytorch_model.bin: each a symlink out.
+    ASSERT_EQ(synth(root + "/link_weights"), 0);
+    std::filesystem::remove(root + "/link_weights/model.safetensors");
+    std::filesystem::create_symlink(outside + "/model.safetensors",
+                                    root + "/link_weights/model.safetensors");
+    ASSERT_EQ(synth(root + "/link_config"), 0);
+    std::filesystem::remove(root + "/link_config/config.json");
+    std::filesystem::create_symlink(outside + "/config.json", root + "/link_config/config.json");
+    ASSERT_EQ(synth(root + "/link_shard", {"--shards=2"}), 0);
+    for (const auto& e : std::filesystem::directory_iterator(root + "/link_shard")) {
+      const std::string name = e.path().filename().string();
+      if (name.rfind("model-00002", 0) == 0) {
+        std::filesystem::remove(e.path());
+        std::filesystem::create_symlink(*dir_ / ("outside_sharded/" + name), e.path());
+      }
+    }
+    std::filesystem::create_directories(root + "/link_bin");
+    std::filesystem::copy_file(outside + "/config.json", root + "/link_bin/config.json");
+    std::filesystem::create_symlink(outside + "/model.safetensors",
+                                    root + "/link_bin/pytorch_model.bin");
+    // A FIFO where a shard should be: opening it for reading blocks until a writer comes.
+    ASSERT_EQ(synth(root + "/fifo_shard", {"--shards=2"}), 0);
+    for (const auto& e : std::filesystem::directory_iterator(root + "/fifo_shard")) {
+      const std::string name = e.path().filename().string();
+      if (name.rfind("model-00002", 0) == 0) {
+        std::filesystem::remove(e.path());
+        ASSERT_EQ(::mkfifo(e.path().c_str(), 0644), 0);
+      }
+    }
+    ASSERT_EQ(synth(root + "/fifo_weights"), 0);
+    std::filesystem::remove(root + "/fifo_weights/model.safetensors");
+    ASSERT_EQ(::mkfifo((root + "/fifo_weights/model.safetensors").c_str(), 0644), 0);
+    // A text file named like a checkpoint: its first 8 bytes must not come back in the error.
+    std::ofstream(root + "/notes.safetensors") << "secret-token-1234567890 and more text\n";
+    daemon_ = new DaemonProcess(*dir_, {"--model_root=" + root});
+  }
+  static void TearDownTestSuite() {
+    delete daemon_;
+    delete dir_;
+  }
+  void SetUp() override {
+    ASSERT_GT(daemon_->grpc_port(), 0) << daemon_->process().Stderr();
+    stub_ = v1::ModelLoader::NewStub(daemon_->Channel());
+  }
+  grpc::Status Load(const std::string& path) {
+    v1::LoadModelRequest request;
+    request.set_path(path);
+    v1::LoadModelResponse response;
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + 10s);
+    return stub_->LoadModel(&context, request, &response);
+  }
+
+  static testing::TempDir* dir_;
+  static DaemonProcess* daemon_;
+  std::unique_ptr<v1::ModelLoader::Stub> stub_;
+};
+
+testing::TempDir* HostileRootTest::dir_ = nullptr;
+DaemonProcess* HostileRootTest::daemon_ = nullptr;
+
+// Before the fix each of these loaded the outside file (OK), and Infer returned its bytes.
+TEST_F(HostileRootTest, FilesInsideAModelDirectoryMayNotLinkOutOfTheRoots) {
+  struct Case {
+    const char* path;
+    const char* names;  // the file the message must name
+  };
+  for (const Case& c : {Case{"link_weights", "link_weights/model.safetensors"},
+                        Case{"link_config", "link_config/config.json"},
+                        Case{"link_shard", "link_shard/model-00002-of-00002.safetensors"},
+                        Case{"link_bin", "link_bin/pytorch_model.bin"}}) {
+    grpc::Status s = Load(c.path);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT)
+        << c.path << ": " << s.error_message();
+    EXPECT_NE(s.error_message().find(c.names), std::string::npos) << s.error_message();
+    EXPECT_NE(s.error_message().find("outside the model roots"), std::string::npos)
+        << s.error_message();
+    // Neither where the link points nor the daemon's own roots.
+    EXPECT_EQ(s.error_message().find(dir_->path()), std::string::npos) << s.error_message();
+    EXPECT_EQ(s.error_message().find("outside/"), std::string::npos) << s.error_message();
+  }
+}
+
+// Before the fix a FIFO shard blocked the load (and a load thread) forever.
+TEST_F(HostileRootTest, AFifoIsRefusedAtOnce) {
+  for (const char* path : {"fifo_shard", "fifo_weights"}) {
+    const auto start = std::chrono::steady_clock::now();
+    grpc::Status s = Load(path);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION)
+        << path << ": " << s.error_message();
+    EXPECT_NE(s.error_message().find("not a regular file"), std::string::npos) << s.error_message();
+    EXPECT_LT(std::chrono::steady_clock::now() - start, 5s);
+  }
+}
+
+// Before the fix: "header length 8389754676633367923" (the file's first 8 bytes) and the
+// daemon's absolute path.
+TEST_F(HostileRootTest, ErrorsNeverQuoteFileBytesAndNamePathsAsGiven) {
+  grpc::Status s = Load("notes.safetensors");
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::DATA_LOSS) << s.error_message();
+  uint64_t first8 = 0;
+  std::memcpy(&first8, "secret-t", 8);
+  EXPECT_EQ(s.error_message().find(std::to_string(first8)), std::string::npos) << s.error_message();
+  EXPECT_EQ(s.error_message().find("secret"), std::string::npos) << s.error_message();
+  EXPECT_NE(s.error_message().find("notes.safetensors"), std::string::npos) << s.error_message();
+  EXPECT_EQ(s.error_message().find(dir_->path()), std::string::npos) << s.error_message();
+  EXPECT_FALSE(daemon_->process().Wait(0ms).has_value());
+}
+
+// TorchScript archives are programs: refused unless the daemon runs with --allow_torchscript,
+// whatever the file is called. Before the fix each loaded (and would have run its code).
+TEST(TorchScriptPolicyTest, RefusedByDefaultAndLoadedWithTheOptIn) {
+  testing::TempDir dir;
+  std::filesystem::create_directories(dir / "models/hf");
+  const std::string script =
+      "import sys, torch\n"
+      "m = torch.jit.script(torch.nn.Linear(3, 2))\n"
+      "m.save(sys.argv[1] + '/scripted.pt')\n"
+      "m.save(sys.argv[1] + '/innocent.ckpt')\n"
+      "m.save(sys.argv[1] + '/hf/pytorch_model.bin')\n"
+      "class Sparse(torch.nn.Module):\n"
+      "    def forward(self, x):\n"
+      "        return x.to_sparse()\n"
+      "torch.jit.script(Sparse()).save(sys.argv[1] + '/sparse.pt')\n"
+      "open(sys.argv[1] + '/hf/config.json', 'w').write('{\"model_type\": \"mlp\"}')\n";
+  std::ofstream(dir / "make.py") << script;
+  testing::CommandResult made =
+      testing::RunCommand({METALOAD_PYTHON, dir / "make.py", dir / "models"}, dir / "py");
+  ASSERT_EQ(made.exit_code, 0) << made.err;
+  auto load = [](DaemonProcess& daemon, const std::string& path) {
+    auto stub = v1::ModelLoader::NewStub(daemon.Channel());
+    v1::LoadModelRequest request;
+    request.set_path(path);
+    v1::LoadModelResponse response;
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + 30s);
+    return stub->LoadModel(&context, request, &response);
+  };
+  {
+    DaemonProcess daemon(dir, {"--model_root=" + (dir / "models")});
+    ASSERT_GT(daemon.grpc_port(), 0) << daemon.process().Stderr();
+    for (const char* path : {"scripted.pt", "innocent.ckpt", "hf"}) {
+      grpc::Status s = load(daemon, path);
+      EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION)
+          << path << ": " << s.error_message();
+      EXPECT_NE(s.error_message().find("TorchScript"), std::string::npos) << s.error_message();
+      EXPECT_NE(s.error_message().find("--allow_torchscript"), std::string::npos)
+          << s.error_message();
+      EXPECT_NE(s.error_message().find(path), std::string::npos) << s.error_message();
+    }
+    // Asking for the architecture by name is no way around it.
+    auto stub = v1::ModelLoader::NewStub(daemon.Channel());
+    v1::LoadModelRequest request;
+    request.set_path("scripted.pt");
+    request.set_architecture("torchscript");
+    v1::LoadModelResponse response;
+    grpc::ClientContext context;
+    EXPECT_EQ(stub->LoadModel(&context, request, &response).error_code(),
+              grpc::StatusCode::FAILED_PRECONDITION);
+  }
+  {
+    DaemonProcess daemon(dir, {"--model_root=" + (dir / "models"), "--allow_torchscript"});
+    ASSERT_GT(daemon.grpc_port(), 0) << daemon.process().Stderr();
+    grpc::Status s = load(daemon, "scripted.pt");
+    EXPECT_TRUE(s.ok()) << s.error_message();
+    // A forward that returns a sparse tensor: before the fix the encoder threw on the infer
+    // pool and the daemon aborted. Now FAILED_PRECONDITION naming the output, daemon alive.
+    ASSERT_TRUE(load(daemon, "sparse.pt").ok());
+    auto stub = v1::ModelLoader::NewStub(daemon.Channel());
+    v1::InferRequest infer;
+    infer.set_model_id("sparse");
+    v1::Tensor* x = infer.add_inputs();
+    x->set_name("x");
+    x->set_datatype("FP32");
+    x->add_shape(2);
+    x->add_shape(2);
+    for (float v : {1.f, 0.f, 0.f, 2.f}) x->add_fp32_contents(v);
+    v1::InferResponse out;
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + 30s);
+    grpc::Status sparse = stub->Infer(&context, infer, &out);
+    EXPECT_EQ(sparse.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << sparse.error_message();
+    EXPECT_NE(sparse.error_message().find("Sparse"), std::string::npos) << sparse.error_message();
+    EXPECT_FALSE(daemon.process().Wait(0ms).has_value()) << "the daemon died";
+    // It can still be unloaded (the failed Infer holds nothing).
+    v1::UnloadModelRequest unload;
+    unload.set_model_id("sparse");
+    v1::UnloadModelResponse unloaded;
+    grpc::ClientContext unload_context;
+    EXPECT_TRUE(stub->UnloadModel(&unload_context, unload, &unloaded).ok());
+  }
 }
 
 }  // namespace
