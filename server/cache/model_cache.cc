@@ -228,14 +228,16 @@ std::shared_ptr<LoadWaiter> ModelCache::Load(const LoadSpec& spec, ProgressFn pr
     waiter->Finish(std::move(result));
     return waiter;
   }
-  if (slot->pending && slot->pending->key == key) {
+  // A flight whose callers all left is being torn down: a newcomer never joins it (it would get
+  // their CANCELLED), it starts a load of its own below.
+  if (slot->pending && slot->pending->key == key && !slot->pending->cancel.load()) {
     slot->pending->waiters.push_back(waiter);
     waiter->flight_ = slot->pending;
     lock.unlock();
     if (options_.observer) options_.observer->OnCacheRequest("coalesced");
     return waiter;
   }
-  if (slot->pending) {
+  if (slot->pending && !slot->pending->cancel.load()) {
     // Copied under the lock: once it is released, Unload may erase the slot.
     const std::string other = slot->pending->spec.display_path;
     lock.unlock();
@@ -267,7 +269,7 @@ std::shared_ptr<LoadWaiter> ModelCache::Load(const LoadSpec& spec, ProgressFn pr
     }
   }
   auto existing = flights_.find(key);
-  if (existing != flights_.end()) {
+  if (existing != flights_.end() && !existing->second->cancel.load()) {
     existing->second->waiters.push_back(waiter);
     waiter->flight_ = existing->second;
     slot->pending = existing->second;
@@ -485,7 +487,9 @@ void ModelCache::RunFlight(std::shared_ptr<Flight> flight) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     reserved_[spec.device] -= reserved;
-    flights_.erase(flight->key);
+    // A newer flight of the same key may have taken the place of this cancelled one.
+    auto mine = flights_.find(flight->key);
+    if (mine != flights_.end() && mine->second == flight) flights_.erase(mine);
     if (loaded) alive_.push_back(loaded);
     for (const auto& w : flight->waiters) {
       auto it = slots_.find(w->model_id_);

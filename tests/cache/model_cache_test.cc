@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <gtest/gtest.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <condition_variable>
@@ -15,6 +16,7 @@
 #include <thread>
 #include <utility>
 
+#include "absl/strings/str_cat.h"
 #include "server/core/process_memory.h"
 #include "server/models/synth.h"
 #include "tests/test_util.h"
@@ -564,6 +566,34 @@ TEST_F(ModelCacheTest, OutOfMemoryInAForwardIsResourceExhausted) {
   absl::StatusOr<LoadResult> other = LoadNow(cache, Spec("oom_other", "o"));
   ASSERT_TRUE(other.ok()) << other.status();
   EXPECT_TRUE(absl::IsNotFound(cache.Get("s").status()));
+}
+
+// Issue 17 item 6a: a caller that joins an identical load whose earlier callers have all
+// cancelled gets a load of its own, not their CANCELLED. Before the fix it joined the dying
+// flight (the web UI's "cancel, then load again" 15 ms later: CANCELLED 6 of 6 runs).
+TEST_F(ModelCacheTest, JoiningALoadEveryoneLeftStartsAFreshOne) {
+  CountingObserver observer;
+  ModelCache::Options options;
+  options.observer = &observer;
+  ModelCache cache(options);
+  for (int run = 0; run < 3; ++run) {
+    SCOPED_TRACE(run);
+    const std::string id = absl::StrCat("m", run);
+    std::promise<void> reading;
+    std::atomic<bool> told{false};
+    auto first = cache.Load(
+        Spec("medium", id),
+        [&](const LoadProgressEvent& e) {
+          if (e.phase == "read" && !told.exchange(true)) reading.set_value();
+        },
+        [](absl::StatusOr<LoadResult>) {});
+    reading.get_future().wait();
+    ASSERT_TRUE(first->Cancel());
+    absl::StatusOr<LoadResult> second = LoadNow(cache, Spec("medium", id));
+    ASSERT_TRUE(second.ok()) << second.status();
+    EXPECT_EQ(second->model.state, "READY");
+    ASSERT_TRUE(cache.Unload(id).ok());
+  }
 }
 
 }  // namespace
