@@ -1,9 +1,11 @@
 #include "server/cache/model_cache.h"
 
 #include <ATen/ATen.h>
+#include <dirent.h>
 #include <malloc.h>
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <chrono>
 
 #include "absl/strings/str_cat.h"
@@ -167,6 +169,61 @@ bool ModelCache::CancelWaiter(LoadWaiter* waiter) {
 
 namespace {
 
+// One file's identity: what changes when its bytes do. ctime too, since `touch -d` can put
+// mtime back but nothing can put ctime back.
+void AppendIdentity(const struct stat& st, std::string* out) {
+  absl::StrAppend(out, st.st_dev, ":", st.st_ino, ":", st.st_size, ":", st.st_mtim.tv_sec, ".",
+                  st.st_mtim.tv_nsec, ":", st.st_ctim.tv_sec, ".", st.st_ctim.tv_nsec);
+}
+
+// Directories are walked this deep (a diffusers layout keeps its networks one level down) and
+// at most this many entries are looked at; past it the key is unique to this call, so a
+// directory that large is never a cache hit rather than a stale one.
+constexpr int kMaxIdentityDepth = 2;
+constexpr int kMaxIdentityEntries = 4096;
+
+void AppendTreeIdentity(const std::string& dir, int depth, int* budget, std::string* out) {
+  std::vector<std::string> names;
+  if (DIR* d = ::opendir(dir.c_str())) {
+    while (struct dirent* e = ::readdir(d)) {
+      const std::string name = e->d_name;
+      if (name == "." || name == "..") continue;
+      if (--*budget < 0) break;
+      names.push_back(name);
+    }
+    ::closedir(d);
+  }
+  std::sort(names.begin(), names.end());
+  for (const std::string& name : names) {
+    const std::string path = absl::StrCat(dir, "/", name);
+    struct stat st;
+    if (::stat(path.c_str(), &st) != 0) continue;
+    if (S_ISDIR(st.st_mode)) {
+      if (depth + 1 < kMaxIdentityDepth) {
+        absl::StrAppend(out, "|", name, "/");
+        AppendTreeIdentity(path, depth + 1, budget, out);
+      }
+    } else if (S_ISREG(st.st_mode)) {
+      absl::StrAppend(out, "|", name, "=");
+      AppendIdentity(st, out);
+    }
+  }
+}
+
+// The identity part of the cache key. A Hugging Face directory is keyed by every file in it
+// (each shard, the index, config.json): its own stat does not change when a shard is
+// rewritten in place (issue 17: a stale cache hit on the old weights).
+std::string FileIdentityKey(const std::string& path, const struct stat& st) {
+  std::string key;
+  AppendIdentity(st, &key);
+  if (S_ISDIR(st.st_mode)) {
+    int budget = kMaxIdentityEntries;
+    AppendTreeIdentity(path, 0, &budget, &key);
+    if (budget < 0) absl::StrAppend(&key, "|uncacheable:", NextUse());
+  }
+  return key;
+}
+
 // "compute=default" or "compute=bfloat16;vae_decode=float32" (by_entry is ordered).
 std::string ComputeKey(const models::ComputeChoice& compute) {
   std::string key =
@@ -208,8 +265,8 @@ std::shared_ptr<LoadWaiter> ModelCache::Load(const LoadSpec& spec, ProgressFn pr
   LoadSpec canonical = spec;
   canonical.device = device->str();
   const std::string key = absl::StrCat(
-      spec.path, "|", st.st_size, "|", st.st_mtim.tv_sec, ".", st.st_mtim.tv_nsec, "|",
-      spec.architecture, "|", canonical.device, "|",
+      spec.path, "|", FileIdentityKey(spec.path, st), "|", spec.architecture, "|", canonical.device,
+      "|",
       // "" means the architecture's default dtypes, "keep" the file's: different models.
       spec.dtype.empty() && spec.dtype_overrides.empty() ? "default" : policy->Describe(), "|",
       ComputeKey(spec.compute), "|", spec.zero_copy ? "zero_copy" : "copy",

@@ -596,5 +596,52 @@ TEST_F(ModelCacheTest, JoiningALoadEveryoneLeftStartsAFreshOne) {
   }
 }
 
+// Issue 17 item 6b: a Hugging Face directory is keyed by every file in it, not by the
+// directory's own stat: a shard rewritten in place (same size, the directory untouched) is a new
+// model, never a cache hit on the old weights. Before the fix: cache_hit true, stale weights.
+TEST_F(ModelCacheTest, AShardRewrittenInPlaceIsNotACacheHit) {
+  const std::filesystem::path dir = *dir_ / "rewritten";
+  std::filesystem::remove_all(dir);
+  models::SynthOptions a;
+  a.shards = 2;
+  a.preset = "small";
+  ASSERT_TRUE(models::Synthesize(a, dir).ok());
+  models::SynthOptions b = a;
+  b.seed = 7;
+  ASSERT_TRUE(models::Synthesize(b, *dir_ / "rewritten_b").ok());
+  struct stat dir_before;
+  ASSERT_EQ(::stat(dir.c_str(), &dir_before), 0);
+
+  ModelCache cache({});
+  absl::StatusOr<LoadResult> old_load = LoadNow(cache, Spec("rewritten", "old"));
+  ASSERT_TRUE(old_load.ok()) << old_load.status();
+  EXPECT_FALSE(old_load->cache_hit);
+
+  // Overwrite one shard's bytes in place with the other seed's (same layout, same size).
+  std::string shard;
+  for (const auto& e : std::filesystem::directory_iterator(dir)) {
+    const std::string name = e.path().filename();
+    if (name.find("-of-") != std::string::npos) shard = name;
+  }
+  ASSERT_FALSE(shard.empty());
+  std::ifstream in(std::filesystem::path(*dir_ / "rewritten_b") / shard, std::ios::binary);
+  const std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  ASSERT_EQ(bytes.size(), std::filesystem::file_size(dir / shard));
+  const int fd = ::open((dir / shard).c_str(), O_WRONLY);
+  ASSERT_GE(fd, 0);
+  ASSERT_EQ(::pwrite(fd, bytes.data(), bytes.size(), 0), static_cast<ssize_t>(bytes.size()));
+  ::close(fd);
+  struct stat dir_after;
+  ASSERT_EQ(::stat(dir.c_str(), &dir_after), 0);
+  ASSERT_EQ(dir_after.st_mtim.tv_nsec, dir_before.st_mtim.tv_nsec) << "the directory changed";
+
+  absl::StatusOr<LoadResult> new_load = LoadNow(cache, Spec("rewritten", "new"));
+  ASSERT_TRUE(new_load.ok()) << new_load.status();
+  EXPECT_FALSE(new_load->cache_hit) << "a stale cache hit on the old weights";
+  // The same id asking again is a different model now: replace it, or ALREADY_EXISTS.
+  absl::StatusOr<LoadResult> same_id = LoadNow(cache, Spec("rewritten", "old"));
+  EXPECT_TRUE(absl::IsAlreadyExists(same_id.status())) << same_id.status();
+}
+
 }  // namespace
 }  // namespace metaload::cache
