@@ -33,6 +33,22 @@ uint64_t NextUse() {
   return counter.fetch_add(1) + 1;
 }
 
+// ModelInfo.dtype carries at most this much of the policy's description, so one caller's
+// model cannot make ListModels too large for everyone (issue 17: three loads of 100,000
+// overrides did). The description is cut at an override's end and says how many are left out.
+constexpr size_t kMaxInfoDtypeBytes = 1024;
+
+std::string BoundedDtype(std::string described) {
+  if (described.size() <= kMaxInfoDtypeBytes) return described;
+  const size_t room = kMaxInfoDtypeBytes - 48;  // for the suffix
+  size_t cut = described.rfind(';', room);
+  if (cut == std::string::npos) cut = room;
+  const int64_t left_out = std::count(described.begin() + cut, described.end(), ';');
+  described.resize(cut);
+  absl::StrAppend(&described, ";...(", left_out, " more overrides; see the request)");
+  return described;
+}
+
 // One loaded model; shared by every model_id that names its key, and by running Infers.
 struct Loaded {
   // Hand the freed pages back to the kernel at once: RAM that is never returned on model
@@ -513,7 +529,7 @@ void ModelCache::RunFlight(std::shared_ptr<Flight> flight) {
     loaded->path = spec.display_path;
     loaded->architecture = model->architecture();
     loaded->device = spec.device;
-    loaded->dtype = !dtypes.overrides.empty() ? policy->Describe()
+    loaded->dtype = !dtypes.overrides.empty() ? BoundedDtype(policy->Describe())
                     : dtypes.dtype.empty()    ? "keep"
                                               : dtypes.dtype;
     loaded->files = (*source)->index().files;
@@ -664,7 +680,7 @@ absl::StatusOr<ModelInfo> ModelCache::Get(const std::string& model_id) const {
   if (!spec.dtype_overrides.empty()) {
     absl::StatusOr<core::DtypePolicy> policy =
         core::DtypePolicy::Create(spec.dtype, spec.dtype_overrides);  // validated by Load
-    info.dtype = policy.ok() ? policy->Describe() : spec.dtype;
+    info.dtype = policy.ok() ? BoundedDtype(policy->Describe()) : spec.dtype;
   } else {
     info.dtype = spec.dtype.empty() ? "default" : spec.dtype;
   }

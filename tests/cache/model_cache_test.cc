@@ -643,5 +643,25 @@ TEST_F(ModelCacheTest, AShardRewrittenInPlaceIsNotACacheHit) {
   EXPECT_TRUE(absl::IsAlreadyExists(same_id.status())) << same_id.status();
 }
 
+// Issue 17 item 3: what one caller's model puts in every ListModels reply is bounded. 1024
+// overrides of 60-byte prefixes (inside the request limits) describe themselves in ~64 KiB;
+// ModelInfo.dtype carries at most 1 KiB of it, while loading and once READY. Before: 64,519
+// bytes in each, for every caller of ListModels.
+TEST_F(ModelCacheTest, AModelInfoCarriesAtMostAKibibyteOfDtypes) {
+  ModelCache cache({});
+  LoadSpec spec = Spec("tiny", "many");
+  for (int i = 0; i < 1024; ++i) {
+    spec.dtype_overrides[absl::StrCat(std::string(56, 'p'), i)] = "bfloat16";
+  }
+  absl::StatusOr<LoadResult> r = LoadNow(cache, spec);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_LE(r->model.dtype.size(), 1024u);
+  EXPECT_NE(r->model.dtype.find("more overrides"), std::string::npos) << r->model.dtype;
+  std::vector<ModelInfo> all = cache.List();
+  ASSERT_EQ(all.size(), 1u);
+  EXPECT_LE(all[0].dtype.size(), 1024u);
+  EXPECT_EQ(all[0].dtype.rfind("default=keep;", 0), 0u) << all[0].dtype;
+}
+
 }  // namespace
 }  // namespace metaload::cache
