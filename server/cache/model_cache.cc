@@ -757,6 +757,15 @@ void ModelCache::Infer(const std::string& model_id, const std::string& entry,
         absl::StrCat("model_id '", model_id, "' is not loaded (or still loading)")));
     return;
   }
+  // Refused before it is queued, let alone computed: entries are immutable once loaded.
+  if (absl::Status affordable =
+          CheckInferAffordable(held->get()->entries, entry, inputs, options_.infer_limits);
+      !affordable.ok()) {
+    held->Release();
+    done(absl::Status(affordable.code(),
+                      absl::StrCat("model_id '", model_id, "': ", affordable.message())));
+    return;
+  }
   infer_pool_->Submit([this, held, entry, inputs = std::move(inputs), typed_outputs,
                        done = std::move(done), model_id]() mutable {
     const std::shared_ptr<Loaded> loaded = held->get();

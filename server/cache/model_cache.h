@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "server/cache/infer_limits.h"
 #include "server/cache/wire_tensor.h"
 #include "server/models/entry_spec.h"
 
@@ -124,6 +125,9 @@ class ModelCache {
     // TorchScript archives are programs: loading one runs the file's code (and every Infer runs
     // its forward). false: FAILED_PRECONDITION naming the file, whatever it is called.
     bool allow_torchscript = false;
+    // What one Infer may cost, checked before it is queued (infer_limits.h states the rule);
+    // over a limit: RESOURCE_EXHAUSTED without computing. Default: no limits.
+    InferLimits infer_limits;
   };
 
   using ProgressFn = std::function<void(const LoadProgressEvent&)>;

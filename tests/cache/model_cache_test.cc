@@ -663,5 +663,49 @@ TEST_F(ModelCacheTest, AModelInfoCarriesAtMostAKibibyteOfDtypes) {
   EXPECT_EQ(all[0].dtype.rfind("default=keep;", 0), 0u) << all[0].dtype;
 }
 
+// Issue 17 item 3: an Infer the reply limit cannot carry is refused before it is queued, in
+// milliseconds, where the same request without the limit computes for seconds and replies 4
+// MiB (the negative control below). Batch and input-bytes limits likewise.
+TEST_F(ModelCacheTest, AnInferItCannotAffordIsRefusedBeforeComputing) {
+  ModelCache::Options options;
+  options.infer_limits.max_reply_bytes = 2 << 20;
+  ModelCache limited(options);
+  ASSERT_TRUE(LoadNow(limited, Spec("medium", "m")).ok());
+  const auto start = std::chrono::steady_clock::now();
+  absl::StatusOr<std::vector<WireTensor>> refused = InferNow(limited, "m", MlpInput(1024, 1024));
+  const double ms =
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+  EXPECT_TRUE(absl::IsResourceExhausted(refused.status())) << refused.status();
+  EXPECT_NE(refused.status().message().find("the reply would take 4.0 MiB"), std::string::npos)
+      << refused.status();
+  EXPECT_LT(ms, 100.0);
+  EXPECT_EQ(limited.Get("m")->infer_count, 0) << "it ran";
+  // Inside the limit it runs: the rule does not refuse what fits.
+  absl::StatusOr<std::vector<WireTensor>> small = InferNow(limited, "m", MlpInput(64, 1024));
+  ASSERT_TRUE(small.ok()) << small.status();
+  EXPECT_EQ(small->front().raw_data.size(), 64u * 1024 * 4);
+
+  ModelCache::Options per_input;
+  per_input.infer_limits.max_batch = 32;
+  per_input.infer_limits.max_input_bytes = 1 << 20;
+  ModelCache strict(per_input);
+  ASSERT_TRUE(LoadNow(strict, Spec("medium", "m")).ok());
+  absl::StatusOr<std::vector<WireTensor>> batch = InferNow(strict, "m", MlpInput(33, 16));
+  EXPECT_TRUE(absl::IsResourceExhausted(batch.status())) << batch.status();
+  EXPECT_NE(batch.status().message().find("a batch of 33; at most 32"), std::string::npos)
+      << batch.status();
+  absl::StatusOr<std::vector<WireTensor>> bytes = InferNow(strict, "m", MlpInput(32, 16384));
+  EXPECT_TRUE(absl::IsResourceExhausted(bytes.status())) << bytes.status();
+  EXPECT_NE(bytes.status().message().find("inputs of 2.0 MiB; at most 1.0 MiB"), std::string::npos)
+      << bytes.status();
+
+  // Negative control: without limits the 4 MiB request runs to the end.
+  ModelCache unlimited({});
+  ASSERT_TRUE(LoadNow(unlimited, Spec("medium", "m")).ok());
+  absl::StatusOr<std::vector<WireTensor>> ran = InferNow(unlimited, "m", MlpInput(1024, 1024));
+  ASSERT_TRUE(ran.ok()) << ran.status();
+  EXPECT_EQ(ran->front().raw_data.size(), 4u << 20);
+}
+
 }  // namespace
 }  // namespace metaload::cache
