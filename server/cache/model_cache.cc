@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <future>
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
@@ -49,14 +50,53 @@ std::string BoundedDtype(std::string described) {
   return described;
 }
 
+// Frees models off the cache's lock and off the callers' threads (gRPC's among them): a
+// model's last handle, wherever it drops, only queues the model here, and one thread frees it
+// and hands the pages back to the kernel (malloc_trim). Admission stops counting a model once
+// it is queued, so every load waits (Flush, on its load thread) for the frees queued before it
+// to finish before it allocates: the budget holds in real memory, not only in the books.
+// Thread-safe; destruction runs every queued free, then joins.
+class Releaser {
+ public:
+  explicit Releaser(CacheObserver* observer) : observer_(observer) {}
+
+  void Release(std::unique_ptr<models::Model> model, const std::string& device, int64_t bytes) {
+    if (!model) return;
+    std::shared_ptr<models::Model> doomed = std::move(model);  // the pool's tasks are copyable
+    pool_.Submit([observer = observer_, doomed = std::move(doomed), device, bytes]() mutable {
+      const auto start = Clock::now();
+      doomed.reset();
+      ::malloc_trim(0);
+      if (observer) {
+        observer->OnModelFreed(device, bytes,
+                               std::chrono::duration<double>(Clock::now() - start).count());
+      }
+    });
+  }
+
+  // Returns once every free queued before the call is done. Never call it on the release
+  // thread (an observer's OnModelFreed) or under the cache's lock.
+  void Flush() {
+    std::promise<void> done;
+    pool_.Submit([&done] { done.set_value(); });
+    done.get_future().wait();
+  }
+
+ private:
+  CacheObserver* const observer_;
+  core::ThreadPool pool_{1};
+};
+
 // One loaded model; shared by every model_id that names its key, and by running Infers.
 struct Loaded {
-  // Hand the freed pages back to the kernel at once: RAM that is never returned on model
-  // switches is the web UI users' top complaint about loaders.
+  // The last handle may drop under the cache's lock or on a gRPC thread: the model is freed
+  // (and the pages handed back to the kernel at once, since RAM that is never returned on
+  // model switches is the web UI users' top complaint about loaders) on the release thread.
   ~Loaded() {
-    model.reset();
-    ::malloc_trim(0);
+    if (releaser) releaser->Release(std::move(model), device, resident_bytes);
   }
+
+  std::shared_ptr<Releaser> releaser;
 
   std::string key, path, architecture, device, dtype;
   std::unique_ptr<models::Model> model;
@@ -122,6 +162,7 @@ struct ModelCache::Slot {
 
 ModelCache::ModelCache(Options options)
     : options_(std::move(options)),
+      releaser_(std::make_shared<Releaser>(options_.observer)),
       load_pool_(std::make_unique<core::ThreadPool>(options_.load_threads,
                                                     core::InitIntraOpThreadsForThisThread)),
       infer_pool_(std::make_unique<core::ThreadPool>(options_.infer_threads,
@@ -505,6 +546,9 @@ void ModelCache::RunFlight(std::shared_ptr<Flight> flight) {
       }
     }
     if (!status.ok()) break;
+    // The models evicted above, and any unloaded just before, are being freed: let them go
+    // before this load allocates (a checkpoint switch under a budget of one model).
+    releaser_->Flush();
 
     core::LoadOptions options;
     options.device = spec.device;
@@ -525,6 +569,7 @@ void ModelCache::RunFlight(std::shared_ptr<Flight> flight) {
     }
     report = *r;
     loaded = std::make_shared<Loaded>();
+    loaded->releaser = releaser_;
     loaded->key = flight->key;
     loaded->path = spec.display_path;
     loaded->architecture = model->architecture();

@@ -16,6 +16,10 @@
 //   memory.
 // - Loads run on a bounded pool, Infer on another, sha256 hashing on a third (in the
 //   background, after a load): none on the caller's thread.
+// - Frees: wherever a model's last handle drops (Unload and eviction, under the lock; an Infer
+//   that outlived an Unload), the model is only queued; one release thread frees it and trims
+//   the heap, never under the lock nor on a gRPC thread. A load waits for the frees queued
+//   before it to finish before it allocates, so the budget holds in real memory.
 // - No exception escapes: LibTorch and JSON calls run inside core::CatchExceptions (out of
 //   memory: RESOURCE_EXHAUSTED), and an Infer holds its model through an RAII handle, so no
 //   failure leaves a model counted as in use. Errors name the path as the caller gave it.
@@ -103,9 +107,12 @@ class CacheObserver {
   virtual void OnModelRemoved(const std::string& model_id) {}
   // A successful Infer, reported only while model_id still holds the model that ran it.
   virtual void OnInfer(const std::string& model_id, double seconds) {}
+  // A model's memory was freed and the heap trimmed, `seconds` it took; on the release thread.
+  virtual void OnModelFreed(const std::string& device, int64_t bytes, double seconds) {}
 };
 
 class LoadWaiter;
+class Releaser;
 struct Flight;
 struct Loaded;
 
@@ -165,6 +172,9 @@ class ModelCache {
   void StartHash(const std::shared_ptr<Loaded>& loaded);
 
   Options options_;
+  // Frees models on its own thread; declared before the models so that it outlives them all
+  // (the last of them queues its free here during ~ModelCache).
+  std::shared_ptr<Releaser> releaser_;
   mutable std::mutex mu_;
   std::map<std::string, std::unique_ptr<Slot>> slots_;      // guarded by mu_
   std::map<std::string, std::shared_ptr<Flight>> flights_;  // by key; guarded by mu_

@@ -707,5 +707,59 @@ TEST_F(ModelCacheTest, AnInferItCannotAffordIsRefusedBeforeComputing) {
   EXPECT_EQ(ran->front().raw_data.size(), 4u << 20);
 }
 
+// Issue 17 item 6c: freeing a model (hundreds of MiB and a malloc_trim) happens on the cache's
+// release thread, never on the caller's (a gRPC thread for Unload), nor on the load thread that
+// evicts it under the cache's lock. Before the fix both frees ran right there: the Unload
+// caller's thread, and the evicting load's thread inside the lock.
+class FreeObserver : public CacheObserver {
+ public:
+  void OnModelFreed(const std::string& device, int64_t bytes, double) override {
+    std::lock_guard<std::mutex> lock(mu);
+    frees.push_back({std::this_thread::get_id(), bytes});
+    cv.notify_all();
+  }
+  bool WaitForFrees(size_t n) {
+    std::unique_lock<std::mutex> lock(mu);
+    return cv.wait_for(lock, 30s, [&] { return frees.size() >= n; });
+  }
+  std::mutex mu;
+  std::condition_variable cv;
+  std::vector<std::pair<std::thread::id, int64_t>> frees;
+};
+
+TEST_F(ModelCacheTest, ModelsAreFreedOffTheCallersThreadAndOutsideTheLock) {
+  ASSERT_TRUE(SynthesizeMedium("free_b", 11));
+  FreeObserver observer;
+  ModelCache::Options options = OneMediumBudget();
+  options.observer = &observer;
+  ModelCache cache(options);
+
+  // Unload: returns at once, the model goes on another thread.
+  ASSERT_TRUE(LoadNow(cache, Spec("medium", "a")).ok());
+  const auto start = std::chrono::steady_clock::now();
+  ASSERT_TRUE(cache.Unload("a").ok());
+  const double unload_ms =
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+  ASSERT_TRUE(observer.WaitForFrees(1));
+  EXPECT_NE(observer.frees[0].first, std::this_thread::get_id()) << "freed on the Unload caller";
+  EXPECT_GT(observer.frees[0].second, 100 << 20);
+  EXPECT_LT(unload_ms, 20.0);
+
+  // Eviction: b needs a's room; a is freed, but not by b's load thread under the lock.
+  ASSERT_TRUE(LoadNow(cache, Spec("medium", "a")).ok());
+  std::thread::id load_thread;
+  std::promise<absl::StatusOr<LoadResult>> done;
+  cache.Load(
+      Spec("free_b", "b"),
+      [&](const LoadProgressEvent&) { load_thread = std::this_thread::get_id(); },
+      [&](absl::StatusOr<LoadResult> r) { done.set_value(std::move(r)); });
+  absl::StatusOr<LoadResult> b = done.get_future().get();
+  ASSERT_TRUE(b.ok()) << b.status();
+  ASSERT_TRUE(observer.WaitForFrees(2));
+  EXPECT_NE(observer.frees[1].first, load_thread) << "freed by the evicting load, under the lock";
+  EXPECT_NE(observer.frees[1].first, std::this_thread::get_id());
+  EXPECT_EQ(observer.frees[1].first, observer.frees[0].first) << "one release thread";
+}
+
 }  // namespace
 }  // namespace metaload::cache
