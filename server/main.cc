@@ -38,7 +38,12 @@ ABSL_FLAG(absl::Duration, shutdown_grace, absl::Seconds(10),
 ABSL_FLAG(std::string, tls_cert, "", "PEM server certificate (with --tls_key: serve TLS)");
 ABSL_FLAG(std::string, tls_key, "", "PEM server private key");
 ABSL_FLAG(std::string, tls_client_ca, "", "PEM CA for client certificates (mutual TLS)");
-ABSL_FLAG(int, max_message_bytes, 256 << 20, "Largest gRPC message accepted or sent, in bytes");
+ABSL_FLAG(int, max_message_bytes, 256 << 20,
+          "Largest gRPC message accepted or sent, in bytes; an Infer whose reply (from the "
+          "entry's output shapes) would be larger is RESOURCE_EXHAUSTED before computing");
+ABSL_FLAG(int64_t, max_infer_input_bytes, 0,
+          "Largest sum of one Infer's input tensor bytes; 0: only --max_message_bytes");
+ABSL_FLAG(int64_t, max_infer_batch, 0, "Largest first dimension of an Infer input; 0: none");
 ABSL_FLAG(std::string, log_level, "info", "debug, info, warning or error");
 ABSL_FLAG(std::string, memory_budget, "",
           "Per-device memory for models, e.g. cpu=8GiB,cuda:0=70GiB (cpu default: 80% of "
@@ -160,6 +165,8 @@ int main(int argc, char** argv) {
   options.tls_key_file = absl::GetFlag(FLAGS_tls_key);
   options.tls_client_ca_file = absl::GetFlag(FLAGS_tls_client_ca);
   options.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
+  options.max_infer_input_bytes = absl::GetFlag(FLAGS_max_infer_input_bytes);
+  options.max_infer_batch = absl::GetFlag(FLAGS_max_infer_batch);
   options.version = METALOAD_VERSION;
   options.load_threads = absl::GetFlag(FLAGS_load_threads);
   options.infer_threads = absl::GetFlag(FLAGS_infer_threads);

@@ -1,10 +1,13 @@
 #include "server/cache/model_cache.h"
 
 #include <ATen/ATen.h>
+#include <dirent.h>
 #include <malloc.h>
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <chrono>
+#include <future>
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
@@ -31,14 +34,69 @@ uint64_t NextUse() {
   return counter.fetch_add(1) + 1;
 }
 
+// ModelInfo.dtype carries at most this much of the policy's description, so one caller's
+// model cannot make ListModels too large for everyone (issue 17: three loads of 100,000
+// overrides did). The description is cut at an override's end and says how many are left out.
+constexpr size_t kMaxInfoDtypeBytes = 1024;
+
+std::string BoundedDtype(std::string described) {
+  if (described.size() <= kMaxInfoDtypeBytes) return described;
+  const size_t room = kMaxInfoDtypeBytes - 48;  // for the suffix
+  size_t cut = described.rfind(';', room);
+  if (cut == std::string::npos) cut = room;
+  const int64_t left_out = std::count(described.begin() + cut, described.end(), ';');
+  described.resize(cut);
+  absl::StrAppend(&described, ";...(", left_out, " more overrides; see the request)");
+  return described;
+}
+
+// Frees models off the cache's lock and off the callers' threads (gRPC's among them): a
+// model's last handle, wherever it drops, only queues the model here, and one thread frees it
+// and hands the pages back to the kernel (malloc_trim). Admission stops counting a model once
+// it is queued, so every load waits (Flush, on its load thread) for the frees queued before it
+// to finish before it allocates: the budget holds in real memory, not only in the books.
+// Thread-safe; destruction runs every queued free, then joins.
+class Releaser {
+ public:
+  explicit Releaser(CacheObserver* observer) : observer_(observer) {}
+
+  void Release(std::unique_ptr<models::Model> model, const std::string& device, int64_t bytes) {
+    if (!model) return;
+    std::shared_ptr<models::Model> doomed = std::move(model);  // the pool's tasks are copyable
+    pool_.Submit([observer = observer_, doomed = std::move(doomed), device, bytes]() mutable {
+      const auto start = Clock::now();
+      doomed.reset();
+      ::malloc_trim(0);
+      if (observer) {
+        observer->OnModelFreed(device, bytes,
+                               std::chrono::duration<double>(Clock::now() - start).count());
+      }
+    });
+  }
+
+  // Returns once every free queued before the call is done. Never call it on the release
+  // thread (an observer's OnModelFreed) or under the cache's lock.
+  void Flush() {
+    std::promise<void> done;
+    pool_.Submit([&done] { done.set_value(); });
+    done.get_future().wait();
+  }
+
+ private:
+  CacheObserver* const observer_;
+  core::ThreadPool pool_{1};
+};
+
 // One loaded model; shared by every model_id that names its key, and by running Infers.
 struct Loaded {
-  // Hand the freed pages back to the kernel at once: RAM that is never returned on model
-  // switches is the web UI users' top complaint about loaders.
+  // The last handle may drop under the cache's lock or on a gRPC thread: the model is freed
+  // (and the pages handed back to the kernel at once, since RAM that is never returned on
+  // model switches is the web UI users' top complaint about loaders) on the release thread.
   ~Loaded() {
-    model.reset();
-    ::malloc_trim(0);
+    if (releaser) releaser->Release(std::move(model), device, resident_bytes);
   }
+
+  std::shared_ptr<Releaser> releaser;
 
   std::string key, path, architecture, device, dtype;
   std::unique_ptr<models::Model> model;
@@ -104,6 +162,7 @@ struct ModelCache::Slot {
 
 ModelCache::ModelCache(Options options)
     : options_(std::move(options)),
+      releaser_(std::make_shared<Releaser>(options_.observer)),
       load_pool_(std::make_unique<core::ThreadPool>(options_.load_threads,
                                                     core::InitIntraOpThreadsForThisThread)),
       infer_pool_(std::make_unique<core::ThreadPool>(options_.infer_threads,
@@ -167,6 +226,61 @@ bool ModelCache::CancelWaiter(LoadWaiter* waiter) {
 
 namespace {
 
+// One file's identity: what changes when its bytes do. ctime too, since `touch -d` can put
+// mtime back but nothing can put ctime back.
+void AppendIdentity(const struct stat& st, std::string* out) {
+  absl::StrAppend(out, st.st_dev, ":", st.st_ino, ":", st.st_size, ":", st.st_mtim.tv_sec, ".",
+                  st.st_mtim.tv_nsec, ":", st.st_ctim.tv_sec, ".", st.st_ctim.tv_nsec);
+}
+
+// Directories are walked this deep (a diffusers layout keeps its networks one level down) and
+// at most this many entries are looked at; past it the key is unique to this call, so a
+// directory that large is never a cache hit rather than a stale one.
+constexpr int kMaxIdentityDepth = 2;
+constexpr int kMaxIdentityEntries = 4096;
+
+void AppendTreeIdentity(const std::string& dir, int depth, int* budget, std::string* out) {
+  std::vector<std::string> names;
+  if (DIR* d = ::opendir(dir.c_str())) {
+    while (struct dirent* e = ::readdir(d)) {
+      const std::string name = e->d_name;
+      if (name == "." || name == "..") continue;
+      if (--*budget < 0) break;
+      names.push_back(name);
+    }
+    ::closedir(d);
+  }
+  std::sort(names.begin(), names.end());
+  for (const std::string& name : names) {
+    const std::string path = absl::StrCat(dir, "/", name);
+    struct stat st;
+    if (::stat(path.c_str(), &st) != 0) continue;
+    if (S_ISDIR(st.st_mode)) {
+      if (depth + 1 < kMaxIdentityDepth) {
+        absl::StrAppend(out, "|", name, "/");
+        AppendTreeIdentity(path, depth + 1, budget, out);
+      }
+    } else if (S_ISREG(st.st_mode)) {
+      absl::StrAppend(out, "|", name, "=");
+      AppendIdentity(st, out);
+    }
+  }
+}
+
+// The identity part of the cache key. A Hugging Face directory is keyed by every file in it
+// (each shard, the index, config.json): its own stat does not change when a shard is
+// rewritten in place (issue 17: a stale cache hit on the old weights).
+std::string FileIdentityKey(const std::string& path, const struct stat& st) {
+  std::string key;
+  AppendIdentity(st, &key);
+  if (S_ISDIR(st.st_mode)) {
+    int budget = kMaxIdentityEntries;
+    AppendTreeIdentity(path, 0, &budget, &key);
+    if (budget < 0) absl::StrAppend(&key, "|uncacheable:", NextUse());
+  }
+  return key;
+}
+
 // "compute=default" or "compute=bfloat16;vae_decode=float32" (by_entry is ordered).
 std::string ComputeKey(const models::ComputeChoice& compute) {
   std::string key =
@@ -208,8 +322,8 @@ std::shared_ptr<LoadWaiter> ModelCache::Load(const LoadSpec& spec, ProgressFn pr
   LoadSpec canonical = spec;
   canonical.device = device->str();
   const std::string key = absl::StrCat(
-      spec.path, "|", st.st_size, "|", st.st_mtim.tv_sec, ".", st.st_mtim.tv_nsec, "|",
-      spec.architecture, "|", canonical.device, "|",
+      spec.path, "|", FileIdentityKey(spec.path, st), "|", spec.architecture, "|", canonical.device,
+      "|",
       // "" means the architecture's default dtypes, "keep" the file's: different models.
       spec.dtype.empty() && spec.dtype_overrides.empty() ? "default" : policy->Describe(), "|",
       ComputeKey(spec.compute), "|", spec.zero_copy ? "zero_copy" : "copy",
@@ -228,14 +342,16 @@ std::shared_ptr<LoadWaiter> ModelCache::Load(const LoadSpec& spec, ProgressFn pr
     waiter->Finish(std::move(result));
     return waiter;
   }
-  if (slot->pending && slot->pending->key == key) {
+  // A flight whose callers all left is being torn down: a newcomer never joins it (it would get
+  // their CANCELLED), it starts a load of its own below.
+  if (slot->pending && slot->pending->key == key && !slot->pending->cancel.load()) {
     slot->pending->waiters.push_back(waiter);
     waiter->flight_ = slot->pending;
     lock.unlock();
     if (options_.observer) options_.observer->OnCacheRequest("coalesced");
     return waiter;
   }
-  if (slot->pending) {
+  if (slot->pending && !slot->pending->cancel.load()) {
     // Copied under the lock: once it is released, Unload may erase the slot.
     const std::string other = slot->pending->spec.display_path;
     lock.unlock();
@@ -267,7 +383,7 @@ std::shared_ptr<LoadWaiter> ModelCache::Load(const LoadSpec& spec, ProgressFn pr
     }
   }
   auto existing = flights_.find(key);
-  if (existing != flights_.end()) {
+  if (existing != flights_.end() && !existing->second->cancel.load()) {
     existing->second->waiters.push_back(waiter);
     waiter->flight_ = existing->second;
     slot->pending = existing->second;
@@ -430,6 +546,9 @@ void ModelCache::RunFlight(std::shared_ptr<Flight> flight) {
       }
     }
     if (!status.ok()) break;
+    // The models evicted above, and any unloaded just before, are being freed: let them go
+    // before this load allocates (a checkpoint switch under a budget of one model).
+    releaser_->Flush();
 
     core::LoadOptions options;
     options.device = spec.device;
@@ -450,11 +569,12 @@ void ModelCache::RunFlight(std::shared_ptr<Flight> flight) {
     }
     report = *r;
     loaded = std::make_shared<Loaded>();
+    loaded->releaser = releaser_;
     loaded->key = flight->key;
     loaded->path = spec.display_path;
     loaded->architecture = model->architecture();
     loaded->device = spec.device;
-    loaded->dtype = !dtypes.overrides.empty() ? policy->Describe()
+    loaded->dtype = !dtypes.overrides.empty() ? BoundedDtype(policy->Describe())
                     : dtypes.dtype.empty()    ? "keep"
                                               : dtypes.dtype;
     loaded->files = (*source)->index().files;
@@ -485,7 +605,9 @@ void ModelCache::RunFlight(std::shared_ptr<Flight> flight) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     reserved_[spec.device] -= reserved;
-    flights_.erase(flight->key);
+    // A newer flight of the same key may have taken the place of this cancelled one.
+    auto mine = flights_.find(flight->key);
+    if (mine != flights_.end() && mine->second == flight) flights_.erase(mine);
     if (loaded) alive_.push_back(loaded);
     for (const auto& w : flight->waiters) {
       auto it = slots_.find(w->model_id_);
@@ -603,7 +725,7 @@ absl::StatusOr<ModelInfo> ModelCache::Get(const std::string& model_id) const {
   if (!spec.dtype_overrides.empty()) {
     absl::StatusOr<core::DtypePolicy> policy =
         core::DtypePolicy::Create(spec.dtype, spec.dtype_overrides);  // validated by Load
-    info.dtype = policy.ok() ? policy->Describe() : spec.dtype;
+    info.dtype = policy.ok() ? BoundedDtype(policy->Describe()) : spec.dtype;
   } else {
     info.dtype = spec.dtype.empty() ? "default" : spec.dtype;
   }
@@ -678,6 +800,15 @@ void ModelCache::Infer(const std::string& model_id, const std::string& entry,
   if (!held) {
     done(absl::NotFoundError(
         absl::StrCat("model_id '", model_id, "' is not loaded (or still loading)")));
+    return;
+  }
+  // Refused before it is queued, let alone computed: entries are immutable once loaded.
+  if (absl::Status affordable =
+          CheckInferAffordable(held->get()->entries, entry, inputs, options_.infer_limits);
+      !affordable.ok()) {
+    held->Release();
+    done(absl::Status(affordable.code(),
+                      absl::StrCat("model_id '", model_id, "': ", affordable.message())));
     return;
   }
   infer_pool_->Submit([this, held, entry, inputs = std::move(inputs), typed_outputs,

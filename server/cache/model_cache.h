@@ -1,8 +1,10 @@
 // ModelCache: the loaded models, by model_id, as ref-counted handles.
 //
-// - Single flight: loads are keyed by (resolved path, file identity: size + mtime,
-//   architecture, device, dtype policy, zero_copy). Identical concurrent loads share one; each
-//   caller holds a LoadWaiter, and the load is aborted only when every waiter has cancelled.
+// - Single flight: loads are keyed by (resolved path, file identity, architecture, device,
+//   dtype policy, zero_copy). The identity is the device, inode, size, mtime and ctime of the
+//   file, or of every file of a directory (two levels deep): a shard rewritten in place is a
+//   new key. Identical concurrent loads share one; each caller holds a LoadWaiter, and the
+//   load is aborted only when every waiter has cancelled.
 // - A model_id names one key. Loading a different key under a used id is ALREADY_EXISTS unless
 //   `replace`: then the new load runs in the background and is swapped in atomically once READY
 //   (the old model serves until then, and is freed when its last user is done).
@@ -14,6 +16,10 @@
 //   memory.
 // - Loads run on a bounded pool, Infer on another, sha256 hashing on a third (in the
 //   background, after a load): none on the caller's thread.
+// - Frees: wherever a model's last handle drops (Unload and eviction, under the lock; an Infer
+//   that outlived an Unload), the model is only queued; one release thread frees it and trims
+//   the heap, never under the lock nor on a gRPC thread. A load waits for the frees queued
+//   before it to finish before it allocates, so the budget holds in real memory.
 // - No exception escapes: LibTorch and JSON calls run inside core::CatchExceptions (out of
 //   memory: RESOURCE_EXHAUSTED), and an Infer holds its model through an RAII handle, so no
 //   failure leaves a model counted as in use. Errors name the path as the caller gave it.
@@ -32,6 +38,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "server/cache/infer_limits.h"
 #include "server/cache/wire_tensor.h"
 #include "server/models/entry_spec.h"
 
@@ -100,9 +107,12 @@ class CacheObserver {
   virtual void OnModelRemoved(const std::string& model_id) {}
   // A successful Infer, reported only while model_id still holds the model that ran it.
   virtual void OnInfer(const std::string& model_id, double seconds) {}
+  // A model's memory was freed and the heap trimmed, `seconds` it took; on the release thread.
+  virtual void OnModelFreed(const std::string& device, int64_t bytes, double seconds) {}
 };
 
 class LoadWaiter;
+class Releaser;
 struct Flight;
 struct Loaded;
 
@@ -122,6 +132,9 @@ class ModelCache {
     // TorchScript archives are programs: loading one runs the file's code (and every Infer runs
     // its forward). false: FAILED_PRECONDITION naming the file, whatever it is called.
     bool allow_torchscript = false;
+    // What one Infer may cost, checked before it is queued (infer_limits.h states the rule);
+    // over a limit: RESOURCE_EXHAUSTED without computing. Default: no limits.
+    InferLimits infer_limits;
   };
 
   using ProgressFn = std::function<void(const LoadProgressEvent&)>;
@@ -159,6 +172,9 @@ class ModelCache {
   void StartHash(const std::shared_ptr<Loaded>& loaded);
 
   Options options_;
+  // Frees models on its own thread; declared before the models so that it outlives them all
+  // (the last of them queues its free here during ~ModelCache).
+  std::shared_ptr<Releaser> releaser_;
   mutable std::mutex mu_;
   std::map<std::string, std::unique_ptr<Slot>> slots_;      // guarded by mu_
   std::map<std::string, std::shared_ptr<Flight>> flights_;  // by key; guarded by mu_

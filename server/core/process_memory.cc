@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <string>
 
 #include "absl/status/status.h"
@@ -72,7 +73,28 @@ int64_t CountOpenFds() {
   return count - 1;  // the descriptor opendir itself holds
 }
 
+namespace {
+// Highest VmHWM erased by a reset; a racing reset may keep a slightly older mark, never a
+// larger one than was reached.
+std::atomic<int64_t> erased_peak{0};
+
+void FoldPeak(int64_t peak) {
+  int64_t seen = erased_peak.load();
+  while (peak > seen && !erased_peak.compare_exchange_weak(seen, peak)) {
+  }
+}
+}  // namespace
+
+int64_t ProcessPeakRssBytes() {
+  absl::StatusOr<ProcessMemory> now = ReadProcessMemory();
+  if (now.ok()) FoldPeak(now->peak_rss_bytes);
+  return erased_peak.load();
+}
+
 bool ResetPeakRss() {
+  if (absl::StatusOr<ProcessMemory> now = ReadProcessMemory(); now.ok()) {
+    FoldPeak(now->peak_rss_bytes);
+  }
   int fd = ::open("/proc/self/clear_refs", O_WRONLY | O_CLOEXEC);
   if (fd < 0) return false;
   bool ok = ::write(fd, "5", 1) == 1;

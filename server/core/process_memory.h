@@ -28,8 +28,13 @@ int64_t CountOpenFds();
 
 // Resets the kernel's high-water mark (VmHWM) to the current RSS by writing "5" to
 // /proc/self/clear_refs, so a load can measure its own peak. Returns false where the kernel
-// refuses (then callers fall back to sampling).
+// refuses (then callers fall back to sampling). The mark it erases is kept first (see below).
 bool ResetPeakRss();
+
+// The highest RSS since the process started, across every ResetPeakRss: the larger of the
+// current VmHWM and each VmHWM a reset erased. (VmHWM alone is only the peak since the last
+// load began: issue 17 found metaload_process_peak_rss_bytes wrong after the first load.)
+int64_t ProcessPeakRssBytes();
 
 }  // namespace metaload::core
 

@@ -97,7 +97,11 @@ LoaderMetrics::LoaderMetrics(std::shared_ptr<prometheus::Registry> registry)
   peak_host_ =
       &prometheus::BuildGauge()
            .Name("metaload_load_peak_host_bytes")
-           .Help("High-water RSS above the pre-load baseline during the model's last load.")
+           .Help(
+               "High-water RSS above the pre-load baseline during the model's last load. "
+               "Loads share one process: a load that overlaps others also counts what they "
+               "allocated meanwhile, and may read low when a load starting after it resets "
+               "the kernel's high-water mark (exact for loads that run alone).")
            .Register(r);
   peak_device_ = &prometheus::BuildGauge()
                       .Name("metaload_load_peak_device_bytes")

@@ -23,8 +23,9 @@ class ProcessCollector : public prometheus::Collectable {
     absl::StatusOr<core::ProcessMemory> mem = core::ReadProcessMemory();
     if (mem.ok()) {
       out.push_back(Gauge("metaload_process_peak_rss_bytes",
-                          "Highest resident set size of the daemon since it started (VmHWM).",
-                          static_cast<double>(mem->peak_rss_bytes)));
+                          "Highest resident set size of the daemon since it started (the "
+                          "kernel's VmHWM, kept across the resets each load makes).",
+                          static_cast<double>(core::ProcessPeakRssBytes())));
       out.push_back(Gauge("metaload_process_resident_bytes",
                           "Current resident set size of the daemon (VmRSS).",
                           static_cast<double>(mem->rss_bytes)));

@@ -145,6 +145,11 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(Options options) {
         absl::StrCat("--max_message_bytes=", options.max_message_bytes, ": must be at least ",
                      kMinMessageBytes, " (64 KiB; a smaller limit refuses every real request)"));
   }
+  if (options.max_infer_input_bytes < 0 || options.max_infer_batch < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--max_infer_input_bytes=", options.max_infer_input_bytes,
+        " --max_infer_batch=", options.max_infer_batch, ": must be 0 (no limit) or positive"));
+  }
   absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> creds = MakeCredentials(options);
   if (!creds.ok()) return creds.status();
 
@@ -194,6 +199,9 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(Options options) {
   cache_options.infer_threads = std::max(1, o.infer_threads);
   cache_options.checksums = daemon->checksums_.get();
   cache_options.model_roots = o.model_roots;
+  cache_options.infer_limits.max_reply_bytes = o.max_message_bytes;
+  cache_options.infer_limits.max_input_bytes = o.max_infer_input_bytes;
+  cache_options.infer_limits.max_batch = o.max_infer_batch;
   cache_options.allow_torchscript = o.allow_torchscript;
   cache_options.observer = daemon->loader_metrics_.get();
   for (const auto& [device, bytes] : cache_options.budgets) {

@@ -58,8 +58,13 @@ class Daemon {
     std::string tls_key_file;
     // PEM CA that client certificates must chain to; set: mutual TLS is required.
     std::string tls_client_ca_file;
-    // Largest request or response message, in bytes.
+    // Largest request or response message, in bytes. Also the largest reply an Infer may
+    // promise (cache::InferLimits): bigger ones are refused before computing.
     int max_message_bytes = 256 << 20;
+    // Largest sum of one Infer's input tensor bytes; 0: only max_message_bytes.
+    int64_t max_infer_input_bytes = 0;
+    // Largest first dimension (batch) of any Infer input; 0: none.
+    int64_t max_infer_batch = 0;
     // Exported as metaload_build_info{version}.
     std::string version = "dev";
     // Device -> bytes ("cpu" defaults to 80% of MemAvailable at start).

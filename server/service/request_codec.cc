@@ -30,7 +30,74 @@ absl::StatusOr<core::DType> ParseComputeDtype(const std::string& field, const st
   return *dtype;
 }
 
+absl::Status TooLong(absl::string_view field, size_t size, size_t limit) {
+  return absl::InvalidArgumentError(absl::StrCat(field, ": ", size, " bytes; at most ", limit));
+}
+
 }  // namespace
+
+absl::Status CheckLoadRequestLimits(const metaload::v1::LoadModelRequest& r,
+                                    const LoadRequestLimits& l) {
+  if (r.model_id().size() > l.max_model_id_bytes) {
+    return TooLong("model_id", r.model_id().size(), l.max_model_id_bytes);
+  }
+  if (r.path().size() > l.max_path_bytes) return TooLong("path", r.path().size(), l.max_path_bytes);
+  if (r.architecture().size() > l.max_architecture_bytes) {
+    return TooLong("architecture", r.architecture().size(), l.max_architecture_bytes);
+  }
+  if (r.device().size() > l.max_device_bytes) {
+    return TooLong("device", r.device().size(), l.max_device_bytes);
+  }
+  if (r.dtype().size() > l.max_dtype_bytes) {
+    return TooLong("dtype", r.dtype().size(), l.max_dtype_bytes);
+  }
+  if (r.compute_dtype().size() > l.max_dtype_bytes) {
+    return TooLong("compute_dtype", r.compute_dtype().size(), l.max_dtype_bytes);
+  }
+  // Counts first: a flood is refused without walking it.
+  const size_t n = static_cast<size_t>(r.dtype_overrides().size());
+  if (n > l.max_dtype_overrides) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("dtype_overrides: ", n, " entries; at most ", l.max_dtype_overrides));
+  }
+  size_t total = 0;
+  for (const auto& [key, value] : r.dtype_overrides()) {
+    if (key.size() > l.max_dtype_override_key_bytes) {
+      return absl::InvalidArgumentError(absl::StrCat("dtype_overrides: a key of ", key.size(),
+                                                     " bytes; at most ",
+                                                     l.max_dtype_override_key_bytes));
+    }
+    if (value.size() > l.max_dtype_override_value_bytes) {
+      return absl::InvalidArgumentError(absl::StrCat("dtype_overrides['", key, "']: a value of ",
+                                                     value.size(), " bytes; at most ",
+                                                     l.max_dtype_override_value_bytes));
+    }
+    total += key.size() + value.size();
+  }
+  if (total > l.max_dtype_overrides_total_bytes) {
+    return absl::InvalidArgumentError(absl::StrCat("dtype_overrides: ", total,
+                                                   " bytes of keys and values; at most ",
+                                                   l.max_dtype_overrides_total_bytes));
+  }
+  const size_t m = static_cast<size_t>(r.compute_dtype_overrides().size());
+  if (m > l.max_compute_dtype_overrides) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "compute_dtype_overrides: ", m, " entries; at most ", l.max_compute_dtype_overrides));
+  }
+  for (const auto& [key, value] : r.compute_dtype_overrides()) {
+    if (key.size() > l.max_compute_dtype_override_key_bytes) {
+      return absl::InvalidArgumentError(absl::StrCat("compute_dtype_overrides: a key of ",
+                                                     key.size(), " bytes; at most ",
+                                                     l.max_compute_dtype_override_key_bytes));
+    }
+    if (value.size() > l.max_dtype_bytes) {
+      return absl::InvalidArgumentError(absl::StrCat("compute_dtype_overrides['", key,
+                                                     "']: a value of ", value.size(),
+                                                     " bytes; at most ", l.max_dtype_bytes));
+    }
+  }
+  return absl::OkStatus();
+}
 
 cache::WireTensor FromProto(metaload::v1::Tensor* t) {
   cache::WireTensor w;
@@ -53,7 +120,9 @@ void ToProto(cache::WireTensor* w, metaload::v1::Tensor* out) {
 }
 
 absl::StatusOr<cache::LoadSpec> MakeLoadSpec(const metaload::v1::LoadModelRequest& request,
-                                             const PathResolver& resolver) {
+                                             const PathResolver& resolver,
+                                             const LoadRequestLimits& limits) {
+  if (absl::Status s = CheckLoadRequestLimits(request, limits); !s.ok()) return s;
   cache::LoadSpec spec;
   if (request.path().empty()) return absl::InvalidArgumentError("path is empty");
   if (!request.dtype().empty() && request.dtype() != "keep" && request.dtype() != "float32" &&
@@ -84,8 +153,8 @@ absl::StatusOr<cache::LoadSpec> MakeLoadSpec(const metaload::v1::LoadModelReques
   if (!path.ok()) return path.status();
   spec.model_id =
       request.model_id().empty() ? PathResolver::Stem(request.path()) : request.model_id();
-  if (spec.model_id.size() > 256) {
-    return absl::InvalidArgumentError("model_id is longer than 256 bytes");
+  if (spec.model_id.size() > limits.max_model_id_bytes) {  // a stem of a long path
+    return TooLong("model_id (the path's stem)", spec.model_id.size(), limits.max_model_id_bytes);
   }
   for (unsigned char c : spec.model_id) {
     if (c < 0x20 || c == 0x7f) {

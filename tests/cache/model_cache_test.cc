@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <gtest/gtest.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <condition_variable>
@@ -15,6 +16,7 @@
 #include <thread>
 #include <utility>
 
+#include "absl/strings/str_cat.h"
 #include "server/core/process_memory.h"
 #include "server/models/synth.h"
 #include "tests/test_util.h"
@@ -564,6 +566,199 @@ TEST_F(ModelCacheTest, OutOfMemoryInAForwardIsResourceExhausted) {
   absl::StatusOr<LoadResult> other = LoadNow(cache, Spec("oom_other", "o"));
   ASSERT_TRUE(other.ok()) << other.status();
   EXPECT_TRUE(absl::IsNotFound(cache.Get("s").status()));
+}
+
+// Issue 17 item 6a: a caller that joins an identical load whose earlier callers have all
+// cancelled gets a load of its own, not their CANCELLED. Before the fix it joined the dying
+// flight (the web UI's "cancel, then load again" 15 ms later: CANCELLED 6 of 6 runs).
+TEST_F(ModelCacheTest, JoiningALoadEveryoneLeftStartsAFreshOne) {
+  CountingObserver observer;
+  ModelCache::Options options;
+  options.observer = &observer;
+  ModelCache cache(options);
+  for (int run = 0; run < 3; ++run) {
+    SCOPED_TRACE(run);
+    const std::string id = absl::StrCat("m", run);
+    std::promise<void> reading;
+    std::atomic<bool> told{false};
+    auto first = cache.Load(
+        Spec("medium", id),
+        [&](const LoadProgressEvent& e) {
+          if (e.phase == "read" && !told.exchange(true)) reading.set_value();
+        },
+        [](absl::StatusOr<LoadResult>) {});
+    reading.get_future().wait();
+    ASSERT_TRUE(first->Cancel());
+    absl::StatusOr<LoadResult> second = LoadNow(cache, Spec("medium", id));
+    ASSERT_TRUE(second.ok()) << second.status();
+    EXPECT_EQ(second->model.state, "READY");
+    ASSERT_TRUE(cache.Unload(id).ok());
+  }
+}
+
+// Issue 17 item 6b: a Hugging Face directory is keyed by every file in it, not by the
+// directory's own stat: a shard rewritten in place (same size, the directory untouched) is a new
+// model, never a cache hit on the old weights. Before the fix: cache_hit true, stale weights.
+TEST_F(ModelCacheTest, AShardRewrittenInPlaceIsNotACacheHit) {
+  const std::filesystem::path dir = *dir_ / "rewritten";
+  std::filesystem::remove_all(dir);
+  models::SynthOptions a;
+  a.shards = 2;
+  a.preset = "small";
+  ASSERT_TRUE(models::Synthesize(a, dir).ok());
+  models::SynthOptions b = a;
+  b.seed = 7;
+  ASSERT_TRUE(models::Synthesize(b, *dir_ / "rewritten_b").ok());
+  struct stat dir_before;
+  ASSERT_EQ(::stat(dir.c_str(), &dir_before), 0);
+
+  ModelCache cache({});
+  absl::StatusOr<LoadResult> old_load = LoadNow(cache, Spec("rewritten", "old"));
+  ASSERT_TRUE(old_load.ok()) << old_load.status();
+  EXPECT_FALSE(old_load->cache_hit);
+
+  // Overwrite one shard's bytes in place with the other seed's (same layout, same size).
+  std::string shard;
+  for (const auto& e : std::filesystem::directory_iterator(dir)) {
+    const std::string name = e.path().filename();
+    if (name.find("-of-") != std::string::npos) shard = name;
+  }
+  ASSERT_FALSE(shard.empty());
+  std::ifstream in(std::filesystem::path(*dir_ / "rewritten_b") / shard, std::ios::binary);
+  const std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  ASSERT_EQ(bytes.size(), std::filesystem::file_size(dir / shard));
+  const int fd = ::open((dir / shard).c_str(), O_WRONLY);
+  ASSERT_GE(fd, 0);
+  ASSERT_EQ(::pwrite(fd, bytes.data(), bytes.size(), 0), static_cast<ssize_t>(bytes.size()));
+  ::close(fd);
+  struct stat dir_after;
+  ASSERT_EQ(::stat(dir.c_str(), &dir_after), 0);
+  ASSERT_EQ(dir_after.st_mtim.tv_nsec, dir_before.st_mtim.tv_nsec) << "the directory changed";
+
+  absl::StatusOr<LoadResult> new_load = LoadNow(cache, Spec("rewritten", "new"));
+  ASSERT_TRUE(new_load.ok()) << new_load.status();
+  EXPECT_FALSE(new_load->cache_hit) << "a stale cache hit on the old weights";
+  // The same id asking again is a different model now: replace it, or ALREADY_EXISTS.
+  absl::StatusOr<LoadResult> same_id = LoadNow(cache, Spec("rewritten", "old"));
+  EXPECT_TRUE(absl::IsAlreadyExists(same_id.status())) << same_id.status();
+}
+
+// Issue 17 item 3: what one caller's model puts in every ListModels reply is bounded. 1024
+// overrides of 60-byte prefixes (inside the request limits) describe themselves in ~64 KiB;
+// ModelInfo.dtype carries at most 1 KiB of it, while loading and once READY. Before: 64,519
+// bytes in each, for every caller of ListModels.
+TEST_F(ModelCacheTest, AModelInfoCarriesAtMostAKibibyteOfDtypes) {
+  ModelCache cache({});
+  LoadSpec spec = Spec("tiny", "many");
+  for (int i = 0; i < 1024; ++i) {
+    spec.dtype_overrides[absl::StrCat(std::string(56, 'p'), i)] = "bfloat16";
+  }
+  absl::StatusOr<LoadResult> r = LoadNow(cache, spec);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_LE(r->model.dtype.size(), 1024u);
+  EXPECT_NE(r->model.dtype.find("more overrides"), std::string::npos) << r->model.dtype;
+  std::vector<ModelInfo> all = cache.List();
+  ASSERT_EQ(all.size(), 1u);
+  EXPECT_LE(all[0].dtype.size(), 1024u);
+  EXPECT_EQ(all[0].dtype.rfind("default=keep;", 0), 0u) << all[0].dtype;
+}
+
+// Issue 17 item 3: an Infer the reply limit cannot carry is refused before it is queued, in
+// milliseconds, where the same request without the limit computes for seconds and replies 4
+// MiB (the negative control below). Batch and input-bytes limits likewise.
+TEST_F(ModelCacheTest, AnInferItCannotAffordIsRefusedBeforeComputing) {
+  ModelCache::Options options;
+  options.infer_limits.max_reply_bytes = 2 << 20;
+  ModelCache limited(options);
+  ASSERT_TRUE(LoadNow(limited, Spec("medium", "m")).ok());
+  const auto start = std::chrono::steady_clock::now();
+  absl::StatusOr<std::vector<WireTensor>> refused = InferNow(limited, "m", MlpInput(1024, 1024));
+  const double ms =
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+  EXPECT_TRUE(absl::IsResourceExhausted(refused.status())) << refused.status();
+  EXPECT_NE(refused.status().message().find("the reply would take 4.0 MiB"), std::string::npos)
+      << refused.status();
+  EXPECT_LT(ms, 100.0);
+  EXPECT_EQ(limited.Get("m")->infer_count, 0) << "it ran";
+  // Inside the limit it runs: the rule does not refuse what fits.
+  absl::StatusOr<std::vector<WireTensor>> small = InferNow(limited, "m", MlpInput(64, 1024));
+  ASSERT_TRUE(small.ok()) << small.status();
+  EXPECT_EQ(small->front().raw_data.size(), 64u * 1024 * 4);
+
+  ModelCache::Options per_input;
+  per_input.infer_limits.max_batch = 32;
+  per_input.infer_limits.max_input_bytes = 1 << 20;
+  ModelCache strict(per_input);
+  ASSERT_TRUE(LoadNow(strict, Spec("medium", "m")).ok());
+  absl::StatusOr<std::vector<WireTensor>> batch = InferNow(strict, "m", MlpInput(33, 16));
+  EXPECT_TRUE(absl::IsResourceExhausted(batch.status())) << batch.status();
+  EXPECT_NE(batch.status().message().find("a batch of 33; at most 32"), std::string::npos)
+      << batch.status();
+  absl::StatusOr<std::vector<WireTensor>> bytes = InferNow(strict, "m", MlpInput(32, 16384));
+  EXPECT_TRUE(absl::IsResourceExhausted(bytes.status())) << bytes.status();
+  EXPECT_NE(bytes.status().message().find("inputs of 2.0 MiB; at most 1.0 MiB"), std::string::npos)
+      << bytes.status();
+
+  // Negative control: without limits the 4 MiB request runs to the end.
+  ModelCache unlimited({});
+  ASSERT_TRUE(LoadNow(unlimited, Spec("medium", "m")).ok());
+  absl::StatusOr<std::vector<WireTensor>> ran = InferNow(unlimited, "m", MlpInput(1024, 1024));
+  ASSERT_TRUE(ran.ok()) << ran.status();
+  EXPECT_EQ(ran->front().raw_data.size(), 4u << 20);
+}
+
+// Issue 17 item 6c: freeing a model (hundreds of MiB and a malloc_trim) happens on the cache's
+// release thread, never on the caller's (a gRPC thread for Unload), nor on the load thread that
+// evicts it under the cache's lock. Before the fix both frees ran right there: the Unload
+// caller's thread, and the evicting load's thread inside the lock.
+class FreeObserver : public CacheObserver {
+ public:
+  void OnModelFreed(const std::string& device, int64_t bytes, double) override {
+    std::lock_guard<std::mutex> lock(mu);
+    frees.push_back({std::this_thread::get_id(), bytes});
+    cv.notify_all();
+  }
+  bool WaitForFrees(size_t n) {
+    std::unique_lock<std::mutex> lock(mu);
+    return cv.wait_for(lock, 30s, [&] { return frees.size() >= n; });
+  }
+  std::mutex mu;
+  std::condition_variable cv;
+  std::vector<std::pair<std::thread::id, int64_t>> frees;
+};
+
+TEST_F(ModelCacheTest, ModelsAreFreedOffTheCallersThreadAndOutsideTheLock) {
+  ASSERT_TRUE(SynthesizeMedium("free_b", 11));
+  FreeObserver observer;
+  ModelCache::Options options = OneMediumBudget();
+  options.observer = &observer;
+  ModelCache cache(options);
+
+  // Unload: returns at once, the model goes on another thread.
+  ASSERT_TRUE(LoadNow(cache, Spec("medium", "a")).ok());
+  const auto start = std::chrono::steady_clock::now();
+  ASSERT_TRUE(cache.Unload("a").ok());
+  const double unload_ms =
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+  ASSERT_TRUE(observer.WaitForFrees(1));
+  EXPECT_NE(observer.frees[0].first, std::this_thread::get_id()) << "freed on the Unload caller";
+  EXPECT_GT(observer.frees[0].second, 100 << 20);
+  EXPECT_LT(unload_ms, 20.0);
+
+  // Eviction: b needs a's room; a is freed, but not by b's load thread under the lock.
+  ASSERT_TRUE(LoadNow(cache, Spec("medium", "a")).ok());
+  std::thread::id load_thread;
+  std::promise<absl::StatusOr<LoadResult>> done;
+  cache.Load(
+      Spec("free_b", "b"),
+      [&](const LoadProgressEvent&) { load_thread = std::this_thread::get_id(); },
+      [&](absl::StatusOr<LoadResult> r) { done.set_value(std::move(r)); });
+  absl::StatusOr<LoadResult> b = done.get_future().get();
+  ASSERT_TRUE(b.ok()) << b.status();
+  ASSERT_TRUE(observer.WaitForFrees(2));
+  EXPECT_NE(observer.frees[1].first, load_thread) << "freed by the evicting load, under the lock";
+  EXPECT_NE(observer.frees[1].first, std::this_thread::get_id());
+  EXPECT_EQ(observer.frees[1].first, observer.frees[0].first) << "one release thread";
 }
 
 }  // namespace

@@ -55,5 +55,25 @@ TEST(ProcessMemoryTest, CountsOpenFds) {
   EXPECT_EQ(CountOpenFds(), before);
 }
 
+// Issue 17 item 6d: each load resets the kernel's VmHWM, so VmHWM alone (what
+// metaload_process_peak_rss_bytes showed) forgot every peak before the last load began.
+// ProcessPeakRssBytes keeps them: a 128 MiB peak erased by a reset is still reported.
+TEST(ProcessMemoryTest, TheProcessPeakSurvivesAResetOfTheHighWaterMark) {
+  absl::StatusOr<ProcessMemory> before = ReadProcessMemory();
+  ASSERT_TRUE(before.ok()) << before.status();
+  constexpr size_t kBytes = 128 << 20;
+  {
+    std::unique_ptr<char[]> block(new char[kBytes]);
+    std::memset(block.get(), 1, kBytes);
+    ASSERT_EQ(block[kBytes - 1], 1);
+  }  // freed: glibc returns a block this large to the kernel at once
+  const int64_t peak = ReadProcessMemory()->peak_rss_bytes;
+  ASSERT_GE(peak - before->rss_bytes, 120 << 20);
+  if (!ResetPeakRss()) GTEST_SKIP() << "the kernel refuses clear_refs here";
+  // What the gauge showed before the fix: the mark since the reset, 128 MiB short.
+  EXPECT_LT(ReadProcessMemory()->peak_rss_bytes, peak - (100 << 20));
+  EXPECT_GE(ProcessPeakRssBytes(), peak);
+}
+
 }  // namespace
 }  // namespace metaload::core

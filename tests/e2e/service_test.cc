@@ -399,7 +399,7 @@ TEST_F(ServiceTest, ErrorTable) {
       {"NUL byte", [](auto* r) { r->set_path(std::string("a\0b", 3)); },
        grpc::StatusCode::INVALID_ARGUMENT, "NUL"},
       {"64 KiB path", [](auto* r) { r->set_path(std::string(65536, 'a')); },
-       grpc::StatusCode::INVALID_ARGUMENT, "longer than"},
+       grpc::StatusCode::INVALID_ARGUMENT, "path: 65536 bytes; at most 4096"},
       {"missing", [](auto* r) { r->set_path("nope.safetensors"); }, grpc::StatusCode::NOT_FOUND,
        "nope.safetensors"},
       {"corrupt", [](auto* r) { r->set_path("corrupt.safetensors"); }, grpc::StatusCode::DATA_LOSS,
