@@ -27,10 +27,18 @@ def start_daemon(metaloadd, work, model_root, stderr=subprocess.DEVNULL):
     daemon = subprocess.Popen([metaloadd, "--listen=127.0.0.1:0", "--metrics_listen=127.0.0.1:0",
                                "--port_file=" + port_file, "--model_root=" + model_root],
                               stderr=stderr)
-    for _ in range(300):
-        if os.path.exists(port_file):
+    # Up to 60 s: a daemon starting while the rest of the suite keeps both cores busy (a CI run
+    # once saw more than 15 s).
+    for _ in range(1200):
+        if os.path.exists(port_file) or daemon.poll() is not None:
             break
         time.sleep(0.05)
+    if not os.path.exists(port_file):
+        state = "exited with %s" % daemon.returncode if daemon.poll() is not None else "still running"
+        daemon.kill()
+        log = getattr(stderr, "name", None)
+        detail = open(log).read()[-2000:] if log and os.path.exists(log) else "(stderr not kept)"
+        raise RuntimeError("metaloadd wrote no %s within 60 s (%s); its log:\n%s" % (port_file, state, detail))
     return daemon, dict(line.split("=") for line in open(port_file).read().split())
 
 
