@@ -13,9 +13,9 @@
 // (SetComputeDtype). Layers read their weights through Weight(), which casts a stored weight to
 // the compute dtype at every forward when the two differ, as the web UIs' "manual cast" does;
 // the cast copy lives only for that forward, in memory reused across forwards (weight_cast.h).
-// So any storage mix runs wherever the compute dtype
-// has kernels (float32 on a CPU), and its values are those of the compute dtype applied to the
-// stored (rounded) weights, whatever the CPU's instruction set.
+// So any storage mix runs wherever the compute dtype has kernels (float32 on a CPU), and its
+// values are those of the compute dtype applied to the stored (rounded) weights, whatever the
+// CPU's instruction set.
 //
 // A module owns its children. Not thread-safe while being built or loaded; forward passes on a
 // loaded module may run concurrently (they only read the slots and the compute dtype).

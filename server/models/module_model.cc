@@ -11,6 +11,15 @@
 #include "server/core/torch_types.h"
 
 namespace metaload::models {
+namespace {
+
+// "unet, text_encoder, vae_decode, vae_encode": what an unknown-entry error offers instead.
+std::string EntryNames(const std::vector<EntrySpec>& entries) {
+  return absl::StrJoin(entries, ", ",
+                       [](std::string* out, const EntrySpec& e) { out->append(e.name); });
+}
+
+}  // namespace
 
 absl::StatusOr<core::LoadReport> ModuleModel::Load(const core::CheckpointSource& source,
                                                    core::LoadOptions options,
@@ -25,10 +34,8 @@ absl::StatusOr<core::LoadReport> ModuleModel::Load(const core::CheckpointSource&
     auto it = std::find_if(entries.begin(), entries.end(),
                            [&](const EntrySpec& e) { return e.name == name; });
     if (it == entries.end()) {
-      std::vector<std::string> names;
-      for (const EntrySpec& e : entries) names.push_back(e.name);
       return absl::InvalidArgumentError(absl::StrCat("compute_dtype_overrides: no entry '", name,
-                                                     "' (", absl::StrJoin(names, ", "), ")"));
+                                                     "' (", EntryNames(entries), ")"));
     }
     auto [other, inserted] = asked.emplace(EntryPrefix(name), std::make_pair(dtype, name));
     if (!inserted && other->second.first != dtype) {
@@ -108,10 +115,8 @@ absl::StatusOr<NamedTensors> ModuleModel::Run(
     if (e.name == entry_name) entry = &e;
   }
   if (entry == nullptr) {
-    std::vector<std::string> names;
-    for (const EntrySpec& e : entries) names.push_back(e.name);
     return absl::InvalidArgumentError(
-        absl::StrCat("unknown entry '", entry_name, "' (", absl::StrJoin(names, ", "), ")"));
+        absl::StrCat("unknown entry '", entry_name, "' (", EntryNames(entries), ")"));
   }
   auto dtype_it = entry_dtypes_.find(entry->name);
   const at::ScalarType float_dtype =
