@@ -183,23 +183,18 @@ int main(int argc, char** argv) {
   std::filesystem::create_directories(dir);
 
   const std::vector<std::string> presets = {"tiny", "small", "medium"};
-  for (const std::string& preset : presets) {
+  // The MLPs of the first table, then the SD1 tiny checkpoint of the second.
+  std::vector<std::pair<std::string, std::string>> checkpoints;  // (architecture, preset)
+  for (const std::string& preset : presets) checkpoints.push_back({"mlp", preset});
+  checkpoints.push_back({"sd1", "tiny"});
+  for (const auto& [architecture, preset] : checkpoints) {
     metaload::models::SynthOptions synth;
-    synth.architecture = "mlp";
+    synth.architecture = architecture;
     synth.preset = preset;
-    auto written = metaload::models::Synthesize(synth, dir + "/mlp-" + preset);
+    auto written = metaload::models::Synthesize(synth, dir + "/" + architecture + "-" + preset);
     if (!written.ok()) {
-      std::fprintf(stderr, "synth %s: %s\n", preset.c_str(), written.status().ToString().c_str());
-      return 1;
-    }
-  }
-  {
-    metaload::models::SynthOptions synth;
-    synth.architecture = "sd1";
-    synth.preset = "tiny";
-    auto written = metaload::models::Synthesize(synth, dir + "/sd1-tiny");
-    if (!written.ok()) {
-      std::fprintf(stderr, "synth sd1: %s\n", written.status().ToString().c_str());
+      std::fprintf(stderr, "synth %s %s: %s\n", architecture.c_str(), preset.c_str(),
+                   written.status().ToString().c_str());
       return 1;
     }
   }
