@@ -54,7 +54,7 @@ const char kUsageText[] =
     "      TorchScript) and prints its format, tensors, bytes per dtype, metadata and\n"
     "      architecture (--sha256: and the web UI's hash). Exit 0 when valid, 2 otherwise.\n"
     "  synth --arch=mlp|gpt2|llama|sd1 [--preset=tiny|small|medium|full] "
-    "[--dtype=float32|float16|bfloat16]\n"
+    "[--dtype=float32|float16|bfloat16|float8_e4m3fn|float8_e5m2]\n"
     "        [--shards=N] [--seed=N] [--json] OUT_DIR\n"
     "      Writes a synthetic Hugging Face style checkpoint (config.json + safetensors); for\n"
     "      sd1 (presets tiny, full) a single-file Stable Diffusion 1.x OUT_DIR/model.safetensors.\n"

@@ -472,12 +472,12 @@ void ModelCache::RunFlight(std::shared_ptr<Flight> flight) {
     const models::DtypeChoice dtypes =
         models::EffectiveDtypes(*model, {spec.dtype, spec.dtype_overrides});
     absl::StatusOr<core::DtypePolicy> policy =
-        core::DtypePolicy::Create(dtypes.dtype, dtypes.overrides);
+        core::DtypePolicy::Create(dtypes.dtype, dtypes.overrides, dtypes.keep_float8);
     if (!policy.ok()) {
       status = policy.status();
       break;
     }
-    int64_t need = static_cast<int64_t>(policy->LoadedBytes((*source)->index()));
+    int64_t need = static_cast<int64_t>(model->LoadedBytes((*source)->index(), *policy));
     if ((*source)->index().format == core::CheckpointFormat::kTorchScript) {
       need = static_cast<int64_t>((*source)->index().files[0].size);
     }

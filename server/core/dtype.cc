@@ -23,6 +23,8 @@ constexpr Row kRows[] = {
     {DType::kInt8, "int8", "I8", "INT8", 1, false},
     {DType::kUInt8, "uint8", "U8", "UINT8", 1, false},
     {DType::kBool, "bool", "BOOL", "BOOL", 1, false},
+    {DType::kFloat8E4M3, "float8_e4m3fn", "F8_E4M3", "", 1, true},
+    {DType::kFloat8E5M2, "float8_e5m2", "F8_E5M2", "", 1, true},
 };
 
 const Row& RowOf(DType dtype) { return kRows[static_cast<int>(dtype)]; }
@@ -31,6 +33,7 @@ const Row& RowOf(DType dtype) { return kRows[static_cast<int>(dtype)]; }
 
 int DTypeSize(DType dtype) { return RowOf(dtype).size; }
 bool IsFloatingPoint(DType dtype) { return RowOf(dtype).floating; }
+bool IsFloat8(DType dtype) { return dtype == DType::kFloat8E4M3 || dtype == DType::kFloat8E5M2; }
 absl::string_view DTypeName(DType dtype) { return RowOf(dtype).name; }
 absl::string_view SafetensorsName(DType dtype) { return RowOf(dtype).safetensors; }
 

@@ -1,5 +1,7 @@
 #include "server/core/dtype_policy.h"
 
+#include <algorithm>
+
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 
@@ -11,16 +13,19 @@ absl::StatusOr<std::optional<DType>> ParseTarget(absl::string_view text, absl::s
   std::optional<DType> d = DTypeFromName(text);
   if (!d || !IsFloatingPoint(*d)) {
     return absl::InvalidArgumentError(absl::StrCat(
-        what, ": unknown dtype '", text, "' (float32, float16, bfloat16, float64 or keep)"));
+        what, ": unknown dtype '", text,
+        "' (float32, float16, bfloat16, float8_e4m3fn, float8_e5m2, float64 or keep)"));
   }
   return d;
 }
 
 }  // namespace
 
-absl::StatusOr<DtypePolicy> DtypePolicy::Create(
-    absl::string_view default_dtype, const std::map<std::string, std::string>& overrides) {
+absl::StatusOr<DtypePolicy> DtypePolicy::Create(absl::string_view default_dtype,
+                                                const std::map<std::string, std::string>& overrides,
+                                                bool keep_float8) {
   DtypePolicy policy;
+  policy.keep_float8_ = keep_float8;
   absl::StatusOr<std::optional<DType>> d = ParseTarget(default_dtype, "dtype");
   if (!d.ok()) return d.status();
   policy.default_ = *d;
@@ -37,7 +42,7 @@ absl::StatusOr<DtypePolicy> DtypePolicy::Create(
   return policy;
 }
 
-DType DtypePolicy::Resolve(absl::string_view name, DType stored) const {
+DType DtypePolicy::Resolve(absl::string_view name, DType stored, TensorUse use) const {
   if (!IsFloatingPoint(stored)) return stored;
   const std::optional<DType>* best = &default_;
   size_t best_length = 0;
@@ -49,13 +54,28 @@ DType DtypePolicy::Resolve(absl::string_view name, DType stored) const {
       matched = true;
     }
   }
-  return best->has_value() ? **best : stored;
+  DType target = best->has_value() && !(keep_float8_ && IsFloat8(stored)) ? **best : stored;
+  if (IsFloat8(target) && target != stored) {
+    const bool named = matched && best_length == name.size();
+    if (use == TensorUse::kDirect || (use == TensorUse::kWeight && !named)) target = stored;
+  }
+  if (IsFloat8(target) && use == TensorUse::kDirect) return DType::kFloat16;  // exact
+  return target;
 }
 
-uint64_t DtypePolicy::LoadedBytes(const CheckpointIndex& index) const {
+uint64_t DtypePolicy::LoadedBytes(const CheckpointIndex& index,
+                                  const std::function<TensorUse(const std::string&)>& use) const {
   uint64_t total = 0;
   for (const TensorInfo& t : index.tensors) {
-    total += static_cast<uint64_t>(t.numel()) * DTypeSize(Resolve(t.name, t.dtype));
+    int size = 0;
+    if (use) {
+      size = DTypeSize(Resolve(t.name, t.dtype, use(t.name)));
+    } else {
+      for (TensorUse u : {TensorUse::kDirect, TensorUse::kWeight, TensorUse::kMatmulWeight}) {
+        size = std::max(size, DTypeSize(Resolve(t.name, t.dtype, u)));
+      }
+    }
+    total += static_cast<uint64_t>(t.numel()) * static_cast<uint64_t>(size);
   }
   return total;
 }
@@ -65,6 +85,7 @@ std::string DtypePolicy::Describe() const {
   for (const auto& [prefix, target] : overrides_) {
     absl::StrAppend(&out, ";", prefix, "=", target ? DTypeName(*target) : "keep");
   }
+  if (keep_float8_) absl::StrAppend(&out, ";float8=keep");
   return out;
 }
 

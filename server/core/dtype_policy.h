@@ -2,9 +2,17 @@
 // right. A default ("" = keep the file's) plus per-prefix overrides (a dtype name or "keep");
 // the longest matching prefix wins (the seed matched the first path component only). Integer
 // and bool tensors are never converted. LibTorch-free; immutable and thread-safe once created.
+//
+// float8 (float8_e4m3fn, float8_e5m2) is a storage format only Module::Weight() decodes, so
+// whether a tensor may hold it depends on how the model reads the tensor (TensorUse): a float8
+// rule converts the weights of matmuls and convolutions, and other tensors read through Weight()
+// (norm scales, biases, embedding tables) only when the rule's prefix is the tensor's own name;
+// the rest stay as they are. A tensor the model reads directly is never float8: stored so in the
+// file, it loads as float16, which holds every float8 value exactly.
 #ifndef METALOAD_SERVER_CORE_DTYPE_POLICY_H_
 #define METALOAD_SERVER_CORE_DTYPE_POLICY_H_
 
+#include <functional>
 #include <map>
 #include <optional>
 #include <string>
@@ -16,22 +24,34 @@
 
 namespace metaload::core {
 
+// How a model reads a tensor (see above).
+enum class TensorUse : uint8_t {
+  kDirect,        // as stored: buffers, tensors a layer computes with itself
+  kWeight,        // through Module::Weight(): norm scales, biases, embedding tables
+  kMatmulWeight,  // a matmul's or a convolution's weight, through Module::Weight()
+};
+
 class DtypePolicy {
  public:
-  // `default_dtype`: "" or "keep" (the file's), "float32", "float16", "bfloat16" (also
-  // "float64"). (Architectures give "" their own meaning first: models::EffectiveDtypes.)
-  // `overrides`: key prefix -> one of those names or "keep". INVALID_ARGUMENT naming the bad
-  // value otherwise.
+  // `default_dtype`: "" or "keep" (the file's), "float32", "float16", "bfloat16",
+  // "float8_e4m3fn", "float8_e5m2" (also "float64"). (Architectures give "" their own meaning
+  // first: models::EffectiveDtypes.) `overrides`: key prefix -> one of those names or "keep".
+  // INVALID_ARGUMENT naming the bad value otherwise. `keep_float8`: tensors stored as float8
+  // stay float8 whatever the rules say (an architecture's default policy, so that a float8
+  // checkpoint loads as float8 unless the request asks otherwise).
   static absl::StatusOr<DtypePolicy> Create(absl::string_view default_dtype,
-                                            const std::map<std::string, std::string>& overrides);
+                                            const std::map<std::string, std::string>& overrides,
+                                            bool keep_float8 = false);
   DtypePolicy() = default;
 
-  // The dtype tensor `name`, stored as `stored`, is loaded as.
-  DType Resolve(absl::string_view name, DType stored) const;
+  // The dtype tensor `name`, stored as `stored` and read as `use`, is loaded as.
+  DType Resolve(absl::string_view name, DType stored, TensorUse use) const;
 
-  // Exact bytes the tensors of `index` occupy once loaded under this policy (admission control
-  // needs them before allocating anything).
-  uint64_t LoadedBytes(const CheckpointIndex& index) const;
+  // Exact bytes the tensors of `index` occupy once loaded under this policy, each read as
+  // `use(name)` (admission control needs them before allocating anything). Without `use`, an
+  // upper bound: each tensor's largest size over the uses.
+  uint64_t LoadedBytes(const CheckpointIndex& index,
+                       const std::function<TensorUse(const std::string&)>& use = nullptr) const;
 
   // A stable description for cache keys: "default=float16;a.=keep;b.=bfloat16".
   std::string Describe() const;
@@ -39,6 +59,7 @@ class DtypePolicy {
  private:
   std::optional<DType> default_;                           // nullopt: keep
   std::map<std::string, std::optional<DType>> overrides_;  // nullopt: keep
+  bool keep_float8_ = false;
 };
 
 }  // namespace metaload::core

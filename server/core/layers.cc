@@ -24,8 +24,9 @@ Module::InitFn Normal() {
 }  // namespace
 
 Linear::Linear(int64_t in_features, int64_t out_features, bool bias)
-    : weight_(AddParameter("weight", {out_features, in_features}, Uniform(in_features))) {
-  if (bias) bias_ = &AddParameter("bias", {out_features}, Uniform(in_features));
+    : weight_(AddWeight("weight", {out_features, in_features}, Uniform(in_features),
+                        TensorUse::kMatmulWeight)) {
+  if (bias) bias_ = &AddWeight("bias", {out_features}, Uniform(in_features), TensorUse::kWeight);
 }
 
 at::Tensor Linear::Forward(const at::Tensor& x) const {
@@ -34,11 +35,14 @@ at::Tensor Linear::Forward(const at::Tensor& x) const {
 
 Conv2d::Conv2d(int64_t in_channels, int64_t out_channels, int64_t kernel, int64_t stride,
                int64_t padding, bool bias)
-    : weight_(AddParameter("weight", {out_channels, in_channels, kernel, kernel},
-                           Uniform(in_channels * kernel * kernel))),
+    : weight_(AddWeight("weight", {out_channels, in_channels, kernel, kernel},
+                        Uniform(in_channels * kernel * kernel), TensorUse::kMatmulWeight)),
       stride_(stride),
       padding_(padding) {
-  if (bias) bias_ = &AddParameter("bias", {out_channels}, Uniform(in_channels * kernel * kernel));
+  if (bias) {
+    bias_ = &AddWeight("bias", {out_channels}, Uniform(in_channels * kernel * kernel),
+                       TensorUse::kWeight);
+  }
 }
 
 at::Tensor Conv2d::Forward(const at::Tensor& x) const {
@@ -47,17 +51,17 @@ at::Tensor Conv2d::Forward(const at::Tensor& x) const {
 }
 
 Embedding::Embedding(int64_t num_embeddings, int64_t dim)
-    : weight_(AddParameter("weight", {num_embeddings, dim}, Normal())) {}
+    : weight_(AddWeight("weight", {num_embeddings, dim}, Normal(), TensorUse::kWeight)) {}
 
-// The rows are gathered as stored, then cast: a lookup never converts the whole table.
+// The rows are gathered as stored, then cast (or decoded): a lookup never converts the table.
 at::Tensor Embedding::Forward(const at::Tensor& ids) const {
-  return InComputeDtype(at::embedding(weight_, ids));
+  return InComputeDtype(at::embedding(weight_, ids), weight_);
 }
 
 LayerNorm::LayerNorm(int64_t dim, double eps, bool affine) : dim_(dim), eps_(eps) {
   if (affine) {
-    weight_ = &AddParameter("weight", {dim}, Fill(1));
-    bias_ = &AddParameter("bias", {dim}, Fill(0));
+    weight_ = &AddWeight("weight", {dim}, Fill(1), TensorUse::kWeight);
+    bias_ = &AddWeight("bias", {dim}, Fill(0), TensorUse::kWeight);
   }
 }
 
@@ -70,20 +74,20 @@ GroupNorm::GroupNorm(int64_t groups, int64_t channels, double eps, bool float32)
     : groups_(groups),
       eps_(eps),
       float32_(float32),
-      weight_(AddParameter("weight", {channels}, Fill(1))),
-      bias_(AddParameter("bias", {channels}, Fill(0))) {}
+      weight_(AddWeight("weight", {channels}, Fill(1), TensorUse::kWeight)),
+      bias_(AddWeight("bias", {channels}, Fill(0), TensorUse::kWeight)) {}
 
 at::Tensor GroupNorm::Forward(const at::Tensor& x) const {
   if (float32_ && x.scalar_type() != at::kFloat) {
-    return at::group_norm(x.to(at::kFloat), groups_, weight_.to(at::kFloat), bias_.to(at::kFloat),
-                          eps_)
+    return at::group_norm(x.to(at::kFloat), groups_, Weight(weight_).to(at::kFloat),
+                          Weight(bias_).to(at::kFloat), eps_)
         .to(x.scalar_type());
   }
   return at::group_norm(x, groups_, Weight(weight_), Weight(bias_), eps_);
 }
 
 RMSNorm::RMSNorm(int64_t dim, double eps)
-    : eps_(eps), weight_(AddParameter("weight", {dim}, Fill(1))) {}
+    : eps_(eps), weight_(AddWeight("weight", {dim}, Fill(1), TensorUse::kWeight)) {}
 
 at::Tensor RMSNorm::Forward(const at::Tensor& x) const {
   at::Tensor x32 = x.to(at::kFloat);

@@ -18,6 +18,7 @@
 #include "absl/strings/str_join.h"
 #include "server/core/dtype_policy.h"
 #include "server/core/exception_boundary.h"
+#include "server/core/float8_convert.h"
 #include "server/core/process_memory.h"
 #include "server/core/staging_ring.h"
 #include "server/core/torch_types.h"
@@ -35,7 +36,7 @@ constexpr auto kProgressInterval = std::chrono::milliseconds(100);
 struct Planned {
   TensorSlot slot;
   const TensorInfo* info = nullptr;  // nullptr: missing, zero-filled
-  at::ScalarType target = at::kFloat;
+  DType target = DType::kFloat32;    // float8: held as kByte, the slot tagged at commit
   at::Tensor tensor;  // the new tensor; swapped into the slot only when the whole load succeeded
   bool needs_copy = false;
 };
@@ -98,8 +99,8 @@ class ProgressReporter {
 class StagedCopier : public StagingRing::Device {
  public:
   // `count` elements of `stored` from the slot into `dst` (a flat view of the destination),
-  // converting to dst's dtype. The slot may be refilled once WaitSlot(slot) returns.
-  virtual void Copy(int slot, int64_t count, at::ScalarType stored, const at::Tensor& dst) = 0;
+  // converting to `target`. The slot may be refilled once WaitSlot(slot) returns.
+  virtual void Copy(int slot, int64_t count, DType stored, DType target, const at::Tensor& dst) = 0;
   // Waits until every copy has landed.
   virtual void Finish() = 0;
 };
@@ -113,15 +114,15 @@ class HostCopier : public StagedCopier {
   }
   void FreeHost(char*) override {}  // the tensors go with this object
   void WaitSlot(int) override {}
-  void Copy(int slot, int64_t count, at::ScalarType stored, const at::Tensor& dst) override {
-    dst.copy_(Slot(slot, count, stored));
+  void Copy(int slot, int64_t count, DType stored, DType target, const at::Tensor& dst) override {
+    ConvertTensor(Slot(slot, count, stored), stored, dst, target);
   }
   void Finish() override {}
 
  protected:
-  at::Tensor Slot(int slot, int64_t count, at::ScalarType stored) const {
-    const int64_t bytes = count * static_cast<int64_t>(c10::elementSize(stored));
-    return slots_[static_cast<size_t>(slot)].narrow(0, 0, bytes).view(stored);
+  at::Tensor Slot(int slot, int64_t count, DType stored) const {
+    const int64_t bytes = count * DTypeSize(stored);
+    return slots_[static_cast<size_t>(slot)].narrow(0, 0, bytes).view(ToScalarType(stored));
   }
   std::vector<at::Tensor> slots_;
 };
@@ -156,17 +157,17 @@ class DeviceCopier : public HostCopier {
       std::this_thread::sleep_for(std::chrono::microseconds(20));
     }
   }
-  void Copy(int slot, int64_t count, at::ScalarType stored, const at::Tensor& dst) override {
+  void Copy(int slot, int64_t count, DType stored, DType target, const at::Tensor& dst) override {
     c10::StreamGuard guard(stream_);
     at::Tensor src = Slot(slot, count, stored);
-    if (stored == dst.scalar_type()) {
+    if (stored == target) {
       dst.copy_(src, /*non_blocking=*/true);
     } else {
       // The stored bytes cross the bus; the conversion runs on the device. The scratch block
       // returns to the allocator for this stream, so its reuse stays in stream order.
-      at::Tensor scratch = at::empty({count}, dst.options().dtype(stored));
+      at::Tensor scratch = at::empty({count}, dst.options().dtype(ToScalarType(stored)));
       scratch.copy_(src, /*non_blocking=*/true);
-      dst.copy_(scratch, /*non_blocking=*/true);
+      ConvertTensor(scratch, stored, dst, target);
     }
     events_[static_cast<size_t>(slot)].record(stream_);
   }
@@ -204,7 +205,8 @@ absl::StatusOr<LoadReport> LoadModule(Module& module, const CheckpointSource& so
   const auto start = Clock::now();
   absl::StatusOr<c10::Device> device = ParseDevice(options.device);
   if (!device.ok()) return device.status();
-  absl::StatusOr<DtypePolicy> policy = DtypePolicy::Create(options.dtype, options.dtype_overrides);
+  absl::StatusOr<DtypePolicy> policy =
+      DtypePolicy::Create(options.dtype, options.dtype_overrides, options.keep_float8);
   if (!policy.ok()) return policy.status();
   if (options.zero_copy && !device->is_cpu()) {
     return absl::InvalidArgumentError("zero_copy is only possible on cpu");
@@ -236,7 +238,7 @@ absl::StatusOr<LoadReport> LoadModule(Module& module, const CheckpointSource& so
     p.info = index.Find(key);
     if (p.info == nullptr) {
       missing.push_back(key);
-      p.target = slot.tensor->scalar_type();
+      p.target = FromScalarType(slot.tensor->scalar_type()).value_or(DType::kFloat32);
       plan.push_back(std::move(p));
       continue;
     }
@@ -246,7 +248,7 @@ absl::StatusOr<LoadReport> LoadModule(Module& module, const CheckpointSource& so
           index.path, ": key '", key, "': checkpoint has shape ", ShapeString(p.info->shape),
           ", the model expects ", ShapeString(slot.tensor->sizes())));
     }
-    p.target = ToScalarType(policy->Resolve(key, p.info->dtype));
+    p.target = policy->Resolve(key, p.info->dtype, slot.use);
     plan.push_back(std::move(p));
   }
   if (!missing.empty() && !options.allow_missing_keys) {
@@ -274,12 +276,13 @@ absl::StatusOr<LoadReport> LoadModule(Module& module, const CheckpointSource& so
     absl::Status allocated = CatchExceptions(
         absl::StrCat(index.path, ": key '", p.info != nullptr ? p.info->name : p.slot.name, "'"),
         [&]() -> absl::Status {
-          const at::TensorOptions to = at::TensorOptions().dtype(p.target).device(*device);
+          const at::TensorOptions to =
+              at::TensorOptions().dtype(ToScalarType(p.target)).device(*device);
           if (p.info == nullptr) {
             p.tensor = at::zeros(p.slot.tensor->sizes(), to);
             return absl::OkStatus();
           }
-          const at::ScalarType stored = ToScalarType(p.info->dtype);
+          const DType stored = p.info->dtype;
           if (stored != p.target) ++report.converted;
           if (options.zero_copy) {
             const bool aligned =
@@ -320,7 +323,7 @@ absl::StatusOr<LoadReport> LoadModule(Module& module, const CheckpointSource& so
   // Chunks travel through a ring of staging slots off the CPU, when asked, and on the CPU for
   // conversions; unconverted CPU chunks are read straight into their destinations.
   auto staged = [&](const Planned& p) {
-    return !device->is_cpu() || options.staged || ToScalarType(p.info->dtype) != p.target;
+    return !device->is_cpu() || options.staged || p.info->dtype != p.target;
   };
   std::unique_ptr<StagedCopier> copier;
   std::unique_ptr<StagingRing> ring;  // declared after copier: goes first
@@ -367,7 +370,6 @@ absl::StatusOr<LoadReport> LoadModule(Module& module, const CheckpointSource& so
         const Chunk& chunk = chunks[c];
         Planned& p = plan[chunk.planned];
         const uint64_t n = chunk.end - chunk.begin;
-        const at::ScalarType stored = ToScalarType(p.info->dtype);
         const int64_t item = DTypeSize(p.info->dtype);
         const int64_t count = static_cast<int64_t>(n) / item;
         if (staged(p)) {
@@ -380,7 +382,7 @@ absl::StatusOr<LoadReport> LoadModule(Module& module, const CheckpointSource& so
           absl::Status s = source.Read(*p.info, chunk.begin, n, lease.data);
           if (!s.ok()) return fail(std::move(s));
           copier->Copy(
-              lease.slot, count, stored,
+              lease.slot, count, p.info->dtype, p.target,
               p.tensor.view({-1}).narrow(0, static_cast<int64_t>(chunk.begin) / item, count));
         } else {
           char* dst = static_cast<char*>(p.tensor.data_ptr()) + chunk.begin;
@@ -417,7 +419,10 @@ absl::StatusOr<LoadReport> LoadModule(Module& module, const CheckpointSource& so
   if (absl::Status unchanged = source.CheckUnchanged(); !unchanged.ok()) return unchanged;
 
   // Commit: swap every slot at once, then check nothing is left on meta.
-  for (Planned& p : plan) *p.slot.tensor = std::move(p.tensor);
+  for (Planned& p : plan) {
+    *p.slot.tensor = std::move(p.tensor);
+    *p.slot.float8 = IsFloat8(p.target) ? std::optional<DType>(p.target) : std::nullopt;
+  }
   for (const TensorSlot& slot : module.Slots()) {
     if (slot.tensor->is_meta()) {
       return absl::InternalError(

@@ -3,7 +3,8 @@
 // on the target device, converting dtypes there.
 //
 // Per tensor: the shape must match (else FAILED_PRECONDITION naming the key and both shapes);
-// the dtype comes from the DtypePolicy (integer and bool tensors are never converted); the
+// the dtype comes from the DtypePolicy (integer and bool tensors are never converted; float8 is
+// held as bytes and the slot tagged with its format, module.h); the
 // destination is allocated on the device and filled in chunks by `threads` workers (page faults
 // on fresh destination memory dominate on CPU, so first-touch is split across them), each
 // converting its chunk as it goes. Strict by default: missing keys fail the load, listing the
@@ -48,10 +49,13 @@ struct LoadProgress {
 struct LoadOptions {
   // "cpu", "cuda", "cuda:N".
   std::string device = "cpu";
-  // "" keeps each tensor's stored dtype; else "float32", "float16", "bfloat16".
+  // "" keeps each tensor's stored dtype; else "float32", "float16", "bfloat16",
+  // "float8_e4m3fn", "float8_e5m2" (DtypePolicy says which tensors float8 applies to).
   std::string dtype;
   // Key prefix -> dtype or "keep"; the longest matching prefix wins.
   std::map<std::string, std::string> dtype_overrides;
+  // Tensors stored as float8 stay float8 whatever the policy says (DtypePolicy::Create).
+  bool keep_float8 = false;
   // Missing keys become zeros instead of failing the load.
   bool allow_missing_keys = false;
   // CPU only: tensors view the file's mapping where no conversion is needed.

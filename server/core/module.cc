@@ -21,18 +21,29 @@ at::Tensor Allocate(const std::vector<int64_t>& shape, at::ScalarType dtype,
 
 at::Tensor& Module::AddParameter(std::string name, std::vector<int64_t> shape, InitFn init,
                                  at::ScalarType dtype) {
-  tensors_.push_back({std::move(name), Allocate(shape, dtype, init), false});
+  tensors_.push_back(
+      {std::move(name), Allocate(shape, dtype, init), false, TensorUse::kDirect, std::nullopt});
   return tensors_.back().tensor;
 }
 
 at::Tensor& Module::AddBuffer(std::string name, std::vector<int64_t> shape, InitFn init,
                               at::ScalarType dtype) {
-  tensors_.push_back({std::move(name), Allocate(shape, dtype, init), true});
+  tensors_.push_back(
+      {std::move(name), Allocate(shape, dtype, init), true, TensorUse::kDirect, std::nullopt});
+  return tensors_.back().tensor;
+}
+
+at::Tensor& Module::AddWeight(std::string name, std::vector<int64_t> shape, InitFn init,
+                              TensorUse use) {
+  tensors_.push_back(
+      {std::move(name), Allocate(shape, at::kFloat, init), false, use, std::nullopt});
   return tensors_.back().tensor;
 }
 
 void Module::CollectSlots(const std::string& prefix, std::vector<TensorSlot>* out) {
-  for (Entry& e : tensors_) out->push_back({prefix + e.name, &e.tensor, e.is_buffer});
+  for (Entry& e : tensors_) {
+    out->push_back({prefix + e.name, &e.tensor, e.is_buffer, e.use, &e.float8});
+  }
   for (auto& [name, child] : children_) child->CollectSlots(prefix + name + ".", out);
 }
 
@@ -57,12 +68,26 @@ void Module::SetComputeDtypeUnder(const std::string& name, const std::string& pr
   }
 }
 
-at::Tensor Module::Weight(const at::Tensor& stored) const {
+std::optional<DType> Module::Float8Of(const at::Tensor& t) const {
+  for (const Entry& e : tensors_) {
+    if (&e.tensor == &t) return e.float8;  // a handful of entries per module
+  }
+  return std::nullopt;
+}
+
+at::Tensor Module::Cast(const at::Tensor& stored, std::optional<DType> float8) const {
+  if (float8) return DecodeWeight(stored, *float8, compute_dtype_.value_or(at::kFloat));
   if (!compute_dtype_ || stored.scalar_type() == *compute_dtype_ ||
       !at::isFloatingType(stored.scalar_type())) {
     return stored;
   }
   return CastWeight(stored, *compute_dtype_);
+}
+
+at::Tensor Module::Weight(const at::Tensor& stored) const { return Cast(stored, Float8Of(stored)); }
+
+at::Tensor Module::InComputeDtype(const at::Tensor& result, const at::Tensor& from) const {
+  return Cast(result, Float8Of(from));
 }
 
 int64_t Module::ParameterCount() {

@@ -17,6 +17,10 @@
 // values are those of the compute dtype applied to the stored (rounded) weights, whatever the
 // CPU's instruction set.
 //
+// float8 storage: LibTorch 1.13 has no float8 type, so a float8 weight is a kByte tensor whose
+// slot carries its format (TensorSlot::float8). Only Weight() decodes it, so only tensors
+// registered with AddWeight (read through Weight()) may hold float8; the loader sets the tag.
+//
 // A module owns its children. Not thread-safe while being built or loaded; forward passes on a
 // loaded module may run concurrently (they only read the slots and the compute dtype).
 #ifndef METALOAD_SERVER_CORE_MODULE_H_
@@ -33,6 +37,9 @@
 #include <utility>
 #include <vector>
 
+#include "server/core/dtype.h"
+#include "server/core/dtype_policy.h"
+
 namespace metaload::core {
 
 // One parameter or buffer of a module tree, addressed by its full dotted name.
@@ -40,6 +47,9 @@ struct TensorSlot {
   std::string name;
   at::Tensor* tensor;  // owned by the module; stable for the module's lifetime
   bool is_buffer;
+  TensorUse use;
+  // Set when *tensor holds float8 values (as kByte): their format. Owned by the module.
+  std::optional<DType>* float8;
 };
 
 class Module {
@@ -68,13 +78,17 @@ class Module {
                            at::ScalarType dtype = at::kFloat);
   at::Tensor& AddBuffer(std::string name, std::vector<int64_t> shape, InitFn init,
                         at::ScalarType dtype = at::kFloat);
+  // A parameter this module reads only through Weight() (kWeight or kMatmulWeight, see
+  // TensorUse), which may therefore be stored as float8.
+  at::Tensor& AddWeight(std::string name, std::vector<int64_t> shape, InitFn init, TensorUse use);
 
-  // `stored` as this module computes with it: cast to the compute dtype when it is a floating
-  // tensor of another dtype, otherwise `stored` itself (no copy).
+  // `stored` as this module computes with it: decoded when it is one of this module's float8
+  // weights, cast to the compute dtype when it is a floating tensor of another dtype, otherwise
+  // `stored` itself (no copy). float8 decodes to float32 when no compute dtype is set.
   at::Tensor Weight(const at::Tensor& stored) const;
   // A result computed from stored values without a floating input (an embedding lookup) in
-  // the compute dtype.
-  at::Tensor InComputeDtype(const at::Tensor& result) const { return Weight(result); }
+  // the compute dtype; `from` is the weight it was computed from, whose float8 format applies.
+  at::Tensor InComputeDtype(const at::Tensor& result, const at::Tensor& from) const;
 
   template <typename M>
   M& AddChild(std::string name, std::unique_ptr<M> child) {
@@ -88,7 +102,12 @@ class Module {
     std::string name;
     at::Tensor tensor;
     bool is_buffer;
+    TensorUse use;
+    std::optional<DType> float8;
   };
+  // The float8 format of `t` when it is one of this module's tensors holding float8.
+  std::optional<DType> Float8Of(const at::Tensor& t) const;
+  at::Tensor Cast(const at::Tensor& stored, std::optional<DType> float8) const;
   void CollectSlots(const std::string& prefix, std::vector<TensorSlot>* out);
   void SetComputeDtypeUnder(const std::string& name, const std::string& prefix,
                             at::ScalarType dtype);

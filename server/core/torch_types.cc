@@ -31,20 +31,27 @@ at::ScalarType ToScalarType(DType dtype) {
       return at::kByte;
     case DType::kBool:
       return at::kBool;
+    case DType::kFloat8E4M3:
+    case DType::kFloat8E5M2:
+      return at::kByte;  // the bytes; a slot's float8 tag says how to read them (module.h)
   }
   return at::kFloat;
 }
 
 std::optional<DType> FromScalarType(at::ScalarType type) {
   for (DType d : kAllDTypes) {
-    if (ToScalarType(d) == type) return d;
+    if (!IsFloat8(d) && ToScalarType(d) == type) return d;
   }
   return std::nullopt;
 }
 
-at::ScalarType DefaultComputeDtype(at::ScalarType storage, c10::Device device) {
-  if (device.is_cpu() && (storage == at::kHalf || storage == at::kBFloat16)) return at::kFloat;
-  return storage;
+at::ScalarType DefaultComputeDtype(DType storage, c10::Device device) {
+  if (device.is_cpu() &&
+      (storage == DType::kFloat16 || storage == DType::kBFloat16 || IsFloat8(storage))) {
+    return at::kFloat;
+  }
+  if (IsFloat8(storage)) return at::kHalf;
+  return ToScalarType(storage);
 }
 
 absl::StatusOr<c10::Device> ParseDevice(const std::string& text) {

@@ -13,6 +13,7 @@
 
 namespace metaload::core {
 
+// The float8 types map to kByte, which maps back to uint8.
 at::ScalarType ToScalarType(DType dtype);
 std::optional<DType> FromScalarType(at::ScalarType type);
 
@@ -24,8 +25,9 @@ absl::StatusOr<c10::Device> ParseDevice(const std::string& text);
 // request names none: on a CPU, float16 and bfloat16 storage computes in float32 (LibTorch's CPU
 // kernels lack float16 matmul, and its bfloat16 kernels give results whose precision depends on
 // the CPU's instruction set: several times worse without AVX-512 BF16 in convolutions and group
-// norms); elsewhere, the storage dtype.
-at::ScalarType DefaultComputeDtype(at::ScalarType storage, c10::Device device);
+// norms); elsewhere, the storage dtype. float8 storage computes in float32 on a CPU and in
+// float16 elsewhere (no kernel computes in float8; both formats are exact in float16).
+at::ScalarType DefaultComputeDtype(DType storage, c10::Device device);
 
 // Whether this LibTorch was built with CUDA and sees at least one device.
 bool CudaAvailable();

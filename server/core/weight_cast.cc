@@ -7,6 +7,8 @@
 #include <mutex>
 #include <new>
 
+#include "server/core/float8_convert.h"
+
 namespace metaload::core {
 namespace {
 
@@ -62,18 +64,32 @@ class Pool {
   WeightCastPoolStats stats_;           // stats_.idle_bytes == sum of idle_'s capacities
 };
 
+// A CPU tensor of `sizes` and `dtype` in a pooled buffer.
+at::Tensor PooledTensor(at::IntArrayRef sizes, at::ScalarType dtype, int64_t bytes) {
+  int64_t capacity = 0;
+  void* data = Pool::Get().Take(bytes, &capacity);
+  return at::from_blob(
+      data, sizes, [capacity](void* p) { Pool::Get().Give(p, capacity); },
+      at::TensorOptions().dtype(dtype));
+}
+
 }  // namespace
 
 at::Tensor CastWeight(const at::Tensor& stored, at::ScalarType dtype) {
   const int64_t bytes = stored.numel() * static_cast<int64_t>(c10::elementSize(dtype));
   if (!stored.device().is_cpu() || bytes < kMinPooledBytes) return stored.to(dtype);
-  int64_t capacity = 0;
-  void* data = Pool::Get().Take(bytes, &capacity);
-  at::Tensor cast = at::from_blob(
-      data, stored.sizes(), [capacity](void* p) { Pool::Get().Give(p, capacity); },
-      at::TensorOptions().dtype(dtype));
+  at::Tensor cast = PooledTensor(stored.sizes(), dtype, bytes);
   cast.copy_(stored);
   return cast;
+}
+
+at::Tensor DecodeWeight(const at::Tensor& stored, DType format, at::ScalarType dtype) {
+  const int64_t bytes = stored.numel() * static_cast<int64_t>(c10::elementSize(dtype));
+  at::Tensor decoded = stored.device().is_cpu() && bytes >= kMinPooledBytes
+                           ? PooledTensor(stored.sizes(), dtype, bytes)
+                           : at::empty(stored.sizes(), stored.options().dtype(dtype));
+  DecodeFloat8(stored, format, decoded);
+  return decoded;
 }
 
 WeightCastPoolStats GetWeightCastPoolStats() { return Pool::Get().Stats(); }

@@ -1,5 +1,5 @@
 // Weights cast to a network's compute dtype at forward time (module.h's Weight()), into memory
-// that is reused from one forward to the next.
+// that is reused from one forward to the next. float8 weights are decoded the same way.
 //
 // Why a pool: a cast into fresh memory pays the page faults of that memory. On a CPU, a
 // 4096x4096 float16 weight converts to float32 in about 5 ms, but its fresh 64 MiB destination
@@ -21,6 +21,8 @@
 
 #include <cstdint>
 
+#include "server/core/dtype.h"
+
 namespace metaload::core {
 
 struct WeightCastPoolStats {
@@ -35,6 +37,8 @@ inline constexpr int64_t kMaxIdleBytes = int64_t{256} << 20;
 
 // `stored` (contiguous or not) converted to `dtype`, contiguous, on its device.
 at::Tensor CastWeight(const at::Tensor& stored, at::ScalarType dtype);
+// `stored`, bytes holding float8 values of `format` (float8.h), decoded to `dtype` likewise.
+at::Tensor DecodeWeight(const at::Tensor& stored, DType format, at::ScalarType dtype);
 
 WeightCastPoolStats GetWeightCastPoolStats();
 

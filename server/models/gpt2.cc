@@ -14,8 +14,8 @@ namespace {
 class Conv1D : public core::Module {
  public:
   Conv1D(int64_t in, int64_t out)
-      : weight_(AddParameter("weight", {in, out}, nullptr)),
-        bias_(AddParameter("bias", {out}, nullptr)) {}
+      : weight_(AddWeight("weight", {in, out}, nullptr, core::TensorUse::kMatmulWeight)),
+        bias_(AddWeight("bias", {out}, nullptr, core::TensorUse::kWeight)) {}
   at::Tensor Forward(const at::Tensor& x) const {
     return at::matmul(x, Weight(weight_)) + Weight(bias_);
   }

@@ -17,6 +17,7 @@
 #include "absl/status/statusor.h"
 #include "server/core/checkpoint.h"
 #include "server/core/dtype.h"
+#include "server/core/dtype_policy.h"
 #include "server/core/loader.h"
 #include "server/models/entry_spec.h"
 
@@ -28,6 +29,8 @@ using NamedTensors = std::vector<std::pair<std::string, at::Tensor>>;
 struct DtypeChoice {
   std::string dtype;  // "" = the architecture's default, "keep" = the file's, or a dtype name
   std::map<std::string, std::string> overrides;
+  // Set where the architecture's defaults apply: a float8 checkpoint's float8 tensors stay so.
+  bool keep_float8 = false;
 };
 
 class Model {
@@ -60,12 +63,21 @@ class Model {
   // file's dtypes.
   virtual DtypeChoice DefaultDtypes() const { return {}; }
 
+  // The bytes loading `index` under `policy` gives this model's tensors (admission control;
+  // exact where the model knows how it reads each tensor, see core::TensorUse, else an upper
+  // bound).
+  virtual uint64_t LoadedBytes(const core::CheckpointIndex& index,
+                               const core::DtypePolicy& policy) const {
+    return policy.LoadedBytes(index);
+  }
+
   // Parameters and buffers, after loading.
   virtual int64_t ParameterCount() const = 0;
   virtual uint64_t ResidentBytes() const = 0;
 };
 
-// `requested` with `model`'s defaults filled in when it names nothing; "keep" stays explicit.
+// `requested` with `model`'s defaults filled in when it names nothing (and keep_float8 set);
+// "keep" stays explicit.
 DtypeChoice EffectiveDtypes(const Model& model, const DtypeChoice& requested);
 
 }  // namespace metaload::models

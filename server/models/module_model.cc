@@ -48,9 +48,11 @@ absl::StatusOr<core::LoadReport> ModuleModel::Load(const core::CheckpointSource&
   if (compute.dtype) named.push_back(*compute.dtype);
   for (const auto& [prefix, dtype] : asked) named.push_back(dtype.first);
   for (core::DType dtype : named) {
-    if (!core::IsFloatingPoint(dtype)) {
-      return absl::InvalidArgumentError(absl::StrCat("compute_dtype '", core::DTypeName(dtype),
-                                                     "' is not a floating-point dtype"));
+    if (!core::IsFloatingPoint(dtype) || core::IsFloat8(dtype)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "compute_dtype '", core::DTypeName(dtype),
+          core::IsFloat8(dtype) ? "': float8 is a storage format; no kernel computes in it"
+                                : "' is not a floating-point dtype"));
     }
     if (device_.is_cpu() && dtype == core::DType::kFloat16) {
       return absl::FailedPreconditionError(
@@ -62,6 +64,7 @@ absl::StatusOr<core::LoadReport> ModuleModel::Load(const core::CheckpointSource&
   DtypeChoice dtypes = EffectiveDtypes(*this, {options.dtype, options.dtype_overrides});
   options.dtype = dtypes.dtype;
   options.dtype_overrides = dtypes.overrides;
+  options.keep_float8 = dtypes.keep_float8;
   absl::StatusOr<core::LoadReport> report = core::LoadModule(*module_, source, options);
   if (!report.ok()) return report;
   const std::vector<core::TensorSlot> slots = module_->Slots();
@@ -69,13 +72,16 @@ absl::StatusOr<core::LoadReport> ModuleModel::Load(const core::CheckpointSource&
     const std::string prefix = EntryPrefix(entry.name);
     // The network's storage dtype is the one most of its floating values are stored in (a
     // policy may keep some prefixes in another).
-    std::map<at::ScalarType, int64_t> values;
+    std::map<core::DType, int64_t> values;
     for (const core::TensorSlot& slot : slots) {
-      if (at::isFloatingType(slot.tensor->scalar_type()) && slot.name.rfind(prefix, 0) == 0) {
-        values[slot.tensor->scalar_type()] += slot.tensor->numel();
+      if (slot.name.rfind(prefix, 0) != 0) continue;
+      if (*slot.float8) {
+        values[**slot.float8] += slot.tensor->numel();
+      } else if (at::isFloatingType(slot.tensor->scalar_type())) {
+        values[*core::FromScalarType(slot.tensor->scalar_type())] += slot.tensor->numel();
       }
     }
-    at::ScalarType storage = at::kFloat;
+    core::DType storage = core::DType::kFloat32;
     int64_t most = -1;
     for (const auto& [type, count] : values) {
       if (count > most) storage = type, most = count;
@@ -96,7 +102,7 @@ std::vector<EntrySpec> ModuleModel::LoadedEntries() const {
   for (EntrySpec& entry : entries) {
     auto it = entry_dtypes_.find(entry.name);
     if (it == entry_dtypes_.end()) continue;
-    entry.storage_dtype = core::FromScalarType(it->second.storage);
+    entry.storage_dtype = it->second.storage;
     entry.compute_dtype = core::FromScalarType(it->second.compute);
   }
   return entries;
@@ -104,7 +110,9 @@ std::vector<EntrySpec> ModuleModel::LoadedEntries() const {
 
 DtypeChoice EffectiveDtypes(const Model& model, const DtypeChoice& requested) {
   if (!requested.dtype.empty() || !requested.overrides.empty()) return requested;
-  return model.DefaultDtypes();
+  DtypeChoice defaults = model.DefaultDtypes();
+  defaults.keep_float8 = true;
+  return defaults;
 }
 
 absl::StatusOr<NamedTensors> ModuleModel::Run(
@@ -176,6 +184,21 @@ absl::StatusOr<NamedTensors> ModuleModel::Run(
         absl::StrCat("entry '", entry->name, "' failed on these inputs"),
         absl::StatusCode::kInvalidArgument);
   }
+}
+
+uint64_t ModuleModel::LoadedBytes(const core::CheckpointIndex& index,
+                                  const core::DtypePolicy& policy) const {
+  // A key two tensors load from (tied weights) is read the most restrictive way.
+  std::map<std::string, core::TensorUse> uses;
+  for (const core::TensorSlot& slot : module_->Slots()) {
+    const std::string key = key_map_ ? key_map_(slot.name) : slot.name;
+    auto [it, inserted] = uses.emplace(key, slot.use);
+    if (!inserted) it->second = std::min(it->second, slot.use);
+  }
+  return policy.LoadedBytes(index, [&](const std::string& key) {
+    auto it = uses.find(key);
+    return it != uses.end() ? it->second : core::TensorUse::kDirect;
+  });
 }
 
 int64_t ModuleModel::ParameterCount() const { return module_->ParameterCount(); }

@@ -22,6 +22,8 @@ class ModuleModel : public Model {
   std::vector<EntrySpec> LoadedEntries() const override;
   absl::StatusOr<NamedTensors> Run(const std::string& entry,
                                    const std::map<std::string, at::Tensor>& inputs) const override;
+  uint64_t LoadedBytes(const core::CheckpointIndex& index,
+                       const core::DtypePolicy& policy) const override;
   int64_t ParameterCount() const override;
   uint64_t ResidentBytes() const override;
 
@@ -46,7 +48,8 @@ class ModuleModel : public Model {
   std::unique_ptr<core::Module> module_;
   std::function<std::string(const std::string&)> key_map_;
   struct NetworkDtypes {
-    at::ScalarType storage, compute;  // compute: what the entry's floating inputs are cast to
+    core::DType storage;     // of most of the network's floating values
+    at::ScalarType compute;  // what the entry's floating inputs are cast to
   };
   std::map<std::string, NetworkDtypes> entry_dtypes_;  // by entry name, once loaded
   c10::Device device_ = c10::Device(c10::kCPU);

@@ -90,8 +90,8 @@ class UnetLayer : public core::Module {
 class ConvLayer : public UnetLayer {
  public:
   ConvLayer(int64_t in, int64_t out)
-      : weight_(AddParameter("weight", {out, in, 3, 3}, nullptr)),
-        bias_(AddParameter("bias", {out}, nullptr)) {}
+      : weight_(AddWeight("weight", {out, in, 3, 3}, nullptr, core::TensorUse::kMatmulWeight)),
+        bias_(AddWeight("bias", {out}, nullptr, core::TensorUse::kWeight)) {}
   at::Tensor Forward(const at::Tensor& x, const at::Tensor&, const at::Tensor&) const override {
     return at::conv2d(x, Weight(weight_), Weight(bias_), {1, 1}, {1, 1});
   }

@@ -9,6 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "server/core/dtype.h"
+#include "server/core/float8.h"
 #include "server/core/half.h"
 #include "server/core/safetensors_writer.h"
 
@@ -325,10 +326,11 @@ absl::StatusOr<SynthResult> Synthesize(const SynthOptions& options, const std::s
     return absl::InvalidArgumentError("synth: sd1 checkpoints are single files (shards 1)");
   }
   std::optional<core::DType> st_dtype = core::DTypeFromName(options.dtype);
-  if (!st_dtype ||
-      (options.dtype != "float32" && options.dtype != "float16" && options.dtype != "bfloat16")) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "synth: dtype must be float32, float16 or bfloat16, not '", options.dtype, "'"));
+  if (!st_dtype || !core::IsFloatingPoint(*st_dtype) || *st_dtype == core::DType::kFloat64) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("synth: dtype must be float32, float16, bfloat16, float8_e4m3fn or "
+                     "float8_e5m2, not '",
+                     options.dtype, "'"));
   }
   std::vector<TensorPlan> plan;
   nlohmann::ordered_json config;
@@ -364,7 +366,6 @@ absl::StatusOr<SynthResult> Synthesize(const SynthOptions& options, const std::s
   fs::create_directories(out_dir, ec);
   if (ec) return absl::InternalError(absl::StrCat("synth: create ", out_dir, ": ", ec.message()));
 
-  const std::string dtype = options.dtype;
   const uint64_t seed = options.seed;
   SynthResult result;
   std::vector<core::SafetensorsWriter> writers(static_cast<size_t>(options.shards));
@@ -388,14 +389,23 @@ absl::StatusOr<SynthResult> Synthesize(const SynthOptions& options, const std::s
     const double scale = p.scale;
     const float center = static_cast<float>(p.center);
     const bool positions = p.positions;
-    auto fill = [seed, t, scale, center, dtype, positions](char* dst, int64_t offset,
-                                                           int64_t nbytes) {
-      if (positions) {
+    // float8: tensors of two or more dimensions only; biases, norm scales and schedules float16.
+    const core::DType dtype = positions ? core::DType::kInt64
+                              : core::IsFloat8(*st_dtype) && p.shape.size() < 2
+                                  ? core::DType::kFloat16
+                                  : *st_dtype;
+    auto fill = [seed, t, scale, center, dtype](char* dst, int64_t offset, int64_t nbytes) {
+      if (dtype == core::DType::kInt64) {
         for (int64_t b = 0; b < nbytes; b += 8) {
           int64_t v = (offset + b) / 8;
           std::memcpy(dst + b, &v, 8);
         }
-      } else if (dtype == "float32") {
+      } else if (core::IsFloat8(dtype)) {
+        for (int64_t b = 0; b < nbytes; ++b) {
+          float v = center + ValueAt(seed, t, static_cast<uint64_t>(offset + b), scale);
+          dst[b] = static_cast<char>(core::FloatToFloat8Bits(v, dtype));
+        }
+      } else if (dtype == core::DType::kFloat32) {
         for (int64_t b = 0; b < nbytes; b += 4) {
           float v = center + ValueAt(seed, t, static_cast<uint64_t>((offset + b) / 4), scale);
           std::memcpy(dst + b, &v, 4);
@@ -403,14 +413,13 @@ absl::StatusOr<SynthResult> Synthesize(const SynthOptions& options, const std::s
       } else {
         for (int64_t b = 0; b < nbytes; b += 2) {
           float v = center + ValueAt(seed, t, static_cast<uint64_t>((offset + b) / 2), scale);
-          uint16_t bits =
-              dtype == "float16" ? core::FloatToHalfBits(v) : core::FloatToBFloat16Bits(v);
+          uint16_t bits = dtype == core::DType::kFloat16 ? core::FloatToHalfBits(v)
+                                                         : core::FloatToBFloat16Bits(v);
           std::memcpy(dst + b, &bits, 2);
         }
       }
     };
-    absl::Status added =
-        writers[shard].Add(p.name, positions ? core::DType::kInt64 : *st_dtype, p.shape, fill);
+    absl::Status added = writers[shard].Add(p.name, dtype, p.shape, fill);
     if (!added.ok()) return added;
   }
 

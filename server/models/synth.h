@@ -22,7 +22,8 @@ struct SynthOptions {
   // medium (~1.3 GB at float32); sd1: "tiny" (~21 MB), "full" (the v1 shapes and key set,
   // 1.07 G parameters: 4.3 GB at float32, 2.1 GB at float16).
   std::string preset = "tiny";
-  // Stored dtype of floating-point tensors: "float32", "float16" or "bfloat16".
+  // Stored dtype of floating-point tensors: "float32", "float16", "bfloat16", "float8_e4m3fn"
+  // or "float8_e5m2" (float8: the tensors of two or more dimensions; the others float16).
   std::string dtype = "float32";
   // Number of safetensors shards; more than 1 also writes model.safetensors.index.json.
   int shards = 1;

@@ -77,6 +77,12 @@ class TorchScriptModel : public Model {
       if (!options.dtype.empty()) {
         std::optional<core::DType> d = core::DTypeFromName(options.dtype);
         if (!d) return absl::InvalidArgumentError(absl::StrCat("dtype '", options.dtype, "'"));
+        if (core::IsFloat8(*d)) {
+          return absl::InvalidArgumentError(
+              absl::StrCat("dtype '", options.dtype,
+                           "': TorchScript runs its weights as stored, so it cannot "
+                           "hold float8 (the layer-kit architectures can)"));
+        }
         module_.to(core::ToScalarType(*d));
       }
       const c10::FunctionSchema& schema = module_.get_method("forward").function().getSchema();

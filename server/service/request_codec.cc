@@ -21,11 +21,11 @@ void ToProto(const models::TensorSpec& spec, metaload::v1::TensorSpec* out) {
 // A compute dtype named by a request (`field` says which), INVALID_ARGUMENT unless floating.
 absl::StatusOr<core::DType> ParseComputeDtype(const std::string& field, const std::string& name) {
   std::optional<core::DType> dtype = core::DTypeFromName(name);
-  if (!dtype || !core::IsFloatingPoint(*dtype)) {
+  if (!dtype || !core::IsFloatingPoint(*dtype) || core::IsFloat8(*dtype)) {
     return absl::InvalidArgumentError(absl::StrCat(
         field, " '", name,
         "': expected float32, bfloat16, float16 (GPU only) or float64 (empty compute_dtype: "
-        "float32 on a cpu, the storage dtype on a GPU)"));
+        "float32 on a cpu, the storage dtype on a GPU; float8 is a storage dtype only)"));
   }
   return *dtype;
 }
@@ -126,11 +126,13 @@ absl::StatusOr<cache::LoadSpec> MakeLoadSpec(const metaload::v1::LoadModelReques
   cache::LoadSpec spec;
   if (request.path().empty()) return absl::InvalidArgumentError("path is empty");
   if (!request.dtype().empty() && request.dtype() != "keep" && request.dtype() != "float32" &&
-      request.dtype() != "float16" && request.dtype() != "bfloat16") {
-    return absl::InvalidArgumentError(
-        absl::StrCat("dtype '", request.dtype(),
-                     "': expected float32, float16, bfloat16, keep (the file's) or empty (the "
-                     "architecture's default: the file's, or the web UI's for Stable Diffusion)"));
+      request.dtype() != "float16" && request.dtype() != "bfloat16" &&
+      request.dtype() != "float8_e4m3fn" && request.dtype() != "float8_e5m2") {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "dtype '", request.dtype(),
+        "': expected float32, float16, bfloat16, float8_e4m3fn, float8_e5m2, keep (the file's) "
+        "or empty (the architecture's default: the file's, or the web UI's for Stable "
+        "Diffusion)"));
   }
   if (!request.compute_dtype().empty()) {
     absl::StatusOr<core::DType> compute =

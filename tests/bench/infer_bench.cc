@@ -10,10 +10,11 @@
 // and their ratio (the target: <= 1.3 x).
 //
 // Then what storing weights in a smaller dtype costs at forward time, in-process: the medium MLP
-// (batch 64) and the SD1 tiny UNet (batch 1, 32x32 latents), each loaded four ways and run in
+// (batch 64) and the SD1 tiny UNet (batch 1, 32x32 latents), each loaded five ways and run in
 // interleaved rounds: float32; float16 and bfloat16 storage computing in float32 (the cpu's
 // default: every layer casts its weights at forward time); bfloat16 storage and compute (what a
-// request gets with compute_dtype bfloat16; its precision depends on the CPU's instruction set).
+// request gets with compute_dtype bfloat16; its precision depends on the CPU's instruction set);
+// float8_e4m3fn storage of the matmul weights, decoded to float32 at forward time.
 // Printed: p50, the ratio to float32 (target for float16 storage: <= 1.3 x) and the resident
 // bytes saved.
 //
@@ -112,7 +113,8 @@ void StorageCostTable(const std::string& dir, int rounds) {
   const Way ways[] = {{"float32", "float32", std::nullopt},
                       {"float16 -> float32", "float16", std::nullopt},
                       {"bfloat16 -> float32", "bfloat16", std::nullopt},
-                      {"bfloat16 -> bfloat16", "bfloat16", metaload::core::DType::kBFloat16}};
+                      {"bfloat16 -> bfloat16", "bfloat16", metaload::core::DType::kBFloat16},
+                      {"float8_e4m3fn -> float32", "float8_e4m3fn", std::nullopt}};
   struct Net {
     std::string name, path, entry;
     std::map<std::string, at::Tensor> inputs;

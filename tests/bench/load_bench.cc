@@ -12,7 +12,8 @@
 // key set), loaded with the web UI's dtype policy (UNet and text encoder float16, VAE as
 // stored) through the sd1 architecture, against the same floor and a naive load that does what
 // a LibTorch program without the meta device does: allocate and initialise every tensor in
-// float32, copy the checkpoint in, then convert the UNet and text encoder to float16.
+// float32, copy the checkpoint in, then convert the UNet and text encoder to float16. A last
+// row loads the UNet's matmul and convolution weights as float8_e4m3fn (text encoder float16).
 //
 // Usage: load_bench [--model=gpt2|sd1] [--dir=DIR] [--runs=N]
 //        (writes DIR/gpt2-medium.safetensors, 1.4 GB, or DIR/sd1-full/model.safetensors,
@@ -178,13 +179,18 @@ int RunMode(const std::string& mode, const std::string& path) {
         model[i] = model[i].to(torch::kHalf);
       }
     }
-  } else if (mode == "sd1") {
+  } else if (mode == "sd1" || mode == "sd1_fp8") {
     auto model = metaload::models::BuildModel("", index);
     if (!model.ok()) {
       std::fprintf(stderr, "%s\n", model.status().ToString().c_str());
       return 4;
     }
-    auto report = (*model)->Load(**source, {}, {});  // no dtype named: the web UI's policy
+    metaload::core::LoadOptions options;  // sd1: no dtype named, the web UI's policy
+    if (mode == "sd1_fp8") {
+      options.dtype_overrides = {{"model.diffusion_model.", "float8_e4m3fn"},
+                                 {"cond_stage_model.", "float16"}};
+    }
+    auto report = (*model)->Load(**source, options, {});
     if (!report.ok()) {
       std::fprintf(stderr, "%s\n", report.status().ToString().c_str());
       return 4;
@@ -288,24 +294,26 @@ int Sd1Bench(const char* self, const std::string& dir, int runs) {
   }
   WarmPageCache(path);
   // The loaded model's bytes, from a run of its own.
-  double model_bytes = 0;
-  {
-    FILE* p = ::popen(absl::StrCat(self, " --mode=sd1 --path=", path).c_str(), "r");
+  auto loaded_bytes = [&](const char* mode) {
+    FILE* p = ::popen(absl::StrCat(self, " --mode=", mode, " --path=", path).c_str(), "r");
     double s = 0;
     long long peak = 0;
     unsigned long long bytes = 0;
     if (p == nullptr || std::fscanf(p, "%lf %lld %llu", &s, &peak, &bytes) != 3) {
-      std::fprintf(stderr, "load_bench: mode sd1 failed\n");
-      return 1;
+      std::fprintf(stderr, "load_bench: mode %s failed\n", mode);
+      std::exit(1);
     }
     ::pclose(p);
-    model_bytes = static_cast<double>(bytes);
-  }
+    return static_cast<double>(bytes);
+  };
+  const double model_bytes = loaded_bytes("sd1");
+  const double fp8_bytes = loaded_bytes("sd1_fp8");
   const double file_bytes = static_cast<double>(std::filesystem::file_size(path));
   const Figures floor = Median(self, "floor", path, runs);
   const Figures floor_thp = Median(self, "floor_thp", path, runs);
   const Figures naive = Median(self, "sd1_naive", path, runs);
   const Figures ours = Median(self, "sd1", path, runs);
+  const Figures fp8 = Median(self, "sd1_fp8", path, runs);
   std::printf(
       "load benchmark: Stable Diffusion 1.x, full shapes, %.2f GB fp32 file, web UI dtypes "
       "(%.2f GB loaded), median of %d, one process per run\n",
@@ -318,11 +326,18 @@ int Sd1Bench(const char* self, const std::string& dir, int runs) {
       absl::StrFormat("<= 1.4 x floor: %s; naive/metaload = %.1f",
                       ours.seconds <= 1.4 * floor.seconds ? "yes" : "NO",
                       naive.seconds / ours.seconds));
+  row("metaload sd1, UNet float8_e4m3fn", fp8,
+      absl::StrFormat("<= 1.4 x floor: %s", fp8.seconds <= 1.4 * floor.seconds ? "yes" : "NO"));
   std::printf(
       "peak host bytes: %.0f MiB for a %.0f MiB loaded model (<= model + 96 MiB: %s; naive: "
       "%.0f MiB)\n",
       ours.peak_bytes / (1 << 20), model_bytes / (1 << 20),
       ours.peak_bytes <= model_bytes + (96 << 20) ? "yes" : "NO", naive.peak_bytes / (1 << 20));
+  std::printf(
+      "UNet in float8: %.0f MiB loaded (%.2f x the web UI dtypes), peak %.0f MiB (<= model + "
+      "96 MiB: %s)\n",
+      fp8_bytes / (1 << 20), fp8_bytes / model_bytes, fp8.peak_bytes / (1 << 20),
+      fp8.peak_bytes <= fp8_bytes + (96 << 20) ? "yes" : "NO");
   return 0;
 }
 

@@ -8,6 +8,9 @@
 #include <cstring>
 #include <thread>
 
+#include "absl/strings/str_cat.h"
+#include "server/core/dtype_policy.h"
+#include "server/core/float8.h"
 #include "server/core/init_context.h"
 #include "server/core/layers.h"
 #include "server/core/process_memory.h"
@@ -305,6 +308,222 @@ TEST_F(LoaderTest, LayersCastStoredWeightsToTheComputeDtype) {
   EXPECT_EQ(SlotMap(*net)["fc1.weight"].scalar_type(), at::kHalf);
 }
 
+// The float8 bytes of `t` (codec of float8.h) and their decoded float32 values.
+at::Tensor Float8Bytes(const at::Tensor& t, DType format) {
+  at::Tensor bytes = at::empty(t.sizes(), at::kByte);
+  const at::Tensor f = t.to(at::kFloat).contiguous();
+  for (int64_t i = 0; i < f.numel(); ++i) {
+    bytes.data_ptr<uint8_t>()[i] = FloatToFloat8Bits(f.data_ptr<float>()[i], format);
+  }
+  return bytes;
+}
+at::Tensor Float8Values(const at::Tensor& bytes, DType format) {
+  at::Tensor out = at::empty(bytes.sizes(), at::kFloat);
+  const std::array<float, 256>& table = Float8Table(format);
+  for (int64_t i = 0; i < bytes.numel(); ++i) {
+    out.data_ptr<float>()[i] = table[bytes.data_ptr<uint8_t>()[i]];
+  }
+  return out;
+}
+std::optional<DType> Float8Tag(Module& m, const std::string& name) {
+  for (const TensorSlot& s : m.Slots()) {
+    if (s.name == name) return *s.float8;
+  }
+  return std::nullopt;
+}
+
+// A float8 policy converts the weights of matmuls (rounded as float8.h states, across chunk
+// boundaries, on both pipelines); embeddings, norms, biases and integers stay as stored.
+TEST_F(LoaderTest, Float8PolicyConvertsMatmulWeightsOnly) {
+  const auto ref = Reference();
+  auto source = Open(WriteCheckpoint(dir_, ref));
+  for (bool staged : {false, true}) {
+    auto net = MetaNet();
+    LoadOptions options;
+    options.dtype = "float8_e4m3fn";
+    options.chunk_bytes = 20;
+    options.staged = staged;
+    absl::StatusOr<LoadReport> r = LoadModule(*net, *source, options);
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_EQ(r->converted, 2);
+    std::map<std::string, at::Tensor> got = SlotMap(*net);
+    for (const char* name : {"fc1.weight", "head.weight"}) {
+      EXPECT_EQ(got[name].scalar_type(), at::kByte) << name;
+      EXPECT_EQ(Float8Tag(*net, name), DType::kFloat8E4M3) << name;
+      EXPECT_TRUE(at::equal(got[name], Float8Bytes(ref.at(name), DType::kFloat8E4M3))) << name;
+    }
+    for (const char* name : {"embed.weight", "fc1.bias", "norm.weight", "norm.bias"}) {
+      EXPECT_TRUE(at::equal(got[name], ref.at(name))) << name;
+      EXPECT_EQ(Float8Tag(*net, name), std::nullopt) << name;
+    }
+    EXPECT_TRUE(at::equal(got["steps"], ref.at("steps")));
+    uint64_t resident = 0;
+    for (const auto& [name, t] : got) resident += t.nbytes();
+    EXPECT_EQ(r->loaded_bytes, resident);
+    // The forward decodes: exactly the float32 forward of the decoded weights.
+    const at::Tensor x = at::randn({2, 4});
+    const at::Tensor w = Float8Values(got["fc1.weight"], DType::kFloat8E4M3);
+    EXPECT_TRUE(at::equal(net->fc1.Forward(x), at::linear(x, w, ref.at("fc1.bias"))));
+    net->SetComputeDtype("", at::kBFloat16);
+    EXPECT_TRUE(at::equal(net->fc1.Forward(x.to(at::kBFloat16)),
+                          at::linear(x.to(at::kBFloat16), w.to(at::kBFloat16),
+                                     ref.at("fc1.bias").to(at::kBFloat16))));
+  }
+}
+
+// A rule naming a tensor itself converts it whatever it is; its layer decodes it.
+TEST_F(LoaderTest, Float8NamedEmbeddingIsConvertedAndDecodedByItsLookup) {
+  const auto ref = Reference();
+  auto source = Open(WriteCheckpoint(dir_, ref));
+  auto net = MetaNet();
+  LoadOptions options;
+  options.dtype_overrides = {{"embed.weight", "float8_e5m2"}, {"norm.", "float8_e5m2"}};
+  ASSERT_TRUE(LoadModule(*net, *source, options).ok());
+  EXPECT_EQ(Float8Tag(*net, "embed.weight"), DType::kFloat8E5M2);
+  EXPECT_EQ(Float8Tag(*net, "norm.weight"), std::nullopt);  // "norm." names no tensor itself
+  const at::Tensor ids = at::tensor({3, 9, 3}, at::kLong);
+  const at::Tensor table = Float8Values(SlotMap(*net)["embed.weight"], DType::kFloat8E5M2);
+  EXPECT_TRUE(at::equal(net->embed.Forward(ids), table.index_select(0, ids)));
+}
+
+// A module reading a tensor itself (not through Weight()) next to a linear.
+class DirectNet : public Module {
+ public:
+  DirectNet()
+      : scale(AddParameter("scale", {4}, nullptr)),
+        fc(AddChild("fc", std::make_unique<Linear>(4, 4))) {}
+  at::Tensor& scale;
+  Linear& fc;
+};
+
+// float8 in the file: kept as float8 where Weight() reads it, float16 (exact) where the model
+// reads the tensor itself, float32 when the policy says so.
+TEST_F(LoaderTest, Float8CheckpointsLoadAsStoredOrDecoded) {
+  at::manual_seed(4);
+  const at::Tensor scale = at::randn({4}), w = at::randn({4, 4}), b = at::randn({4});
+  const at::Tensor scale8 = Float8Bytes(scale, DType::kFloat8E4M3);
+  const at::Tensor w8 = Float8Bytes(w, DType::kFloat8E5M2);
+  SafetensorsWriter writer;
+  auto add = [&](const char* name, DType dtype, const at::Tensor& t) {
+    ASSERT_TRUE(writer
+                    .Add(name, dtype, t.sizes().vec(),
+                         [t](char* dst, int64_t offset, int64_t n) {
+                           std::memcpy(dst, static_cast<const char*>(t.data_ptr()) + offset, n);
+                         })
+                    .ok());
+  };
+  add("scale", DType::kFloat8E4M3, scale8);
+  add("fc.weight", DType::kFloat8E5M2, w8);
+  add("fc.bias", DType::kFloat32, b);
+  ASSERT_TRUE(writer.Write(dir_ / "f8.safetensors").ok());
+  auto source = Open(dir_ / "f8.safetensors");
+  ASSERT_EQ(source->index().Find("fc.weight")->dtype, DType::kFloat8E5M2);
+
+  std::unique_ptr<DirectNet> kept, decoded, defaults;
+  {
+    InitializeOnMeta meta;
+    kept = std::make_unique<DirectNet>();
+    decoded = std::make_unique<DirectNet>();
+    defaults = std::make_unique<DirectNet>();
+  }
+  ASSERT_TRUE(LoadModule(*kept, *source, {}).ok());
+  EXPECT_EQ(Float8Tag(*kept, "fc.weight"), DType::kFloat8E5M2);
+  EXPECT_TRUE(at::equal(SlotMap(*kept)["fc.weight"], w8));
+  EXPECT_EQ(kept->scale.scalar_type(), at::kHalf);
+  EXPECT_TRUE(at::equal(kept->scale.to(at::kFloat), Float8Values(scale8, DType::kFloat8E4M3)));
+  const at::Tensor x = at::randn({3, 4});
+  EXPECT_TRUE(
+      at::equal(kept->fc.Forward(x), at::linear(x, Float8Values(w8, DType::kFloat8E5M2), b)));
+
+  LoadOptions to_float32;
+  to_float32.dtype = "float32";
+  ASSERT_TRUE(LoadModule(*decoded, *source, to_float32).ok());
+  EXPECT_EQ(Float8Tag(*decoded, "fc.weight"), std::nullopt);
+  EXPECT_TRUE(at::equal(SlotMap(*decoded)["fc.weight"], Float8Values(w8, DType::kFloat8E5M2)));
+  EXPECT_EQ(decoded->scale.scalar_type(), at::kFloat);
+
+  LoadOptions architecture_default;  // an architecture's float16 default keeps float8 as stored
+  architecture_default.dtype = "float16";
+  architecture_default.keep_float8 = true;
+  ASSERT_TRUE(LoadModule(*defaults, *source, architecture_default).ok());
+  EXPECT_EQ(Float8Tag(*defaults, "fc.weight"), DType::kFloat8E5M2);
+  EXPECT_EQ(SlotMap(*defaults)["fc.weight"].scalar_type(), at::kByte);
+  EXPECT_EQ(SlotMap(*defaults)["fc.bias"].scalar_type(), at::kHalf);
+}
+
+// Bit for bit against an independent codec (tests/tools/float8_ref.py, numpy bit operations):
+// float32, float16 and bfloat16 sources with every edge case of both formats.
+TEST_F(LoaderTest, Float8ConversionMatchesTheNumpyReferenceBitForBit) {
+  testing::CommandResult py = testing::RunCommand(
+      {METALOAD_PYTHON, METALOAD_SOURCE_DIR "/tests/tools/float8_ref.py", dir_.path()},
+      dir_ / "py");
+  ASSERT_EQ(py.exit_code, 0) << py.err;
+  auto source = Open(dir_ / "source.safetensors");
+  auto expected = Open(dir_ / "expected.safetensors");
+  const int64_t rows = source->index().Find("f32.weight")->shape[0];
+  struct Sources : Module {
+    explicit Sources(int64_t rows) {
+      for (const char* name : {"f32", "f16", "bf16"}) {
+        AddChild(name, std::make_unique<Linear>(64, rows, /*bias=*/false));
+      }
+    }
+  };
+  struct Expected : Module {
+    explicit Expected(int64_t rows) {
+      for (const char* name : {"f32", "f16", "bf16"}) {
+        for (const char* format : {"e4m3", "e5m2"}) {
+          AddBuffer(absl::StrCat(name, ".weight.", format), {rows, 64}, nullptr, at::kByte);
+        }
+      }
+    }
+  };
+  std::unique_ptr<Expected> want;
+  {
+    InitializeOnMeta meta;
+    want = std::make_unique<Expected>(rows);
+  }
+  ASSERT_TRUE(LoadModule(*want, *expected, {}).ok());
+  std::map<std::string, at::Tensor> bytes = SlotMap(*want);
+  for (const auto& [format, suffix] :
+       {std::pair<std::string, std::string>{"float8_e4m3fn", "e4m3"}, {"float8_e5m2", "e5m2"}}) {
+    std::unique_ptr<Sources> net;
+    {
+      InitializeOnMeta meta;
+      net = std::make_unique<Sources>(rows);
+    }
+    LoadOptions options;
+    options.dtype = format;
+    options.chunk_bytes = 1000;
+    ASSERT_TRUE(LoadModule(*net, *source, options).ok());
+    for (const auto& [name, got] : SlotMap(*net)) {
+      const at::Tensor& ref = bytes[absl::StrCat(name, ".", suffix)];
+      EXPECT_EQ(got.scalar_type(), at::kByte) << name;
+      const int64_t differ = got.ne(ref).sum().item<int64_t>();
+      EXPECT_EQ(differ, 0) << name << " as " << format << " (of " << got.numel() << ")";
+    }
+  }
+}
+
+// Admission's byte count: exact once the uses are known, an upper bound without them.
+TEST_F(LoaderTest, Float8LoadedBytesFollowTheUses) {
+  const auto ref = Reference();
+  auto source = Open(WriteCheckpoint(dir_, ref));
+  absl::StatusOr<DtypePolicy> policy = DtypePolicy::Create("float8_e4m3fn", {});
+  ASSERT_TRUE(policy.ok());
+  auto net = MetaNet();
+  std::map<std::string, TensorUse> uses;
+  for (const TensorSlot& s : net->Slots()) uses[s.name] = s.use;
+  const uint64_t exact =
+      policy->LoadedBytes(source->index(), [&](const std::string& k) { return uses.at(k); });
+  LoadOptions options;
+  options.dtype = "float8_e4m3fn";
+  absl::StatusOr<LoadReport> r = LoadModule(*net, *source, options);
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(exact, r->loaded_bytes);
+  EXPECT_EQ(policy->LoadedBytes(source->index()),
+            exact + 3 * (8 * 4 + 3 * 8));  // the matmul weights counted at 4 bytes, not 1
+}
+
 TEST(LayerKitTest, ComputeDtypeFollowsThePrefix) {
   auto net = MetaNet();
   net->SetComputeDtype("fc1.", at::kDouble);
@@ -312,10 +531,12 @@ TEST(LayerKitTest, ComputeDtypeFollowsThePrefix) {
   EXPECT_EQ(net->compute_dtype(), std::nullopt);  // the root is not under "fc1."
   EXPECT_EQ(net->embed.compute_dtype(), std::nullopt);
   EXPECT_EQ(net->head.compute_dtype(), std::nullopt);
-  EXPECT_EQ(DefaultComputeDtype(at::kHalf, c10::Device(c10::kCPU)), at::kFloat);
-  EXPECT_EQ(DefaultComputeDtype(at::kBFloat16, c10::Device(c10::kCPU)), at::kFloat);
-  EXPECT_EQ(DefaultComputeDtype(at::kDouble, c10::Device(c10::kCPU)), at::kDouble);
-  EXPECT_EQ(DefaultComputeDtype(at::kHalf, c10::Device(c10::kCUDA, 0)), at::kHalf);
+  EXPECT_EQ(DefaultComputeDtype(DType::kFloat16, c10::Device(c10::kCPU)), at::kFloat);
+  EXPECT_EQ(DefaultComputeDtype(DType::kBFloat16, c10::Device(c10::kCPU)), at::kFloat);
+  EXPECT_EQ(DefaultComputeDtype(DType::kFloat64, c10::Device(c10::kCPU)), at::kDouble);
+  EXPECT_EQ(DefaultComputeDtype(DType::kFloat16, c10::Device(c10::kCUDA, 0)), at::kHalf);
+  EXPECT_EQ(DefaultComputeDtype(DType::kFloat8E4M3, c10::Device(c10::kCPU)), at::kFloat);
+  EXPECT_EQ(DefaultComputeDtype(DType::kFloat8E5M2, c10::Device(c10::kCUDA, 0)), at::kHalf);
 }
 
 TEST_F(LoaderTest, DtypeConversionAndLongestPrefixOverrides) {

@@ -105,5 +105,63 @@ TEST(CliTest, LoadListGetInferUnloadAndErrors) {
   EXPECT_TRUE(daemon.process().Wait(10s).has_value());
 }
 
+// float8 as a user meets it: synth writes an F8_E4M3 checkpoint, inspect names the dtype, the
+// daemon loads it as stored (one byte per weight), says so in ModelInfo and runs it; a float32
+// file loads with its weights converted by `--dtype=float8_e5m2`.
+TEST(CliTest, Float8CheckpointsSynthInspectLoadAndInfer) {
+  testing::TempDir dir;
+  ASSERT_EQ(testing::RunCommand(
+                {METALOAD_CLI_PATH, "synth", "--arch=gpt2", "--dtype=float8_e4m3fn", dir / "f8"},
+                dir / "s")
+                .exit_code,
+            0);
+  ASSERT_EQ(testing::RunCommand({METALOAD_CLI_PATH, "synth", "--arch=gpt2", dir / "f32"}, dir / "s")
+                .exit_code,
+            0);
+  testing::CommandResult inspect =
+      testing::RunCommand({METALOAD_CLI_PATH, "inspect", dir / "f8", "--json"}, dir / "i");
+  ASSERT_EQ(inspect.exit_code, 0) << inspect.err;
+  nlohmann::json index = nlohmann::json::parse(inspect.out);
+  ASSERT_TRUE(index["bytes_by_dtype"].contains("float8_e4m3fn")) << inspect.out;
+  EXPECT_GT(index["bytes_by_dtype"]["float8_e4m3fn"].get<int64_t>(),
+            index["bytes_by_dtype"]["float16"].get<int64_t>());
+
+  DaemonProcess daemon(dir);
+  ASSERT_GT(daemon.grpc_port(), 0) << daemon.process().Stderr();
+  const std::string address = "--address=127.0.0.1:" + std::to_string(daemon.grpc_port());
+  auto cli = [&](std::vector<std::string> args) {
+    args.insert(args.begin(), METALOAD_CLI_PATH);
+    args.push_back(address);
+    return testing::RunCommand(args, dir / "cli");
+  };
+  testing::CommandResult load = cli({"load", "f8", "--id=f8", "--json"});
+  ASSERT_EQ(load.exit_code, 0) << load.err;
+  nlohmann::json m = nlohmann::json::parse(load.out)["model"];
+  EXPECT_EQ(m["entries"][0]["storage_dtype"], "float8_e4m3fn") << load.out;
+  EXPECT_EQ(m["entries"][0]["compute_dtype"], "float32") << load.out;
+  EXPECT_EQ(std::stoll(m["resident_bytes"].get<std::string>()), index["bytes"].get<int64_t>())
+      << load.out;
+
+  testing::CommandResult converted =
+      cli({"load", "f32", "--id=e5m2", "--dtype=float8_e5m2", "--json"});
+  ASSERT_EQ(converted.exit_code, 0) << converted.err;
+  nlohmann::json c = nlohmann::json::parse(converted.out)["model"];
+  EXPECT_EQ(c["entries"][0]["storage_dtype"], "float8_e5m2") << converted.out;
+  EXPECT_EQ(cli({"load", "f32", "--id=bad", "--compute_dtype=float8_e4m3fn"}).exit_code, 1);
+
+  for (const char* id : {"f8", "e5m2"}) {
+    testing::CommandResult infer =
+        cli({"infer", id, "--input=input_ids=INT64:1x3:1,2,3", "--json"});
+    ASSERT_EQ(infer.exit_code, 0) << infer.err;
+    nlohmann::json out = nlohmann::json::parse(infer.out);
+    ASSERT_EQ(out["outputs"][0]["fp32_contents"].size(), 3u * 128u) << id;
+    for (const auto& v : out["outputs"][0]["fp32_contents"]) {
+      ASSERT_TRUE(v.is_number()) << id;  // JSON has no NaN or inf: each logit is finite
+    }
+  }
+  daemon.process().Signal(SIGTERM);
+  EXPECT_TRUE(daemon.process().Wait(10s).has_value());
+}
+
 }  // namespace
 }  // namespace metaload

@@ -15,6 +15,7 @@
 #include <nlohmann/json.hpp>
 
 #include "server/core/checkpoint.h"
+#include "server/core/dtype_policy.h"
 #include "server/models/registry.h"
 #include "tests/test_util.h"
 
@@ -140,6 +141,13 @@ INSTANTIATE_TEST_SUITE_P(
              "",
              1e-4,
              "sd1"},
+        // float8 storage of every network's matmul and convolution weights (float8_ref.py).
+        Case{"fp8_e4m3_storage_rounded_reference",
+             {"--round", "float8_e4m3fn"},
+             "model.safetensors",
+             "float8_e4m3fn",
+             1e-4,
+             "sd1"},
         // Most shared SD1 files: every network stored in float16, loaded as stored.
         Case{"fp16_file_kept",
              {"--round", "float16", "--store", "float16"},
@@ -220,6 +228,45 @@ TEST(Sd1Test, DefaultDtypesAreTheWebUis) {
   for (const core::TensorInfo& t : index->tensors) stored += t.nbytes;
   EXPECT_EQ(keep.model->ResidentBytes(), stored);
   EXPECT_EQ(keep.report.converted, 0);
+}
+
+// A UNet stored in float8: admission counts one byte per converted value, exactly what the
+// load holds; against the same UNet in float16 it is about half (the rest: biases and norms,
+// kept as stored, and embeddings).
+TEST(Sd1Test, Float8UNetIsAdmittedAtItsStoredBytes) {
+  const std::string dir = Reference({}) / "sd";
+  auto admitted = [&](const Loaded& l, const std::map<std::string, std::string>& overrides) {
+    absl::StatusOr<core::DtypePolicy> policy = core::DtypePolicy::Create("", overrides);
+    EXPECT_TRUE(policy.ok());
+    return l.model->LoadedBytes(l.source->index(), *policy);
+  };
+  const std::map<std::string, std::string> fp8 = {{"model.diffusion_model.", "float8_e4m3fn"}};
+  const std::map<std::string, std::string> fp16 = {{"model.diffusion_model.", "float16"}};
+  Loaded l;
+  absl::StatusOr<std::unique_ptr<core::CheckpointSource>> source =
+      core::CheckpointSource::Open(dir + "/model.safetensors");
+  ASSERT_TRUE(source.ok()) << source.status();
+  l.source = *std::move(source);
+  absl::StatusOr<std::unique_ptr<Model>> model = BuildModel("", l.source->index());
+  ASSERT_TRUE(model.ok()) << model.status();
+  l.model = *std::move(model);
+  const uint64_t want = admitted(l, fp8);  // before loading: from the skeleton on meta
+  core::LoadOptions options;
+  options.dtype_overrides = fp8;
+  ASSERT_TRUE(l.model->Load(*l.source, options, {}).ok());
+  EXPECT_EQ(l.model->ResidentBytes(), want);
+  uint64_t rest = 0, unet = 0;  // bytes outside the UNet, as stored; UNet values
+  for (const core::TensorInfo& t : l.source->index().tensors) {
+    (t.name.rfind("model.diffusion_model.", 0) == 0 ? unet : rest) += t.nbytes;
+  }
+  const double fp8_unet = static_cast<double>(want - rest);
+  const double fp16_unet = static_cast<double>(admitted(l, fp16) - rest);
+  std::printf("UNet: %.0f bytes in float8, %.0f in float16 (%.3f)\n", fp8_unet, fp16_unet,
+              fp8_unet / fp16_unet);
+  EXPECT_EQ(fp16_unet, static_cast<double>(unet) / 2);  // the float32 file's UNet, halved
+  EXPECT_LT(fp8_unet / fp16_unet, 0.6);  // tiny shapes: biases and norms weigh more than usual
+  EXPECT_GT(fp8_unet / fp16_unet, 0.5);
+  EXPECT_EQ(l.model->LoadedEntries().front().storage_dtype, core::DType::kFloat8E4M3);
 }
 
 // A network computes in the dtype asked for it; entries that run one network (the VAE's) follow

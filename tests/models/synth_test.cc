@@ -7,6 +7,7 @@
 #include <nlohmann/json.hpp>
 
 #include "server/core/checkpoint.h"
+#include "server/core/dtype_policy.h"
 #include "server/models/architecture_detector.h"
 #include "server/models/registry.h"
 #include "tests/test_util.h"
@@ -56,6 +57,44 @@ TEST(SynthTest, ShardedHalfPrecisionMatchesPythonReference) {
     EXPECT_EQ(nlohmann::json::parse(py.out)["dtype"], dtype);
     // The Python check must fail for the wrong seed: it really compares values.
     EXPECT_EQ(CheckWithPython(dir / "mlp", 43, dir / "py43").exit_code, 1);
+  }
+}
+
+// float8: the weights one byte per value (F8_E4M3 / F8_E5M2, float8_ref.py's codec), the
+// biases float16; the checkpoint loads as float8 and runs.
+TEST(SynthTest, Float8MatchesPythonReferenceAndLoadsAsStored) {
+  for (const char* dtype : {"float8_e4m3fn", "float8_e5m2"}) {
+    testing::TempDir dir;
+    SynthOptions options;
+    options.dtype = dtype;
+    options.seed = 5;
+    absl::StatusOr<SynthResult> r = Synthesize(options, dir / "mlp");
+    ASSERT_TRUE(r.ok()) << r.status();
+    const int64_t biases = 32 + 32 + 8;
+    EXPECT_EQ(r->data_bytes, (r->parameter_count - biases) + 2 * biases);
+    testing::CommandResult py = CheckWithPython(dir / "mlp", 5, dir / "py");
+    ASSERT_EQ(py.exit_code, 0) << dtype << ": " << py.err;
+    EXPECT_EQ(CheckWithPython(dir / "mlp", 6, dir / "py6").exit_code, 1);
+
+    absl::StatusOr<std::unique_ptr<core::CheckpointSource>> source =
+        core::CheckpointSource::Open(dir / "mlp");
+    ASSERT_TRUE(source.ok()) << source.status();
+    EXPECT_EQ((*source)->index().Find("layers.0.weight")->dtype, *core::DTypeFromName(dtype));
+    absl::StatusOr<std::unique_ptr<Model>> model = BuildModel("", (*source)->index());
+    ASSERT_TRUE(model.ok()) << model.status();
+    absl::StatusOr<core::DtypePolicy> keep = core::DtypePolicy::Create("", {});
+    ASSERT_TRUE(keep.ok());
+    const uint64_t admitted = (*model)->LoadedBytes((*source)->index(), *keep);
+    ASSERT_TRUE((*model)->Load(**source, {}, {}).ok());
+    EXPECT_EQ((*model)->ResidentBytes(), r->data_bytes);
+    EXPECT_EQ(admitted, r->data_bytes);  // exact: one byte per float8 value
+    const EntrySpec entry = (*model)->LoadedEntries().front();
+    EXPECT_EQ(entry.storage_dtype, *core::DTypeFromName(dtype));
+    EXPECT_EQ(entry.compute_dtype, core::DType::kFloat32);
+    absl::StatusOr<NamedTensors> out = (*model)->Run("", {{"input", at::ones({2, 16})}});
+    ASSERT_TRUE(out.ok()) << out.status();
+    EXPECT_EQ(out->front().second.scalar_type(), at::kFloat);
+    EXPECT_TRUE(out->front().second.isfinite().all().item<bool>());
   }
 }
 

@@ -19,6 +19,9 @@ import sys
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import float8_ref  # noqa: E402
+
 ST = {torch.float32: "F32", torch.float16: "F16", torch.int64: "I64"}
 
 
@@ -35,16 +38,31 @@ def write_safetensors(path, tensors):
         f.write(struct.pack("<Q", len(text)) + text + b"".join(blobs))
 
 
+# The embedding tables of every architecture here: a float8 policy leaves them as stored.
+EMBEDDINGS = ("wte.", "wpe.", "embed_tokens.", "token_embedding.", "position_embedding.")
+
+
 def round_weights(sd, flags):
     """--round DTYPE [--keep P1,P2]: `sd` with every floating tensor rounded to DTYPE and back,
     except those under a kept prefix: the values metaload stores when it loads the checkpoint
-    with dtype DTYPE and those prefixes kept."""
+    with dtype DTYPE and those prefixes kept. float8_e4m3fn / float8_e5m2 (float8_ref.py's
+    codec) round the weights of matmuls and convolutions only: tensors of two or more
+    dimensions that are not embedding tables."""
     if "--round" not in flags:
         return sd
-    dtype = getattr(torch, flags[flags.index("--round") + 1])
+    name = flags[flags.index("--round") + 1]
     keep = flags[flags.index("--keep") + 1].split(",") if "--keep" in flags else []
-    return {k: v.to(dtype).to(v.dtype) if v.is_floating_point() and not any(k.startswith(p) for p in keep)
-            else v for k, v in sd.items()}
+
+    def rounded(k, v):
+        if not v.is_floating_point() or any(k.startswith(p) for p in keep):
+            return v
+        if name.startswith("float8"):
+            if v.dim() < 2 or any(e in k for e in EMBEDDINGS):
+                return v
+            return torch.from_numpy(float8_ref.round_trip(v.float().numpy(), name)).to(v.dtype)
+        return v.to(getattr(torch, name)).to(v.dtype)
+
+    return {k: rounded(k, v) for k, v in sd.items()}
 
 
 def save(out, sd, shards):

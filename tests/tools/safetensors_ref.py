@@ -15,13 +15,20 @@ import sys
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import float8_ref  # noqa: E402
+
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
           "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
-          "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+          "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+          # torch 1.13 has no float8: the bytes (float8_ref.py decodes them)
+          "F8_E4M3": torch.uint8, "F8_E5M2": torch.uint8}
 M64 = (1 << 64) - 1
 
 
-def read_safetensors(path):
+def read_safetensors(path, dtype_names=None):
+    """name -> tensor, the metadata, the header's size; `dtype_names` (a dict) gets each
+    tensor's safetensors dtype."""
     with open(path, "rb") as f:
         data = f.read()
     (n,) = struct.unpack("<Q", data[:8])
@@ -33,6 +40,8 @@ def read_safetensors(path):
     for name, e in header.items():
         b, end = e["data_offsets"]
         dtype = DTYPES[e["dtype"]]
+        if dtype_names is not None:
+            dtype_names[name] = e["dtype"]
         if end > b:
             raw = torch.frombuffer(bytearray(body[b:end]), dtype=torch.uint8)
             t = raw.view(dtype).reshape(e["shape"])
@@ -67,15 +76,16 @@ def check_synth(directory, seed=0):
         config = json.load(f)
     if config.get("model_type") != "mlp":
         raise ValueError("only mlp checkpoints are checked here")
-    dtype = {"float32": torch.float32, "float16": torch.float16,
-             "bfloat16": torch.bfloat16}[config["torch_dtype"]]
+    float8 = {"float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}.get(config["torch_dtype"])
+    dtype = torch.uint8 if float8 else {"float32": torch.float32, "float16": torch.float16,
+                                        "bfloat16": torch.bfloat16}[config["torch_dtype"]]
     index_path = os.path.join(directory, "model.safetensors.index.json")
-    tensors = {}
+    tensors, names = {}, {}
     if os.path.exists(index_path):
         with open(index_path) as f:
             weight_map = json.load(f)["weight_map"]
         for shard in sorted(set(weight_map.values())):
-            t, _, _ = read_safetensors(os.path.join(directory, shard))
+            t, _, _ = read_safetensors(os.path.join(directory, shard), names)
             for name in t:
                 if weight_map.get(name) != shard:
                     raise ValueError(f"{name} is in {shard} but the index says {weight_map.get(name)}")
@@ -83,7 +93,7 @@ def check_synth(directory, seed=0):
         if set(weight_map) != set(tensors):
             raise ValueError("index and shards disagree on the key set")
     else:
-        tensors, _, _ = read_safetensors(os.path.join(directory, "model.safetensors"))
+        tensors, _, _ = read_safetensors(os.path.join(directory, "model.safetensors"), names)
     sizes = config["layer_sizes"]
     expected_names = []
     for i in range(len(sizes) - 1):
@@ -96,10 +106,18 @@ def check_synth(directory, seed=0):
         fan_in, fan_out = sizes[layer], sizes[layer + 1]
         shape = [fan_out, fan_in] if name.endswith("weight") else [fan_out]
         t = tensors[name]
-        if list(t.shape) != shape or t.dtype != dtype:
-            raise ValueError(f"{name}: {t.dtype} {list(t.shape)}, expected {dtype} {shape}")
+        # float8 checkpoints: the weights in float8, the biases (one dimension) float16.
+        want_dtype = torch.float16 if float8 and len(shape) < 2 else dtype
+        if list(t.shape) != shape or t.dtype != want_dtype:
+            raise ValueError(f"{name}: {t.dtype} {list(t.shape)}, expected {want_dtype} {shape}")
+        if float8 and len(shape) >= 2 and names[name] != float8:
+            raise ValueError(f"{name}: stored as {names[name]}, expected {float8}")
         n = min(t.numel(), 4096)
-        want = synth_values(seed, t_index, n, 1.0 / math.sqrt(fan_in)).to(dtype)
+        want = synth_values(seed, t_index, n, 1.0 / math.sqrt(fan_in))
+        if want_dtype == torch.uint8:
+            want = torch.from_numpy(float8_ref.encode(want.numpy(), config["torch_dtype"]))
+        else:
+            want = want.to(want_dtype)
         got = t.reshape(-1)[:n]
         if not torch.equal(got, want):
             bad = (got != want).nonzero()[0].item()
