@@ -33,34 +33,40 @@ namespace metaload::core {
 
 namespace float8_internal {
 
+// Branch-free (both roundings computed, one selected) so that loops over it vectorize: weights
+// sit on both sides of the subnormal boundary, and a branch there mispredicts.
 template <int kMantissa, int kBias, uint8_t kMaxFinite, bool kHasInfinity>
 inline uint8_t Encode(float value) {
   uint32_t bits;
   std::memcpy(&bits, &value, 4);
-  const uint8_t sign = static_cast<uint8_t>((bits >> 24) & 0x80u);
+  const uint32_t sign = (bits >> 24) & 0x80u;
   const uint32_t abs = bits & 0x7fffffffu;
-  if (abs > 0x7f800000u) return sign | 0x7f;  // NaN
-  if (abs == 0x7f800000u) return sign | (kHasInfinity ? 0x7c : kMaxFinite);
-  constexpr uint32_t kMinNormal = static_cast<uint32_t>(127 + 1 - kBias) << 23;
-  if (abs < kMinNormal) {
-    // Subnormal (or zero): adding 2^(1 - bias + 23 - mantissa) leaves the value's multiple of
-    // the subnormal step in the low bits, rounded to nearest even by the float addition.
-    constexpr uint32_t kMagicBits = static_cast<uint32_t>(127 - kBias + 23 - kMantissa + 1) << 23;
-    float magic;
-    std::memcpy(&magic, &kMagicBits, 4);
-    float a;
-    std::memcpy(&a, &abs, 4);
-    const float sum = a + magic;
-    uint32_t sum_bits;
-    std::memcpy(&sum_bits, &sum, 4);
-    return sign | static_cast<uint8_t>(sum_bits - kMagicBits);  // 2^mantissa: the smallest normal
-  }
   // Normal: rebias the exponent and round the mantissa from 23 bits, ties to even; a carry moves
-  // into the exponent. Codes past the largest finite one saturate.
+  // into the exponent. (Wraps for subnormal inputs, whose code comes from below instead.)
   uint32_t r = abs - (static_cast<uint32_t>(127 - kBias) << 23);
   r += ((1u << (22 - kMantissa)) - 1) + ((r >> (23 - kMantissa)) & 1u);
-  const uint32_t code = r >> (23 - kMantissa);
-  return sign | static_cast<uint8_t>(code > kMaxFinite ? kMaxFinite : code);
+  const uint32_t normal = r >> (23 - kMantissa);
+  // Subnormal (or zero): adding 2^(1 - bias + 23 - mantissa) leaves the value's multiple of the
+  // subnormal step in the low bits, rounded to nearest even by the float addition; a result of
+  // 2^mantissa is the smallest normal's code.
+  constexpr uint32_t kMagicBits = static_cast<uint32_t>(127 - kBias + 23 - kMantissa + 1) << 23;
+  float magic, a;
+  std::memcpy(&magic, &kMagicBits, 4);
+  std::memcpy(&a, &abs, 4);
+  const float sum = a + magic;
+  uint32_t sum_bits;
+  std::memcpy(&sum_bits, &sum, 4);
+  const uint32_t subnormal = sum_bits - kMagicBits;
+  constexpr uint32_t kMinNormal = static_cast<uint32_t>(127 + 1 - kBias) << 23;
+  auto select = [](bool take_a, uint32_t a_value, uint32_t b_value) {  // bitwise, no branch
+    const uint32_t mask = 0u - static_cast<uint32_t>(take_a);
+    return (a_value & mask) | (b_value & ~mask);
+  };
+  uint32_t code = select(abs < kMinNormal, subnormal, normal);
+  code = select(code > kMaxFinite, kMaxFinite, code);  // saturate (E4M3 also maps inf here)
+  if (kHasInfinity) code = select(abs == 0x7f800000u, 0x7cu, code);
+  code = select(abs > 0x7f800000u, 0x7fu, code);  // NaN
+  return static_cast<uint8_t>(sign | code);
 }
 
 template <int kMantissa, int kBias, bool kHasInfinity>
