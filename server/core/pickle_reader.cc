@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <map>
@@ -44,39 +45,66 @@ Constants& Shared() {
 
 constexpr size_t kMaxBlockBytes = 1 << 20;
 
-// A stack of T in mmap'd 64 KiB chunks: it grows a chunk at a time (a vector's reallocation
-// holds 3x its size for a moment) and gives every chunk back to the kernel when it goes (small
-// blocks freed into malloc's bins stayed resident after a failed parse). When the kernel
-// refuses a chunk, push_back drops the value and failed() says so.
+// Memory for the arena and the machine's stacks. A small parse (most of them; every fuzzing run)
+// gets its first 32-64 KiB from malloc; everything after comes from mmap, not malloc: the
+// kernel gets every page back when the parse ends, whatever else the allocator holds (20 MiB of
+// small values freed into malloc's bins once stayed resident after a failed parse).
+constexpr size_t kFromMallocBelow = 128 << 10;
+void* GetBlock(size_t size) {
+  if (size < kFromMallocBelow) return std::malloc(size);
+  void* p = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  return p == MAP_FAILED ? nullptr : p;
+}
+void PutBlock(void* p, size_t size) {
+  if (size < kFromMallocBelow) {
+    std::free(p);
+  } else {
+    ::munmap(p, size);
+  }
+}
+
+// A stack of T in chunks: a first one of 32 KiB, then 512 KiB ones (see GetBlock). It grows a
+// chunk at a time (a vector's reallocation holds 3x its size for a moment). When no memory is
+// left, push_back drops the value and failed() says so.
 template <typename T>
-class MappedStack {
+class ChunkedStack {
  public:
   static_assert(std::is_trivially_copyable_v<T>);
-  static constexpr size_t kChunk = (64 << 10) / sizeof(T);
+  static constexpr size_t kFirst = (32 << 10) / sizeof(T);
+  static constexpr size_t kChunk = (512 << 10) / sizeof(T);
 
-  MappedStack() = default;
-  MappedStack(const MappedStack&) = delete;
-  MappedStack& operator=(const MappedStack&) = delete;
-  ~MappedStack() {
-    for (T* chunk : chunks_) ::munmap(chunk, kChunk * sizeof(T));
+  ChunkedStack() = default;
+  ChunkedStack(const ChunkedStack&) = delete;
+  ChunkedStack& operator=(const ChunkedStack&) = delete;
+  ~ChunkedStack() {
+    if (first_ != nullptr) PutBlock(first_, kFirst * sizeof(T));
+    for (T* chunk : chunks_) PutBlock(chunk, kChunk * sizeof(T));
   }
 
   size_t size() const { return size_; }
   bool empty() const { return size_ == 0; }
   bool failed() const { return failed_; }
-  T& operator[](size_t i) { return chunks_[i / kChunk][i % kChunk]; }
-  const T& operator[](size_t i) const { return chunks_[i / kChunk][i % kChunk]; }
+  T& operator[](size_t i) {
+    return i < kFirst ? first_[i] : chunks_[(i - kFirst) / kChunk][(i - kFirst) % kChunk];
+  }
+  const T& operator[](size_t i) const { return const_cast<ChunkedStack*>(this)->operator[](i); }
   T& back() { return (*this)[size_ - 1]; }
   const T& back() const { return (*this)[size_ - 1]; }
   void push_back(T value) {
-    if (size_ == chunks_.size() * kChunk) {
-      void* chunk = ::mmap(nullptr, kChunk * sizeof(T), PROT_READ | PROT_WRITE,
-                           MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-      if (chunk == MAP_FAILED) {
+    if (size_ == capacity_) {
+      const size_t bytes = first_ == nullptr ? kFirst * sizeof(T) : kChunk * sizeof(T);
+      T* chunk = static_cast<T*>(GetBlock(bytes));
+      if (chunk == nullptr) {
         failed_ = true;
         return;
       }
-      chunks_.push_back(static_cast<T*>(chunk));
+      if (first_ == nullptr) {
+        first_ = chunk;
+        capacity_ = kFirst;
+      } else {
+        chunks_.push_back(chunk);
+        capacity_ += kChunk;
+      }
     }
     (*this)[size_++] = value;
   }
@@ -85,8 +113,10 @@ class MappedStack {
   void shrink(size_t n) { size_ = n; }
 
  private:
+  T* first_ = nullptr;
   std::vector<T*> chunks_;
   size_t size_ = 0;
+  size_t capacity_ = 0;
   bool failed_ = false;
 };
 
@@ -546,10 +576,10 @@ class PickleMachine {
   size_t pos_ = 0;
   size_t op_at_ = 0;
   bool stopped_ = false;
-  MappedStack<PickleRef> stack_;
-  MappedStack<size_t> marks_;  // stack sizes at each MARK
+  ChunkedStack<PickleRef> stack_;
+  ChunkedStack<size_t> marks_;  // stack sizes at each MARK
   // The pickler numbers memo entries 0, 1, 2, ...: those are dense; any other index is sparse.
-  MappedStack<PickleRef> memo_dense_;
+  ChunkedStack<PickleRef> memo_dense_;
   std::map<uint64_t, PickleRef> memo_sparse_;
 };
 
@@ -586,7 +616,7 @@ std::string PickleValue::TypeName() const {
 }
 
 PickleDocument::~PickleDocument() {
-  for (const Block& b : blocks_) ::munmap(b.data, b.size);
+  for (const Block& b : blocks_) PutBlock(b.data, b.size);
 }
 
 void* PickleDocument::Allocate(size_t bytes) {
@@ -607,10 +637,8 @@ void* PickleDocument::Allocate(size_t bytes) {
     used_ -= bytes;
     return nullptr;
   }
-  // mmap, not malloc: the kernel gets every page back when the document goes, whatever else
-  // the allocator holds (20 MiB of small values freed into malloc's bins stayed resident).
-  void* p = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (p == MAP_FAILED) {
+  void* p = GetBlock(size);
+  if (p == nullptr) {
     used_ -= bytes;
     map_failed_ = true;
     return nullptr;

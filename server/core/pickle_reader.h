@@ -14,10 +14,10 @@
 // DATA_LOSS with the byte offset.
 //
 // MEMORY MODEL. Values are never copied: the stack, the memo, containers and REDUCE arguments
-// hold references to values that live in the document's arena (large mmap'd blocks, returned to
-// the kernel when the document goes, or at once when the parse fails). None, booleans, the empty
-// tuple and the integers 0..255 are shared constants. Everything the arena hands out (values,
-// item runs, text) is charged against a budget of
+// hold references to values that live in the document's arena (a 64 KiB block from malloc, then
+// mmap'd ones, returned to the kernel when the document goes, or at once when the parse fails).
+// None, booleans, the empty tuple and the integers 0..255 are shared constants. Everything the
+// arena hands out (values, item runs, text) is charged against a budget of
 //     kPickleMemoryPerInputByte x input bytes + kPickleMemoryBaseBytes   (32 x n + 1 MiB);
 // a program that needs more is DATA_LOSS ("needs more than N bytes of memory"): a torch.save
 // pickle needs about 7.4 x its size (PickleMemoryTest, 1,200 tensors). The machine's stack, marks
@@ -99,7 +99,8 @@ struct PickleValue {
   std::string TypeName() const;
 };
 
-// Owns every value of one parsed pickle: an arena of mmap'd blocks, unmapped on destruction.
+// Owns every value of one parsed pickle: an arena of blocks (mmap'd but the first), freed on
+// destruction.
 class PickleDocument {
  public:
   ~PickleDocument();
@@ -131,7 +132,7 @@ class PickleDocument {
   size_t block_size_ = 64 << 10;  // doubles up to 1 MiB
   size_t mapped_ = 0;
   size_t used_ = 0;
-  bool map_failed_ = false;  // the kernel refused a mapping (not the budget)
+  bool map_failed_ = false;  // out of memory (not of budget)
   const size_t budget_;
   PickleRef root_ = nullptr;
 };
