@@ -9,6 +9,7 @@
 #include <cerrno>
 #include <cstring>
 #include <exception>
+#include <memory>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -41,19 +42,26 @@ struct HttpEndpoint::Callbacks {
   static MHD_Result Access(void* cls, MHD_Connection* connection, const char* url,
                            const char* method, const char* /*version*/, const char* /*upload_data*/,
                            size_t* /*upload_data_size*/, void** /*request_state*/) {
-    // Answered on the first call, before any request body is read (none is wanted).
-    const auto* endpoint = static_cast<const HttpEndpoint*>(cls);
-    Answer answer = endpoint->Route(url, method);
-    auto* body = new std::string(std::move(answer.body));
-    MHD_Response* response = MHD_create_response_from_buffer_with_free_callback_cls(
-        body->size(), body->data(), &DeleteString, body);
-    if (response == nullptr) {
-      delete body;
-      return MHD_NO;  // closes the connection
+    // No exception may cross into libmicrohttpd's C: out of memory closes the connection.
+    try {
+      return Queue(*static_cast<const HttpEndpoint*>(cls), connection, url, method);
+    } catch (...) {
+      return MHD_NO;
     }
+  }
+
+  // Answers on the first call, before any request body is read (none is wanted).
+  static MHD_Result Queue(const HttpEndpoint& endpoint, MHD_Connection* connection, const char* url,
+                          const char* method) {
+    Answer answer = endpoint.Route(url, method);
+    auto body = std::make_unique<std::string>(std::move(answer.body));
+    MHD_Response* response = MHD_create_response_from_buffer_with_free_callback_cls(
+        body->size(), body->data(), &DeleteString, body.get());
+    if (response == nullptr) return MHD_NO;  // closes the connection
+    body.release();                          // the response frees it
     MHD_add_response_header(
         response, MHD_HTTP_HEADER_CONTENT_TYPE,
-        answer.code == MHD_HTTP_OK ? endpoint->options_.content_type.c_str() : "text/plain");
+        answer.code == MHD_HTTP_OK ? endpoint.options_.content_type.c_str() : "text/plain");
     MHD_add_response_header(response, MHD_HTTP_HEADER_CONNECTION, "close");
     if (answer.code == MHD_HTTP_METHOD_NOT_ALLOWED) {
       MHD_add_response_header(response, MHD_HTTP_HEADER_ALLOW, "GET, HEAD");
