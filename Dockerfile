@@ -25,7 +25,8 @@ FROM ${RUNTIME_IMAGE} AS runtime
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
       libtorch1.13 libgrpc++1.51 libprotobuf32 libabsl20220623 \
-      libprometheus-cpp-core1.0 libsimdjson14 libopenblas0-openmp libssl3 ca-certificates \
+      libprometheus-cpp-core1.0 libmicrohttpd12 libsimdjson14 libopenblas0-openmp libssl3 \
+      ca-certificates \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin metaload \
  && mkdir -p /models /state && chown metaload /models /state

@@ -137,7 +137,7 @@ class ZipIndexer {
         index.skipped_entries.push_back(Describe(key, value));
         continue;
       }
-      absl::StatusOr<TensorInfo> info = Tensor(key.text, *tensor);
+      absl::StatusOr<TensorInfo> info = Tensor(std::string(key.text), *tensor);
       if (!info.ok()) return info.status();
       index.tensors.push_back(*std::move(info));
     }
@@ -146,8 +146,8 @@ class ZipIndexer {
 
  private:
   static std::string Describe(const PickleValue& key, const PickleValue& value) {
-    std::string name =
-        key.kind == Kind::kString ? key.text : absl::StrCat("<", key.TypeName(), " key>");
+    std::string name = key.kind == Kind::kString ? std::string(key.text)
+                                                 : absl::StrCat("<", key.TypeName(), " key>");
     return absl::StrCat(name, " (", value.TypeName(), ")");
   }
 

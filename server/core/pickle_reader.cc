@@ -1,19 +1,131 @@
 #include "server/core/pickle_reader.h"
 
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <map>
+#include <new>
+#include <type_traits>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 
 namespace metaload::core {
-namespace {
 
 using Kind = PickleValue::Kind;
 
-class Machine {
+// The arena frees nothing value by value.
+static_assert(std::is_trivially_destructible_v<PickleValue>);
+
+namespace {
+
+// Immutable values every document shares: nothing ever adds items to them or builds them (only
+// lists, dicts, sets and objects take either), so a NONE flood costs a stack slot per byte.
+struct Constants {
+  PickleValue none, yes, no, empty_tuple;
+  PickleValue small[256];  // the integers 0..255 (BININT1)
+  Constants() {
+    yes.kind = no.kind = Kind::kBool;
+    yes.boolean = true;
+    empty_tuple.kind = Kind::kTuple;
+    for (int i = 0; i < 256; ++i) {
+      small[i].kind = Kind::kInt;
+      small[i].integer = i;
+    }
+  }
+};
+Constants& Shared() {
+  static Constants* constants = new Constants();  // never destroyed: documents may outlive main
+  return *constants;
+}
+
+constexpr size_t kMaxBlockBytes = 1 << 20;
+
+// Memory for the arena and the machine's stacks. A small parse (most of them; every fuzzing run)
+// gets its first 32-64 KiB from malloc; everything after comes from mmap, not malloc: the
+// kernel gets every page back when the parse ends, whatever else the allocator holds (20 MiB of
+// small values freed into malloc's bins once stayed resident after a failed parse).
+constexpr size_t kFromMallocBelow = 128 << 10;
+void* GetBlock(size_t size) {
+  if (size < kFromMallocBelow) return std::malloc(size);
+  void* p = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  return p == MAP_FAILED ? nullptr : p;
+}
+void PutBlock(void* p, size_t size) {
+  if (size < kFromMallocBelow) {
+    std::free(p);
+  } else {
+    ::munmap(p, size);
+  }
+}
+
+// A stack of T in chunks: a first one of 32 KiB, then 512 KiB ones (see GetBlock). It grows a
+// chunk at a time (a vector's reallocation holds 3x its size for a moment). When no memory is
+// left, push_back drops the value and failed() says so.
+template <typename T>
+class ChunkedStack {
  public:
-  Machine(absl::string_view bytes, absl::string_view context, PickleDocument* doc)
+  static_assert(std::is_trivially_copyable_v<T>);
+  static constexpr size_t kFirst = (32 << 10) / sizeof(T);
+  static constexpr size_t kChunk = (512 << 10) / sizeof(T);
+
+  ChunkedStack() = default;
+  ChunkedStack(const ChunkedStack&) = delete;
+  ChunkedStack& operator=(const ChunkedStack&) = delete;
+  ~ChunkedStack() {
+    if (first_ != nullptr) PutBlock(first_, kFirst * sizeof(T));
+    for (T* chunk : chunks_) PutBlock(chunk, kChunk * sizeof(T));
+  }
+
+  size_t size() const { return size_; }
+  bool empty() const { return size_ == 0; }
+  bool failed() const { return failed_; }
+  T& operator[](size_t i) {
+    return i < kFirst ? first_[i] : chunks_[(i - kFirst) / kChunk][(i - kFirst) % kChunk];
+  }
+  const T& operator[](size_t i) const { return const_cast<ChunkedStack*>(this)->operator[](i); }
+  T& back() { return (*this)[size_ - 1]; }
+  const T& back() const { return (*this)[size_ - 1]; }
+  void push_back(T value) {
+    if (size_ == capacity_) {
+      const size_t bytes = first_ == nullptr ? kFirst * sizeof(T) : kChunk * sizeof(T);
+      T* chunk = static_cast<T*>(GetBlock(bytes));
+      if (chunk == nullptr) {
+        failed_ = true;
+        return;
+      }
+      if (first_ == nullptr) {
+        first_ = chunk;
+        capacity_ = kFirst;
+      } else {
+        chunks_.push_back(chunk);
+        capacity_ += kChunk;
+      }
+    }
+    (*this)[size_++] = value;
+  }
+  void pop_back() { --size_; }
+  // Only shrinks; the chunks stay for the rest of the parse.
+  void shrink(size_t n) { size_ = n; }
+
+ private:
+  T* first_ = nullptr;
+  std::vector<T*> chunks_;
+  size_t size_ = 0;
+  size_t capacity_ = 0;
+  bool failed_ = false;
+};
+
+}  // namespace
+
+// Runs one pickle program into a document.
+class PickleMachine {
+ public:
+  PickleMachine(absl::string_view bytes, absl::string_view context, PickleDocument* doc)
       : bytes_(bytes), context_(context), doc_(doc) {}
 
   absl::StatusOr<PickleRef> Run() {
@@ -23,6 +135,10 @@ class Machine {
       const unsigned char op = static_cast<unsigned char>(bytes_[pos_++]);
       absl::Status s = Step(op);
       if (!s.ok()) return s;
+      if (stack_.failed() || marks_.failed() || memo_dense_.failed()) {
+        return absl::ResourceExhaustedError(
+            absl::StrCat(context_, ": pickle: out of memory (opcode at byte ", op_at_, ")"));
+      }
       if (stopped_) {
         if (stack_.size() != 1 || !marks_.empty()) return Error("STOP with a malformed stack");
         return stack_.back();
@@ -31,20 +147,52 @@ class Machine {
   }
 
  private:
+  // A new value in the arena; nullptr past the budget (then return OverBudget()).
   PickleRef Make(Kind kind) {
-    PickleRef v = doc_->New();
+    void* memory = doc_->Allocate(sizeof(PickleValue));
+    if (memory == nullptr) return nullptr;
+    PickleRef v = new (memory) PickleValue();
     v->kind = kind;
     return v;
   }
-  PickleRef MakeText(Kind kind, std::string text) {
+  // `parts` joined, copied into the arena; false past the budget.
+  bool CopyText(std::initializer_list<absl::string_view> parts, absl::string_view* out) {
+    size_t n = 0;
+    for (absl::string_view p : parts) n += p.size();
+    if (n == 0) {
+      *out = absl::string_view();
+      return true;
+    }
+    char* memory = static_cast<char*>(doc_->Allocate(n));
+    if (memory == nullptr) return false;
+    char* at = memory;
+    for (absl::string_view p : parts) {
+      if (!p.empty()) std::memcpy(at, p.data(), p.size());
+      at += p.size();
+    }
+    *out = absl::string_view(memory, n);
+    return true;
+  }
+  absl::Status PushText(Kind kind, std::initializer_list<absl::string_view> parts) {
     PickleRef v = Make(kind);
-    v->text = std::move(text);
-    return v;
+    if (v == nullptr || !CopyText(parts, &v->text)) return OverBudget();
+    stack_.push_back(v);
+    return absl::OkStatus();
   }
 
   absl::Status Error(absl::string_view what) const {
     return absl::DataLossError(
         absl::StrCat(context_, ": pickle: ", what, " (opcode at byte ", op_at_, ")"));
+  }
+  absl::Status OverBudget() const {
+    if (doc_->map_failed_) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat(context_, ": pickle: out of memory (opcode at byte ", op_at_, ")"));
+    }
+    return Error(absl::StrCat("a program of ", bytes_.size(), " bytes that needs more than ",
+                              doc_->budget_, " bytes of memory (", kPickleMemoryPerInputByte,
+                              " x its size + ", kPickleMemoryBaseBytes >> 20,
+                              " MiB) is not a checkpoint"));
   }
 
   bool Take(uint64_t n, absl::string_view* out) {
@@ -60,37 +208,58 @@ class Machine {
     for (int i = n - 1; i >= 0; --i) *out = (*out << 8) | static_cast<unsigned char>(b[i]);
     return true;
   }
-  bool TakeLine(std::string* out) {
+  bool TakeLine(absl::string_view* out) {
     size_t end = bytes_.find('\n', pos_);
     if (end == absl::string_view::npos) return false;
-    *out = std::string(bytes_.substr(pos_, end - pos_));
+    *out = bytes_.substr(pos_, end - pos_);
     pos_ = end + 1;
     return true;
   }
 
+  // The stack above the last MARK is all a program may pop.
+  bool CanPop(size_t n) const {
+    const size_t floor = marks_.empty() ? 0 : marks_.back();
+    return stack_.size() >= floor + n;
+  }
   absl::Status Pop(PickleRef* out) {
-    if (stack_.empty() || (!marks_.empty() && stack_.size() <= marks_.back())) {
-      return Error("stack underflow");
-    }
-    *out = std::move(stack_.back());
+    if (!CanPop(1)) return Error("stack underflow");
+    *out = stack_.back();
     stack_.pop_back();
     return absl::OkStatus();
   }
   absl::Status Top(PickleRef* out) {
-    if (stack_.empty() || (!marks_.empty() && stack_.size() <= marks_.back())) {
-      return Error("stack underflow");
-    }
+    if (!CanPop(1)) return Error("stack underflow");
     *out = stack_.back();
     return absl::OkStatus();
   }
-  // Pops everything above the last MARK, and the mark.
-  absl::Status PopMark(std::vector<PickleRef>* out) {
+  // Removes the last MARK; `*mark` is where it stood.
+  absl::Status PopMark(size_t* mark) {
     if (marks_.empty()) return Error("missing MARK");
-    const size_t mark = marks_.back();
+    *mark = marks_.back();
     marks_.pop_back();
-    out->assign(std::make_move_iterator(stack_.begin() + static_cast<std::ptrdiff_t>(mark)),
-                std::make_move_iterator(stack_.end()));
-    stack_.resize(mark);
+    return absl::OkStatus();
+  }
+  // Appends the stack from `mark` on to `items`, and drops it from the stack.
+  absl::Status MoveFromStack(size_t mark, PickleItems* items) {
+    const size_t n = stack_.size() - mark;
+    if (!doc_->Reserve(items, n)) return OverBudget();
+    for (size_t i = mark; i < stack_.size(); ++i) items->data_[items->size_++] = stack_[i];
+    stack_.shrink(mark);
+    return absl::OkStatus();
+  }
+  // TUPLE / LIST / DICT / FROZENSET: everything above the MARK becomes one new value.
+  absl::Status Collect(Kind kind) {
+    size_t mark = 0;
+    absl::Status s = PopMark(&mark);
+    if (!s.ok()) return s;
+    if (kind == Kind::kDict && (stack_.size() - mark) % 2 != 0) {
+      return Error("DICT with an odd number of values");
+    }
+    PickleRef v = Make(kind);
+    if (v == nullptr) return OverBudget();
+    s = MoveFromStack(mark, &v->items);
+    if (!s.ok()) return s;
+    stack_.push_back(v);
     return absl::OkStatus();
   }
 
@@ -98,14 +267,18 @@ class Machine {
     uint64_t n = 0;
     absl::string_view s;
     if (!TakeLe(len_bytes, &n) || !Take(n, &s)) return Error("string runs past the end");
-    stack_.push_back(MakeText(kind, std::string(s)));
-    return absl::OkStatus();
+    return PushText(kind, {s});
   }
 
   absl::Status PushInt(int64_t v) {
+    if (v >= 0 && v < 256) {
+      stack_.push_back(&Shared().small[v]);
+      return absl::OkStatus();
+    }
     PickleRef r = Make(Kind::kInt);
+    if (r == nullptr) return OverBudget();
     r->integer = v;
-    stack_.push_back(std::move(r));
+    stack_.push_back(r);
     return absl::OkStatus();
   }
 
@@ -113,51 +286,87 @@ class Machine {
     PickleRef top = nullptr;
     absl::Status s = Top(&top);
     if (!s.ok()) return s;
-    memo_[index] = top;
+    if (index < memo_dense_.size()) {
+      memo_dense_[index] = top;
+    } else if (index == memo_dense_.size()) {
+      memo_dense_.push_back(top);
+      memo_sparse_.erase(index);
+    } else {
+      memo_sparse_[index] = top;
+    }
     return absl::OkStatus();
   }
   absl::Status Recall(uint64_t index) {
-    auto it = memo_.find(index);
-    if (it == memo_.end()) return Error(absl::StrCat("memo entry ", index, " was never stored"));
+    if (index < memo_dense_.size()) {
+      stack_.push_back(memo_dense_[index]);
+      return absl::OkStatus();
+    }
+    auto it = memo_sparse_.find(index);
+    if (it == memo_sparse_.end()) {
+      return Error(absl::StrCat("memo entry ", index, " was never stored"));
+    }
     stack_.push_back(it->second);
     return absl::OkStatus();
   }
 
-  // Appends `values` to a list/set/dict target, or records them on an inert object.
-  absl::Status AddItems(const PickleRef& target, std::vector<PickleRef> values, bool pairs) {
-    if (pairs && values.size() % 2 != 0) return Error("SETITEMS with an odd number of values");
-    if (target->kind != Kind::kList && target->kind != Kind::kDict && target->kind != Kind::kSet &&
-        target->kind != Kind::kObject) {
+  static bool TakesItems(const PickleValue& target) {
+    return target.kind == Kind::kList || target.kind == Kind::kDict || target.kind == Kind::kSet ||
+           target.kind == Kind::kObject;
+  }
+  // APPEND / SETITEM: the top `count` values go to the list/set/dict/object below them.
+  absl::Status AddTop(size_t count) {
+    if (!CanPop(count + 1)) return Error("stack underflow");
+    PickleRef target = stack_[stack_.size() - count - 1];
+    if (!TakesItems(*target)) {
       return Error(absl::StrCat("cannot add items to a ", target->TypeName()));
     }
-    for (PickleRef& v : values) target->items.push_back(std::move(v));
-    return absl::OkStatus();
+    return MoveFromStack(stack_.size() - count, &target->items);
+  }
+  // APPENDS / ADDITEMS / SETITEMS: everything above the MARK goes to the value below it.
+  absl::Status AddMarked(bool pairs) {
+    size_t mark = 0;
+    absl::Status s = PopMark(&mark);
+    if (!s.ok()) return s;
+    if (!CanPop(stack_.size() - mark + 1)) return Error("stack underflow");
+    PickleRef target = stack_[mark - 1];
+    if (pairs && (stack_.size() - mark) % 2 != 0) {
+      return Error("SETITEMS with an odd number of values");
+    }
+    if (!TakesItems(*target)) {
+      return Error(absl::StrCat("cannot add items to a ", target->TypeName()));
+    }
+    return MoveFromStack(mark, &target->items);
   }
 
-  // REDUCE / NEWOBJ: call nothing; understand the few constructors state dicts need.
+  // REDUCE / NEWOBJ: call nothing; understand the few constructors state dicts need. The
+  // object shares its argument tuple's items (no copy: a memoised tuple may be called often).
   absl::Status Construct(const PickleRef& callable, const PickleRef& args) {
     if (callable->kind != Kind::kGlobal) return Error("call of something that is not a class");
     if (args->kind != Kind::kTuple) return Error("call arguments are not a tuple");
-    const std::string& name = callable->text;
+    const absl::string_view name = callable->text;
     if ((name == "collections.OrderedDict" || name == "builtins.dict") && args->items.empty()) {
-      stack_.push_back(Make(Kind::kDict));
+      PickleRef dict = Make(Kind::kDict);
+      if (dict == nullptr) return OverBudget();
+      stack_.push_back(dict);
     } else if (name == "torch.Size" && args->items.size() == 1 &&
                args->items[0]->kind == Kind::kTuple) {
       stack_.push_back(args->items[0]);
     } else {
-      PickleRef obj = MakeText(Kind::kObject, name);
+      PickleRef obj = Make(Kind::kObject);
+      if (obj == nullptr) return OverBudget();
+      obj->text = name;  // the class's text, in the same arena
       obj->items = args->items;
-      stack_.push_back(std::move(obj));
+      obj->items.capacity_ = 0;  // shared: an APPEND copies it first
+      stack_.push_back(obj);
     }
     return absl::OkStatus();
   }
 
   absl::Status Step(unsigned char op) {
     PickleRef a = nullptr, b = nullptr, c = nullptr;
-    std::vector<PickleRef> items;
     uint64_t n = 0;
-    absl::string_view raw;
-    std::string line, line2;
+    size_t mark = 0;
+    absl::string_view raw, line, line2;
     absl::Status s;
     switch (op) {
       case 0x80:  // PROTO
@@ -176,19 +385,21 @@ class Machine {
       case '0':  // POP
         return Pop(&a);
       case '1':  // POP_MARK
-        return PopMark(&items);
+        s = PopMark(&mark);
+        if (s.ok()) stack_.shrink(mark);
+        return s;
       case '2':  // DUP
         s = Top(&a);
         if (s.ok()) stack_.push_back(a);
         return s;
       case 'N':
-        stack_.push_back(Make(Kind::kNone));
+        stack_.push_back(&Shared().none);
         return absl::OkStatus();
       case 0x88:  // NEWTRUE
+        stack_.push_back(&Shared().yes);
+        return absl::OkStatus();
       case 0x89:  // NEWFALSE
-        a = Make(Kind::kBool);
-        a->boolean = op == 0x88;
-        stack_.push_back(std::move(a));
+        stack_.push_back(&Shared().no);
         return absl::OkStatus();
       case 'J':  // BININT
         if (!TakeLe(4, &n)) return Error("truncated BININT");
@@ -203,7 +414,10 @@ class Machine {
       case 0x8b: {  // LONG4
         if (!TakeLe(op == 0x8a ? 1 : 4, &n) || !Take(n, &raw)) return Error("truncated LONG");
         if (n > 8) {  // beyond int64: keep an inert marker rather than a wrong number
-          stack_.push_back(MakeText(Kind::kObject, "builtins.int"));
+          a = Make(Kind::kObject);
+          if (a == nullptr) return OverBudget();
+          a->text = "builtins.int";
+          stack_.push_back(a);
           return absl::OkStatus();
         }
         uint64_t v = 0;
@@ -226,8 +440,9 @@ class Machine {
         uint64_t bits = 0;
         for (int i = 0; i < 8; ++i) bits = (bits << 8) | static_cast<unsigned char>(raw[i]);
         a = Make(Kind::kFloat);
+        if (a == nullptr) return OverBudget();
         std::memcpy(&a->real, &bits, 8);
-        stack_.push_back(std::move(a));
+        stack_.push_back(a);
         return absl::OkStatus();
       }
       case 'X':  // BINUNICODE
@@ -248,78 +463,43 @@ class Machine {
       case 0x96:  // BYTEARRAY8
         return PushString(Kind::kBytes, 8);
       case ')':  // EMPTY_TUPLE
-        stack_.push_back(Make(Kind::kTuple));
+        stack_.push_back(&Shared().empty_tuple);
         return absl::OkStatus();
       case 't':  // TUPLE
-        s = PopMark(&items);
-        if (!s.ok()) return s;
-        a = Make(Kind::kTuple);
-        a->items = std::move(items);
-        stack_.push_back(std::move(a));
-        return absl::OkStatus();
+        return Collect(Kind::kTuple);
       case 0x85:    // TUPLE1
       case 0x86:    // TUPLE2
       case 0x87: {  // TUPLE3
-        const int count = op - 0x84;
+        const size_t count = op - 0x84;
+        if (!CanPop(count)) return Error("stack underflow");
         a = Make(Kind::kTuple);
-        a->items.resize(static_cast<size_t>(count));
-        for (int i = count - 1; i >= 0; --i) {
-          s = Pop(&a->items[static_cast<size_t>(i)]);
-          if (!s.ok()) return s;
-        }
-        stack_.push_back(std::move(a));
-        return absl::OkStatus();
+        if (a == nullptr) return OverBudget();
+        s = MoveFromStack(stack_.size() - count, &a->items);
+        if (s.ok()) stack_.push_back(a);
+        return s;
       }
-      case ']':  // EMPTY_LIST
-        stack_.push_back(Make(Kind::kList));
+      case ']':   // EMPTY_LIST
+      case '}':   // EMPTY_DICT
+      case 0x8f:  // EMPTY_SET
+        a = Make(op == ']' ? Kind::kList : op == '}' ? Kind::kDict : Kind::kSet);
+        if (a == nullptr) return OverBudget();
+        stack_.push_back(a);
         return absl::OkStatus();
       case 'l':  // LIST
-        s = PopMark(&items);
-        if (!s.ok()) return s;
-        a = Make(Kind::kList);
-        a->items = std::move(items);
-        stack_.push_back(std::move(a));
-        return absl::OkStatus();
-      case '}':  // EMPTY_DICT
-        stack_.push_back(Make(Kind::kDict));
-        return absl::OkStatus();
+        return Collect(Kind::kList);
       case 'd':  // DICT
-        s = PopMark(&items);
-        if (!s.ok()) return s;
-        if (items.size() % 2 != 0) return Error("DICT with an odd number of values");
-        a = Make(Kind::kDict);
-        a->items = std::move(items);
-        stack_.push_back(std::move(a));
-        return absl::OkStatus();
-      case 0x8f:  // EMPTY_SET
-        stack_.push_back(Make(Kind::kSet));
-        return absl::OkStatus();
+        return Collect(Kind::kDict);
       case 0x91:  // FROZENSET
-        s = PopMark(&items);
-        if (!s.ok()) return s;
-        a = Make(Kind::kSet);
-        a->items = std::move(items);
-        stack_.push_back(std::move(a));
-        return absl::OkStatus();
+        return Collect(Kind::kSet);
       case 'a':  // APPEND
-        s = Pop(&b);
-        if (s.ok()) s = Top(&a);
-        if (!s.ok()) return s;
-        return AddItems(a, {b}, false);
-      case 'e':    // APPENDS
-      case 0x90:   // ADDITEMS
-      case 'u': {  // SETITEMS
-        s = PopMark(&items);
-        if (s.ok()) s = Top(&a);
-        if (!s.ok()) return s;
-        return AddItems(a, std::move(items), op == 'u');
-      }
+        return AddTop(1);
       case 's':  // SETITEM
-        s = Pop(&c);
-        if (s.ok()) s = Pop(&b);
-        if (s.ok()) s = Top(&a);
-        if (!s.ok()) return s;
-        return AddItems(a, {b, c}, true);
+        return AddTop(2);
+      case 'e':   // APPENDS
+      case 0x90:  // ADDITEMS
+        return AddMarked(/*pairs=*/false);
+      case 'u':  // SETITEMS
+        return AddMarked(/*pairs=*/true);
       case 'q':  // BINPUT
         if (!TakeLe(1, &n)) return Error("truncated BINPUT");
         return Memoize(n);
@@ -327,7 +507,7 @@ class Machine {
         if (!TakeLe(4, &n)) return Error("truncated LONG_BINPUT");
         return Memoize(n);
       case 0x94:  // MEMOIZE
-        return Memoize(memo_.size());
+        return Memoize(memo_dense_.size() + memo_sparse_.size());
       case 'p':  // PUT (text)
         if (!TakeLine(&line) || !absl::SimpleAtoi(line, &n)) return Error("bad PUT");
         return Memoize(n);
@@ -342,8 +522,7 @@ class Machine {
         return Recall(n);
       case 'c':  // GLOBAL module\nname\n — recorded, never imported
         if (!TakeLine(&line) || !TakeLine(&line2)) return Error("truncated GLOBAL");
-        stack_.push_back(MakeText(Kind::kGlobal, absl::StrCat(line, ".", line2)));
-        return absl::OkStatus();
+        return PushText(Kind::kGlobal, {line, ".", line2});
       case 0x93:  // STACK_GLOBAL
         s = Pop(&b);
         if (s.ok()) s = Pop(&a);
@@ -351,8 +530,7 @@ class Machine {
         if (a->kind != Kind::kString || b->kind != Kind::kString) {
           return Error("STACK_GLOBAL of non-strings");
         }
-        stack_.push_back(MakeText(Kind::kGlobal, absl::StrCat(a->text, ".", b->text)));
-        return absl::OkStatus();
+        return PushText(Kind::kGlobal, {a->text, ".", b->text});
       case 'R':   // REDUCE
       case 0x81:  // NEWOBJ
         s = Pop(&b);
@@ -372,18 +550,21 @@ class Machine {
         if (a->kind == Kind::kObject) a->state = b;
         return absl::OkStatus();
       case 'Q':  // BINPERSID
-        s = Pop(&a);
-        if (!s.ok()) return s;
+        if (!CanPop(1)) return Error("stack underflow");
         b = Make(Kind::kPersistent);
-        b->items.push_back(std::move(a));
-        stack_.push_back(std::move(b));
-        return absl::OkStatus();
+        if (b == nullptr) return OverBudget();
+        s = MoveFromStack(stack_.size() - 1, &b->items);
+        if (s.ok()) stack_.push_back(b);
+        return s;
       case 'P':  // PERSID (text)
         if (!TakeLine(&line)) return Error("truncated PERSID");
+        s = PushText(Kind::kString, {line});
+        if (!s.ok()) return s;
         b = Make(Kind::kPersistent);
-        b->items.push_back(MakeText(Kind::kString, line));
-        stack_.push_back(std::move(b));
-        return absl::OkStatus();
+        if (b == nullptr) return OverBudget();
+        s = MoveFromStack(stack_.size() - 1, &b->items);
+        if (s.ok()) stack_.push_back(b);
+        return s;
       default:
         return Error(absl::StrCat("unsupported opcode 0x", absl::Hex(op, absl::kZeroPad2)));
     }
@@ -395,12 +576,12 @@ class Machine {
   size_t pos_ = 0;
   size_t op_at_ = 0;
   bool stopped_ = false;
-  std::vector<PickleRef> stack_;
-  std::vector<size_t> marks_;
-  std::map<uint64_t, PickleRef> memo_;
+  ChunkedStack<PickleRef> stack_;
+  ChunkedStack<size_t> marks_;  // stack sizes at each MARK
+  // The pickler numbers memo entries 0, 1, 2, ...: those are dense; any other index is sparse.
+  ChunkedStack<PickleRef> memo_dense_;
+  std::map<uint64_t, PickleRef> memo_sparse_;
 };
-
-}  // namespace
 
 std::string PickleValue::TypeName() const {
   switch (kind) {
@@ -425,24 +606,74 @@ std::string PickleValue::TypeName() const {
     case Kind::kSet:
       return "set";
     case Kind::kGlobal:
-      return "type " + text;
+      return absl::StrCat("type ", text);
     case Kind::kObject:
-      return text;
+      return std::string(text);
     case Kind::kPersistent:
       return "persistent";
   }
   return "unknown";
 }
 
-PickleRef PickleDocument::New() {
-  arena_.push_back(std::make_unique<PickleValue>());
-  return arena_.back().get();
+PickleDocument::~PickleDocument() {
+  for (const Block& b : blocks_) PutBlock(b.data, b.size);
+}
+
+void* PickleDocument::Allocate(size_t bytes) {
+  if (bytes > budget_) return nullptr;
+  bytes = (bytes + 7) & ~size_t{7};
+  used_ += bytes;
+  if (bytes <= left_) {
+    void* p = next_;
+    next_ += bytes;
+    left_ -= bytes;
+    return p;
+  }
+  // A large run gets a mapping of its own; small ones share blocks (wasting under a quarter).
+  const bool own = bytes > block_size_ / 4;
+  const size_t page = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
+  const size_t size = own ? (bytes + page - 1) / page * page : block_size_;
+  if (size > budget_ - std::min(budget_, mapped_)) {
+    used_ -= bytes;
+    return nullptr;
+  }
+  void* p = GetBlock(size);
+  if (p == nullptr) {
+    used_ -= bytes;
+    map_failed_ = true;
+    return nullptr;
+  }
+  blocks_.push_back({p, size});
+  mapped_ += size;
+  if (own) return p;
+  next_ = static_cast<char*>(p) + bytes;
+  left_ = size - bytes;
+  block_size_ = std::min(block_size_ * 2, kMaxBlockBytes);
+  return p;
+}
+
+bool PickleDocument::Reserve(PickleItems* items, size_t more) {
+  if (more > budget_ / sizeof(PickleRef) - items->size_) return false;
+  const size_t need = items->size_ + more;
+  if (need <= items->capacity_) return true;
+  const size_t capacity = items->capacity_ == 0 ? need : std::max(need, items->capacity_ * 2);
+  auto* data = static_cast<PickleRef*>(Allocate(capacity * sizeof(PickleRef)));
+  if (data == nullptr) return false;
+  if (items->size_ > 0) std::memcpy(data, items->data_, items->size_ * sizeof(PickleRef));
+  items->data_ = data;
+  items->capacity_ = capacity;
+  return true;
 }
 
 absl::StatusOr<std::unique_ptr<PickleDocument>> ParsePickle(absl::string_view bytes,
                                                             absl::string_view context) {
-  auto doc = std::make_unique<PickleDocument>();
-  absl::StatusOr<PickleRef> root = Machine(bytes, context, doc.get()).Run();
+  const size_t budget =
+      bytes.size() > (std::numeric_limits<size_t>::max() - kPickleMemoryBaseBytes) /
+                         kPickleMemoryPerInputByte
+          ? std::numeric_limits<size_t>::max()
+          : kPickleMemoryPerInputByte * bytes.size() + kPickleMemoryBaseBytes;
+  std::unique_ptr<PickleDocument> doc(new PickleDocument(budget));
+  absl::StatusOr<PickleRef> root = PickleMachine(bytes, context, doc.get()).Run();
   if (!root.ok()) return root.status();
   doc->root_ = *root;
   return doc;

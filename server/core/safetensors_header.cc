@@ -140,15 +140,14 @@ absl::Status ParseEntry(std::string_view key, simdjson::dom::element value, uint
   return absl::OkStatus();
 }
 
-}  // namespace
-
-absl::StatusOr<SafetensorsHeader> ParseSafetensorsHeader(absl::string_view text,
-                                                         uint64_t data_bytes,
-                                                         absl::string_view file) {
+absl::StatusOr<SafetensorsHeader> ParseHeader(absl::string_view text, bool padded,
+                                              uint64_t data_bytes, absl::string_view file) {
   // A valid header nests three levels: root object, entry objects, shape/offset arrays.
-  thread_local StrictJsonParser parser;
+  // One parser per header, freed on return (see strict_json.h for what a kept one costs).
+  StrictJsonParser parser;
   const std::string context = absl::StrCat(file, ": safetensors header");
-  absl::StatusOr<simdjson::dom::element> parsed = parser.Parse(text, /*max_depth=*/4, context);
+  absl::StatusOr<simdjson::dom::element> parsed =
+      parser.Parse(text, /*max_depth=*/4, context, padded);
   if (!parsed.ok()) return parsed.status();
   simdjson::dom::object root;
   if (parsed->get_object().get(root) != simdjson::SUCCESS) {
@@ -209,6 +208,14 @@ absl::StatusOr<SafetensorsHeader> ParseSafetensorsHeader(absl::string_view text,
   return header;
 }
 
+}  // namespace
+
+absl::StatusOr<SafetensorsHeader> ParseSafetensorsHeader(absl::string_view text,
+                                                         uint64_t data_bytes,
+                                                         absl::string_view file) {
+  return ParseHeader(text, /*padded=*/false, data_bytes, file);
+}
+
 namespace {
 
 absl::StatusOr<uint64_t> HeaderLength(absl::string_view prefix, uint64_t file_size,
@@ -264,7 +271,8 @@ absl::StatusOr<SafetensorsHeader> ReadSafetensorsHeader(int fd, uint64_t size,
   }
   absl::StatusOr<uint64_t> n = HeaderLength(buffer, size, path);
   if (!n.ok()) return n.status();
-  buffer.resize(*n);
+  // Zeroed padding after the header, so simdjson parses it in place rather than copying it.
+  buffer.assign(*n + simdjson::SIMDJSON_PADDING, '\0');
   uint64_t done = 0;
   while (done < *n) {
     ssize_t r = ::pread(fd, buffer.data() + done, *n - done, static_cast<off_t>(8 + done));
@@ -272,7 +280,7 @@ absl::StatusOr<SafetensorsHeader> ReadSafetensorsHeader(int fd, uint64_t size,
     if (r <= 0) return Corrupt(path, "file ended inside the header");
     done += static_cast<uint64_t>(r);
   }
-  return ParseSafetensorsHeader(buffer, size - 8 - *n, path);
+  return ParseHeader(absl::string_view(buffer.data(), *n), /*padded=*/true, size - 8 - *n, path);
 }
 
 }  // namespace metaload::core

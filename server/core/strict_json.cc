@@ -7,14 +7,16 @@ namespace metaload::core {
 
 absl::StatusOr<simdjson::dom::element> StrictJsonParser::Parse(absl::string_view text,
                                                                size_t max_depth,
-                                                               absl::string_view context) {
+                                                               absl::string_view context,
+                                                               bool padded) {
   if (parser_.max_depth() != max_depth || parser_.capacity() < text.size()) {
     if (parser_.allocate(std::max<size_t>(text.size(), 4096), max_depth) != simdjson::SUCCESS) {
       return absl::ResourceExhaustedError(absl::StrCat(context, ": cannot allocate a JSON parser"));
     }
   }
   simdjson::dom::element root;
-  simdjson::error_code error = parser_.parse(text.data(), text.size()).get(root);
+  simdjson::error_code error =
+      parser_.parse(text.data(), text.size(), /*realloc_if_needed=*/!padded).get(root);
   if (error == simdjson::DEPTH_ERROR) {
     return absl::DataLossError(absl::StrCat(context, ": nested deeper than allowed"));
   }

@@ -1,50 +1,21 @@
 #include "server/metrics/http_endpoint.h"
 
-#include <fcntl.h>
+#include <microhttpd.h>
 #include <netdb.h>
 #include <netinet/in.h>
-#include <poll.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
-#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <exception>
-#include <vector>
+#include <memory>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
-#include "absl/strings/str_split.h"
 
 namespace metaload::metrics {
 namespace {
-
-using Clock = std::chrono::steady_clock;
-
-constexpr size_t kMaxRequestBytes = 16 << 10;
-
-// Milliseconds left until `deadline`, for poll(); 0 once it has passed.
-int MsLeft(Clock::time_point deadline) {
-  const auto left =
-      std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count();
-  return left > 0 ? static_cast<int>(left) : 0;
-}
-
-// Writes all of `data` before `deadline`; false when the peer is gone or too slow, or when
-// `stop_fd` becomes readable (the endpoint is stopping).
-bool WriteAll(int fd, const std::string& data, Clock::time_point deadline, int stop_fd) {
-  size_t done = 0;
-  while (done < data.size()) {
-    pollfd p[2] = {{fd, POLLOUT, 0}, {stop_fd, POLLIN, 0}};
-    if (::poll(p, 2, MsLeft(deadline)) <= 0 || p[1].revents != 0) return false;
-    const ssize_t n = ::send(fd, data.data() + done, data.size() - done, MSG_NOSIGNAL);
-    if (n < 0 && (errno == EINTR || errno == EAGAIN)) continue;
-    if (n <= 0) return false;
-    done += static_cast<size_t>(n);
-  }
-  return true;
-}
 
 // Splits "host:port" or "[v6]:port"; false when it is neither.
 bool SplitHostPort(const std::string& listen, std::string* host, std::string* port) {
@@ -63,9 +34,49 @@ bool SplitHostPort(const std::string& listen, std::string* host, std::string* po
   return absl::SimpleAtoi(*port, &number) && number >= 0 && number <= 65535;
 }
 
+void DeleteString(void* body) { delete static_cast<std::string*>(body); }
+
 }  // namespace
 
+struct HttpEndpoint::Callbacks {
+  static MHD_Result Access(void* cls, MHD_Connection* connection, const char* url,
+                           const char* method, const char* /*version*/, const char* /*upload_data*/,
+                           size_t* /*upload_data_size*/, void** /*request_state*/) {
+    // No exception may cross into libmicrohttpd's C: out of memory closes the connection.
+    try {
+      return Queue(*static_cast<const HttpEndpoint*>(cls), connection, url, method);
+    } catch (...) {
+      return MHD_NO;
+    }
+  }
+
+  // Answers on the first call, before any request body is read (none is wanted).
+  static MHD_Result Queue(const HttpEndpoint& endpoint, MHD_Connection* connection, const char* url,
+                          const char* method) {
+    Answer answer = endpoint.Route(url, method);
+    auto body = std::make_unique<std::string>(std::move(answer.body));
+    MHD_Response* response = MHD_create_response_from_buffer_with_free_callback_cls(
+        body->size(), body->data(), &DeleteString, body.get());
+    if (response == nullptr) return MHD_NO;  // closes the connection
+    body.release();                          // the response frees it
+    MHD_add_response_header(
+        response, MHD_HTTP_HEADER_CONTENT_TYPE,
+        answer.code == MHD_HTTP_OK ? endpoint.options_.content_type.c_str() : "text/plain");
+    MHD_add_response_header(response, MHD_HTTP_HEADER_CONNECTION, "close");
+    if (answer.code == MHD_HTTP_METHOD_NOT_ALLOWED) {
+      MHD_add_response_header(response, MHD_HTTP_HEADER_ALLOW, "GET, HEAD");
+    }
+    const MHD_Result queued = MHD_queue_response(connection, answer.code, response);
+    MHD_destroy_response(response);  // the connection holds it until it is sent
+    return queued;
+  }
+};
+
 absl::StatusOr<std::unique_ptr<HttpEndpoint>> HttpEndpoint::Start(Options options, BodyFn body) {
+  if (options.connection_timeout < std::chrono::seconds(1) || options.threads == 0) {
+    return absl::InvalidArgumentError(
+        "metrics endpoint: connection_timeout under 1 s or no threads");
+  }
   std::string host, port;
   if (!SplitHostPort(options.listen, &host, &port)) {
     return absl::InvalidArgumentError(
@@ -83,118 +94,70 @@ absl::StatusOr<std::unique_ptr<HttpEndpoint>> HttpEndpoint::Start(Options option
         absl::StrCat("cannot listen on ", options.listen, ": ", ::gai_strerror(gai)));
   }
   std::unique_ptr<HttpEndpoint> endpoint(new HttpEndpoint(std::move(options), std::move(body)));
+  int listen_fd = -1;
   int error = 0;
-  for (addrinfo* a = found; a != nullptr && endpoint->listen_fd_ < 0; a = a->ai_next) {
-    const int fd = ::socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC, a->ai_protocol);
+  for (addrinfo* a = found; a != nullptr && listen_fd < 0; a = a->ai_next) {
+    const int fd =
+        ::socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC | SOCK_NONBLOCK, a->ai_protocol);
     if (fd < 0) {
       error = errno;
       continue;
     }
     const int one = 1;
     (void)::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-    if (::bind(fd, a->ai_addr, a->ai_addrlen) != 0 || ::listen(fd, 64) != 0) {
+    if (::bind(fd, a->ai_addr, a->ai_addrlen) != 0 || ::listen(fd, SOMAXCONN) != 0) {
       error = errno;
       ::close(fd);
       continue;
     }
-    endpoint->listen_fd_ = fd;
+    listen_fd = fd;
   }
   ::freeaddrinfo(found);
-  if (endpoint->listen_fd_ < 0) {
+  if (listen_fd < 0) {
     return absl::UnavailableError(
         absl::StrCat("cannot listen on ", endpoint->options_.listen, ": ", std::strerror(error)));
   }
   sockaddr_storage bound{};
   socklen_t length = sizeof(bound);
-  if (::getsockname(endpoint->listen_fd_, reinterpret_cast<sockaddr*>(&bound), &length) == 0) {
+  if (::getsockname(listen_fd, reinterpret_cast<sockaddr*>(&bound), &length) == 0) {
     endpoint->port_ =
         ntohs(bound.ss_family == AF_INET6 ? reinterpret_cast<sockaddr_in6*>(&bound)->sin6_port
                                           : reinterpret_cast<sockaddr_in*>(&bound)->sin_port);
   }
-  if (::pipe2(endpoint->stop_pipe_, O_CLOEXEC) != 0) {
-    return absl::UnavailableError(absl::StrCat("pipe: ", std::strerror(errno)));
+  const Options& o = endpoint->options_;
+  // libmicrohttpd owns the socket from here (MHD_stop_daemon closes it), or we close it below.
+  endpoint->daemon_ = MHD_start_daemon(
+      MHD_USE_EPOLL_INTERNAL_THREAD | MHD_USE_ITC, /*port=*/0, /*apc=*/nullptr, nullptr,
+      &Callbacks::Access, endpoint.get(), MHD_OPTION_LISTEN_SOCKET, listen_fd,
+      MHD_OPTION_THREAD_POOL_SIZE, o.threads, MHD_OPTION_THREAD_STACK_SIZE, o.thread_stack_bytes,
+      MHD_OPTION_CONNECTION_TIMEOUT, static_cast<unsigned>(o.connection_timeout.count()),
+      MHD_OPTION_CONNECTION_LIMIT, o.connection_limit, MHD_OPTION_CONNECTION_MEMORY_LIMIT,
+      o.max_request_bytes, MHD_OPTION_END);
+  if (endpoint->daemon_ == nullptr) {
+    ::close(listen_fd);
+    return absl::UnavailableError(
+        absl::StrCat("cannot serve ", o.listen, ": libmicrohttpd did not start"));
   }
-  endpoint->thread_ = std::thread([e = endpoint.get()] { e->Serve(); });
   return endpoint;
 }
 
 HttpEndpoint::~HttpEndpoint() {
-  if (thread_.joinable()) {
-    const char byte = 0;
-    while (::write(stop_pipe_[1], &byte, 1) < 0 && errno == EINTR) {
-    }
-    thread_.join();
-  }
-  for (int fd : {listen_fd_, stop_pipe_[0], stop_pipe_[1]}) {
-    if (fd >= 0) ::close(fd);
-  }
+  if (daemon_ != nullptr) MHD_stop_daemon(daemon_);
 }
 
-void HttpEndpoint::Serve() {
-  while (true) {
-    pollfd p[2] = {{listen_fd_, POLLIN, 0}, {stop_pipe_[0], POLLIN, 0}};
-    if (::poll(p, 2, -1) < 0) {
-      if (errno == EINTR) continue;
-      return;
-    }
-    if (p[1].revents != 0) return;
-    if (p[0].revents == 0) continue;
-    const int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
-    if (fd < 0) {
-      // Out of descriptors: the connection stays queued; try again a little later.
-      if (errno == EMFILE || errno == ENFILE)
-        std::this_thread::sleep_for(std::chrono::milliseconds(50));
-      continue;  // or the client gave up before we got to it
-    }
-    Answer(fd);
-    ::close(fd);
+HttpEndpoint::Answer HttpEndpoint::Route(const char* url, const char* method) const {
+  const bool get = std::strcmp(method, MHD_HTTP_METHOD_GET) == 0;
+  if (!get && std::strcmp(method, MHD_HTTP_METHOD_HEAD) != 0) {
+    return {MHD_HTTP_METHOD_NOT_ALLOWED, "only GET and HEAD\n"};
   }
-}
-
-void HttpEndpoint::Answer(int fd) {
-  const auto read_deadline = Clock::now() + options_.io_timeout;
-  std::string request;
-  char buffer[4096];
-  size_t end;  // where the request's header ends
-  while ((end = std::min(request.find("\r\n\r\n"), request.find("\n\n"))) == std::string::npos &&
-         request.size() <= kMaxRequestBytes) {
-    pollfd p[2] = {{fd, POLLIN, 0}, {stop_pipe_[0], POLLIN, 0}};
-    if (::poll(p, 2, MsLeft(read_deadline)) <= 0 || p[1].revents != 0) return;
-    const ssize_t n = ::recv(fd, buffer, sizeof(buffer), 0);
-    if (n < 0 && (errno == EINTR || errno == EAGAIN)) continue;
-    if (n <= 0) return;
-    request.append(buffer, static_cast<size_t>(n));
-  }
-  bool head = false;
-  const Reply reply = end == std::string::npos || end > kMaxRequestBytes
-                          ? Reply{431, "Request Header Fields Too Large", "request over 16 KiB\n"}
-                          : Route(request.substr(0, request.find_first_of("\r\n")), &head);
-  const std::string header =
-      absl::StrCat("HTTP/1.1 ", reply.code, " ", reply.reason,
-                   "\r\nContent-Type: ", reply.code == 200 ? options_.content_type : "text/plain",
-                   "\r\nContent-Length: ", reply.body.size(), "\r\nConnection: close\r\n",
-                   reply.code == 405 ? "Allow: GET, HEAD\r\n" : "", "\r\n");
-  const auto write_deadline = Clock::now() + options_.io_timeout;
-  if (WriteAll(fd, header, write_deadline, stop_pipe_[0]) && !head) {
-    WriteAll(fd, reply.body, write_deadline, stop_pipe_[0]);
-  }
-}
-
-HttpEndpoint::Reply HttpEndpoint::Route(const std::string& request_line, bool* head) const {
-  const std::vector<std::string> parts = absl::StrSplit(request_line, ' ');
-  if (parts.size() != 3 || parts[1].empty() || parts[1][0] != '/' ||
-      parts[2].rfind("HTTP/1.", 0) != 0) {
-    return {400, "Bad Request", "malformed request line\n"};
-  }
-  *head = parts[0] == "HEAD";
-  if (parts[0] != "GET" && !*head) return {405, "Method Not Allowed", "only GET and HEAD\n"};
-  if (parts[1].substr(0, parts[1].find('?')) != options_.path) {
-    return {404, "Not Found", absl::StrCat("not found; see ", options_.path, "\n")};
+  // libmicrohttpd hands over the path without its query string.
+  if (options_.path != url) {
+    return {MHD_HTTP_NOT_FOUND, absl::StrCat("not found; see ", options_.path, "\n")};
   }
   try {
-    return {200, "OK", body_()};
+    return {MHD_HTTP_OK, body_()};
   } catch (const std::exception& e) {
-    return {500, "Internal Server Error", e.what()};
+    return {MHD_HTTP_INTERNAL_SERVER_ERROR, absl::StrCat(e.what(), "\n")};
   }
 }
 

@@ -3,9 +3,13 @@
 #include "server/core/safetensors_header.h"
 
 #include <gtest/gtest.h>
+#include <malloc.h>
 
+#include <cstdio>
 #include <fstream>
+#include <string>
 
+#include "server/core/process_memory.h"
 #include "tests/test_util.h"
 
 namespace metaload::core {
@@ -176,6 +180,72 @@ TEST(SafetensorsHeaderTest, ReadsOnlyTheHeaderFromDisk) {
 
   absl::Status missing = ReadSafetensorsHeader(dir / "nope.safetensors").status();
   EXPECT_TRUE(absl::IsNotFound(missing)) << missing;
+}
+
+// A legal-looking header of `tensors` one-element F32 entries, as a whole file in memory.
+std::string ManyTensorFile(size_t tensors, bool leave_a_gap) {
+  std::string json = "{\"__metadata__\":{\"format\":\"pt\"}";
+  uint64_t at = 0;
+  for (size_t i = 0; i < tensors; ++i) {
+    if (leave_a_gap && i + 1 == tensors) at += 4;  // found only after every entry is parsed
+    json += ",\"model.layers." + std::to_string(i) +
+            ".weight\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[" + std::to_string(at) +
+            "," + std::to_string(at + 4) + "]}";
+    at += 4;
+  }
+  json += "}";
+  std::string file(8, '\0');
+  for (int i = 0; i < 8; ++i) file[i] = static_cast<char>((json.size() >> (8 * i)) & 0xff);
+  return file + json + std::string(at, '\0');
+}
+
+int64_t Rss() {
+  absl::StatusOr<ProcessMemory> m = ReadProcessMemory();
+  return m.ok() ? m->rss_bytes : 0;
+}
+
+// Until 2026-12 the JSON parser was thread_local and kept its buffers (~2.3 bytes per header
+// byte: ~220 MB per load thread after a 96 MB header). Now it lives for one parse; the bound is
+// safetensors_header.h's kSafetensorsHeaderMemoryPerByte.
+TEST(SafetensorsHeaderMemoryTest, LargeHeaderPeakIsBoundedAndNothingStaysAfter) {
+#if defined(__SANITIZE_ADDRESS__)
+  GTEST_SKIP() << "shadow memory and quarantine are not the parser's";
+#endif
+  for (bool gap : {false, true}) {
+    const std::string file = ManyTensorFile(300000, gap);
+    const int64_t header_bytes = static_cast<int64_t>(file.size()) - 8 - 300000 * 4 - (gap ? 4 : 0);
+    // The valid one is read from disk (the daemon's path: simdjson parses the read buffer in
+    // place), the failing one from memory (simdjson copies it first).
+    const std::string path = ::testing::TempDir() + "/big.safetensors";
+    if (!gap) std::ofstream(path, std::ios::binary) << file;
+    const int64_t baseline = Rss();
+    ASSERT_TRUE(ResetPeakRss());
+    int64_t peak = 0;
+    {
+      absl::StatusOr<SafetensorsHeader> header =
+          gap ? ParseSafetensorsBytes(file, "big.safetensors") : ReadSafetensorsHeader(path);
+      EXPECT_EQ(header.ok(), !gap) << header.status();
+      if (header.ok()) EXPECT_EQ(header->tensors.size(), 300000u);
+      absl::StatusOr<ProcessMemory> after = ReadProcessMemory();
+      ASSERT_TRUE(after.ok());
+      peak = after->peak_rss_bytes - baseline;
+    }
+    // What malloc keeps in its bins from the freed result is the allocator's, not the parser's:
+    // hand it back before measuring what is still held (a parser that keeps its buffers, as the
+    // thread_local one did, keeps them through this).
+    ::malloc_trim(0);
+    const int64_t left = Rss() - baseline;
+    std::printf(
+        "[ measured ] %s header of %lld bytes: peak %.1f MiB above baseline (%.2f per "
+        "byte), %.1f MiB left after\n",
+        gap ? "failing" : "valid", static_cast<long long>(header_bytes),
+        static_cast<double>(peak) / (1 << 20),
+        static_cast<double>(peak) / static_cast<double>(header_bytes),
+        static_cast<double>(left) / (1 << 20));
+    EXPECT_LE(peak,
+              static_cast<int64_t>(kSafetensorsHeaderMemoryPerByte) * header_bytes + (8 << 20));
+    EXPECT_LE(left, header_bytes / 4 + (8 << 20));
+  }
 }
 
 }  // namespace

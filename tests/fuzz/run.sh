@@ -3,6 +3,9 @@
 # seed, starting from the repo's seed corpus, as many at once as there are cores. New inputs go
 # to BUILD_DIR/corpus/<target> (not to the repo). Crashes are saved in BUILD_DIR/crashes and fail
 # the run.
+# -max_len is 128 KiB so mutations reach the 64-100 KiB hostile seeds (make_hostile_seeds.py:
+# memory that grows faster than the input) and grow past them; libFuzzer's default is the
+# largest seed.
 # Usage: tests/fuzz/run.sh SECONDS [BUILD_DIR]
 set -euo pipefail
 seconds="${1:-60}"
@@ -20,7 +23,7 @@ fuzz_one() {
   local target="$1" corpus="$build/corpus/$1" log="$build/$1.log"
   mkdir -p "$corpus"
   if "$build/tests/fuzz/${target}_fuzzer" -seed=1 -max_total_time="$seconds" -timeout=10 \
-       -rss_limit_mb=2048 -print_final_stats=1 -artifact_prefix="$build/crashes/$target-" \
+       -max_len=131072 -rss_limit_mb=2048 -print_final_stats=1 -artifact_prefix="$build/crashes/$target-" \
        "$corpus" "$src/tests/fuzz/corpus/$target" > "$log" 2>&1; then
     echo ok > "$log.verdict"
   else
