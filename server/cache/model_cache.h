@@ -29,11 +29,13 @@
 #define METALOAD_SERVER_CACHE_MODEL_CACHE_H_
 
 #include <atomic>
+#include <chrono>
 #include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -135,7 +137,33 @@ class ModelCache {
     // What one Infer may cost, checked before it is queued (infer_limits.h states the rule);
     // over a limit: RESOURCE_EXHAUSTED without computing. Default: no limits.
     InferLimits infer_limits;
+    // Devices whose budget was not given but derived from what was free at start (the daemon's
+    // default "cpu" budget): at each admission their effective budget is at most the bytes the
+    // cache's models hold plus 80% of available_bytes(device) at that moment, after the frees
+    // queued before it finished. So memory other processes took since the start is not
+    // promised twice. Empty: budgets are used as given.
+    std::set<std::string> budget_follows_available;
+    // Bytes free on a device now; -1 unknown. Default: MemAvailable for "cpu" (tests fake it).
+    std::function<int64_t(const std::string& device)> available_bytes = DefaultAvailableBytes;
   };
+
+  // MemAvailable (/proc/meminfo) for "cpu"; -1 for other devices.
+  static int64_t DefaultAvailableBytes(const std::string& device);
+
+  // The load pool right now: what a liveness probe needs to tell a wedged pool (every thread
+  // held by a load that does not finish) from a busy one.
+  struct RunningLoad {
+    std::string model_id;      // the first caller's id
+    std::string display_path;  // as the caller gave it
+    double seconds = 0;        // since it started running (not since it was queued)
+  };
+  struct LoadActivity {
+    int threads = 0;                   // the pool's size (Options::load_threads)
+    std::vector<RunningLoad> running;  // loads on a pool thread now, oldest first
+    int queued = 0;                    // loads waiting for a thread
+    int infers_running = 0;            // Infer calls on the infer pool now
+  };
+  LoadActivity Activity() const;
 
   using ProgressFn = std::function<void(const LoadProgressEvent&)>;
   using DoneFn = std::function<void(absl::StatusOr<LoadResult>)>;
@@ -168,6 +196,19 @@ class ModelCache {
   void RunFlight(std::shared_ptr<Flight> flight);
   bool CancelWaiter(LoadWaiter* waiter);
   int64_t UsedBytesLocked(const std::string& device) const;
+  int64_t ResidentBytesLocked(const std::string& device) const;
+  // Admission decides, under mu_, and allocates nothing: evicts idle, unpinned models on the
+  // flight's device LRU-first until `need` more bytes fit the effective budget (see
+  // Options::budget_follows_available; `available` from AvailableBytes, -1 for none), then
+  // reserves them in reserved_. RESOURCE_EXHAUSTED ("'path' <verb> N on cpu; the budget is
+  // ...") when they cannot fit. Appends the evicted ids to `evicted`.
+  absl::Status AdmitLocked(const Flight& flight, int64_t need, int64_t available, const char* verb,
+                           std::vector<std::string>* evicted);
+  void ReportEvictedLocked(const std::string& device, const std::vector<std::string>& evicted);
+  // Free bytes on `device` for the effective budget, or -1 when its budget is used as given.
+  // Waits for queued frees; call without mu_.
+  int64_t AvailableBytes(const std::string& device);
+  static int64_t ClampBytes(uint64_t bytes);
   ModelInfo InfoLocked(const std::string& id, const Loaded& loaded, const std::string& state) const;
   void StartHash(const std::shared_ptr<Loaded>& loaded);
 
@@ -180,6 +221,10 @@ class ModelCache {
   std::map<std::string, std::shared_ptr<Flight>> flights_;  // by key; guarded by mu_
   std::vector<std::weak_ptr<Loaded>> alive_;                // guarded by mu_
   std::map<std::string, int64_t> reserved_;                 // device -> bytes; guarded by mu_
+  // Flights running on a load thread, with when they started; guarded by mu_.
+  std::map<const Flight*, std::chrono::steady_clock::time_point> running_;
+  int queued_ = 0;                      // flights submitted, not yet running; guarded by mu_
+  std::atomic<int> infers_running_{0};  // Infer tasks executing on the infer pool
   std::unique_ptr<core::ThreadPool> load_pool_;
   std::unique_ptr<core::ThreadPool> infer_pool_;
   std::unique_ptr<core::ThreadPool> hash_pool_;
