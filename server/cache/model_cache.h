@@ -10,10 +10,14 @@
 //   (the old model serves until then, and is freed when its last user is done).
 // - Handles: Infer holds the model for its duration, so Unload and eviction never free a model
 //   under a running Infer; they mark it UNLOADING and the memory goes with the last handle.
-// - Admission before allocation: the bytes a load needs are exact from the checkpoint header and
-//   the dtype policy. Idle, unpinned models on the device are evicted least-recently-used first;
-//   if the budget still cannot fit it, the load fails with RESOURCE_EXHAUSTED before touching
-//   memory.
+// - Admission before allocation: the bytes a load needs are known from the checkpoint header,
+//   the model's skeleton and the dtype policy (models::Model::PlannedBytes: an upper bound,
+//   zero-filled missing keys included). Idle, unpinned models on the device are evicted
+//   least-recently-used first; if the budget still cannot fit it, the load fails with
+//   RESOURCE_EXHAUSTED before touching memory. TorchScript, whose code decides what it
+//   allocates, is admitted at its file size and counted as measured once loaded; over the
+//   budget then, it fails the same way and is freed. A budget derived from free memory follows
+//   it (Options::budget_follows_available).
 // - Loads run on a bounded pool, Infer on another, sha256 hashing on a third (in the
 //   background, after a load): none on the caller's thread.
 // - Frees: wherever a model's last handle drops (Unload and eviction, under the lock; an Infer
@@ -79,7 +83,10 @@ struct ModelInfo {
 
 struct LoadStats {
   double total_seconds = 0, build_seconds = 0, read_seconds = 0;
-  int64_t bytes_read = 0, peak_host_bytes = 0, peak_device_bytes = 0;
+  int64_t bytes_read = 0;
+  // The load's own peak, counted by the loader (core::LoadReport): not disturbed by loads
+  // running at the same time.
+  int64_t peak_host_bytes = 0, peak_device_bytes = 0;
   std::vector<std::string> unexpected_keys;
 };
 
