@@ -287,10 +287,10 @@ int main(int argc, char** argv) {
     const auto limit = std::chrono::milliseconds(
         absl::ToInt64Milliseconds(grace + absl::Seconds(metaload::service::kDrainStopSeconds)));
     if (drain_cv.wait_for(lock, limit, [&] { return drained; })) return;
-    const std::string running = d.StillRunning();
+    const std::string running = d.StillRunning();  // as of the grace's end or later
     LogError("drain_timed_out")
         .Kv("seconds", absl::ToDoubleSeconds(absl::Now() - start))
-        .Kv("still_running", running.empty() ? "unknown (stopping the servers)" : running)
+        .Kv("still_running", running.empty() ? "nothing the cache knows of" : running)
         .Kv("exit_code", metaload::service::kDrainTimeoutExitCode);
     std::fflush(stderr);
     std::_Exit(metaload::service::kDrainTimeoutExitCode);

@@ -312,6 +312,19 @@ void Daemon::StopMonitor() {
   if (monitor_.joinable()) monitor_.join();
 }
 
+void Daemon::NoteStillRunning(const char* event) {
+  if (cache_ == nullptr) return;
+  const cache::ModelCache::LoadActivity a = cache_->Activity();
+  std::string running;
+  if (!a.running.empty() || a.infers_running > 0) {
+    running = absl::StrCat("loads: ", a.running.empty() ? "none" : DescribeLoads(a.running),
+                           "; infers: ", a.infers_running);
+    core::LogWarning(event).Kv("still_running", running);
+  }
+  std::lock_guard<std::mutex> lock(still_running_mu_);
+  still_running_ = std::move(running);
+}
+
 std::string Daemon::StillRunning() const {
   std::lock_guard<std::mutex> lock(still_running_mu_);
   return still_running_;
@@ -328,23 +341,16 @@ void Daemon::Drain(absl::Duration grace) {
     // would also wait for idle clients to acknowledge its GOAWAY ping, which can take seconds.
     const bool idle = calls_->WaitIdle(absl::Now() + grace);
     const int64_t cancelled = calls_->active();
+    // Stopping the servers waits for every call's handler, and an Infer's waits for its
+    // forward: say now what is still running, in case that never ends.
+    NoteStillRunning("drain_grace_over");
     server_->Shutdown(std::chrono::system_clock::now());
     server_->Wait();
     core::LogDebug("grpc_stopped").Kv("idle", idle ? "true" : "false").Kv("cancelled", cancelled);
   }
   // A scrape from now on must not reach the cache, which goes next.
   if (loader_metrics_) loader_metrics_->Detach();
-  if (cache_ != nullptr) {
-    const cache::ModelCache::LoadActivity a = cache_->Activity();
-    if (!a.running.empty() || a.infers_running > 0) {
-      std::string running =
-          absl::StrCat("loads: ", a.running.empty() ? "none" : DescribeLoads(a.running),
-                       "; infers: ", a.infers_running);
-      core::LogWarning("drain_cancelling").Kv("still_running", running);
-      std::lock_guard<std::mutex> lock(still_running_mu_);
-      still_running_ = std::move(running);
-    }
-  }
+  NoteStillRunning("drain_cancelling");
   cache_.reset();  // cancels loads in flight and frees every model
   metrics_.reset();
   core::LogDebug("metrics_stopped");

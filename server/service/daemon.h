@@ -109,8 +109,9 @@ class Daemon {
   // interrupted keeps this from returning: metaloadd's main() bounds it (kDrainTimeoutExitCode).
   void Drain(absl::Duration grace);
 
-  // What the drain was still waiting for when it stopped the cache: running loads (id, path,
-  // seconds) and Infers; empty when nothing was. Thread-safe, for main()'s drain deadline.
+  // What the drain was still waiting for when its grace ended and again when it stopped the
+  // cache: running loads (id, path, seconds) and Infers; empty when nothing was. Thread-safe,
+  // for main()'s drain deadline.
   std::string StillRunning() const;
 
  private:
@@ -121,6 +122,8 @@ class Daemon {
   // The load-stall monitor's loop (see Options::load_stall_timeout); returns on StopMonitor().
   void MonitorLoads();
   void StopMonitor();
+  // Records (for StillRunning) and logs as `event` the loads and Infers running now.
+  void NoteStillRunning(const char* event);
 
   Options options_;
   std::unique_ptr<metrics::MetricsServer> metrics_;
