@@ -83,9 +83,11 @@ TEST_F(CacheBudgetTest, ZeroFilledKeysAreAdmittedBeforeAllocating) {
     spec.architecture = "mlp";
     spec.allow_missing_keys = true;
     const int64_t before = Rss();
-    ASSERT_TRUE(core::ResetPeakRss() || true);
+    // Where the kernel refuses to reset VmHWM, the RSS after the load is all there is to see.
+    const bool reset = core::ResetPeakRss();
     absl::StatusOr<LoadResult> r = LoadNow(cache, spec);
-    const int64_t peak = core::ReadProcessMemory()->peak_rss_bytes;
+    const int64_t peak =
+        reset ? core::ReadProcessMemory()->peak_rss_bytes : core::ReadProcessMemory()->rss_bytes;
     EXPECT_TRUE(absl::IsResourceExhausted(r.status())) << name << ": " << r.status();
     EXPECT_NE(r.status().message().find("the budget is 64.0 MiB"), std::string::npos) << r.status();
     EXPECT_NE(r.status().message().find(name), std::string::npos) << r.status();
@@ -93,7 +95,7 @@ TEST_F(CacheBudgetTest, ZeroFilledKeysAreAdmittedBeforeAllocating) {
     EXPECT_LT(peak - before, 24 << 20) << name;
     EXPECT_TRUE(absl::IsNotFound(cache.Get(name).status()));
   }
-  EXPECT_TRUE(cache.ResidentBytes()["cpu"] == 0);
+  EXPECT_EQ(cache.ResidentBytes()["cpu"], 0);
 
   // A claim that fits is admitted at exactly the zeros it holds, and then holds them.
   WriteClaim("claims_256k", "256, 256");
