@@ -19,7 +19,7 @@ TSAN_DIR ?= build-tsan
 # architecture tests under ASan+UBSan, the cache's concurrency tests under TSan. `make asan ASAN_SERVICE=ON`
 # adds the gRPC service and its end-to-end tests (an ASan daemon; about 4 more minutes).
 ASAN_SERVICE ?= OFF
-ASAN_CORE_TESTS = CheckpointTest|Float8Test|ModelRootsTest|ThreadPoolTest|ShardedFailureTest|CheckpointSourceTest|PickleReaderTest|ChecksumStoreTest|HalfTest|InitContextTest|LayerKitTest|LoaderTest|WeightCastTest|SafetensorsHeaderTest|SafetensorsWriterTest|ModelCacheTest|Families/ArchitectureTest|Sd1Test|Checkpoints/Sd1ReferenceTest
+ASAN_CORE_TESTS = CheckpointTest|Float8Test|ModelRootsTest|ThreadPoolTest|ShardedFailureTest|CheckpointSourceTest|PickleReaderTest|PickleMemoryTest|ChecksumStoreTest|HalfTest|InitContextTest|LayerKitTest|LoaderTest|WeightCastTest|SafetensorsHeaderTest|SafetensorsWriterTest|ModelCacheTest|CacheBudgetTest|Families/ArchitectureTest|Sd1Test|Checkpoints/Sd1ReferenceTest
 ifeq ($(ASAN_SERVICE),ON)
 ASAN_TARGETS = metaload_core_tests metaload_cache_tests metaload_models_tests metaload_e2e_tests
 ASAN_TESTS ?= ^($(ASAN_CORE_TESTS)|ServiceTest|ServiceBudgetTest|ServiceAuthTest|DaemonTest)\.

@@ -1,13 +1,18 @@
 // metaloadd: the metaload daemon. Parses flags, starts the Daemon, waits for SIGTERM or SIGINT,
-// drains for --shutdown_grace and exits 0. SIGHUP is logged and ignored (a closed terminal or a
-// reload habit must not stop a server mid-load; there is nothing to reload).
+// drains for --shutdown_grace and exits 0 (3 when something could not be interrupted by the
+// grace plus 5 s: service::kDrainTimeoutExitCode). SIGHUP is logged and ignored (a closed terminal
+// or a reload habit must not stop a server mid-load; there is nothing to reload).
 #include <malloc.h>
 #include <signal.h>
 #include <unistd.h>
 
+#include <condition_variable>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
+#include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/flags/flag.h"
@@ -34,7 +39,13 @@ ABSL_FLAG(std::vector<std::string>, model_root, {},
 ABSL_FLAG(std::string, port_file, "",
           "When set, receives 'grpc_port=N' and 'metrics_port=M' lines once both are bound");
 ABSL_FLAG(absl::Duration, shutdown_grace, absl::Seconds(10),
-          "On SIGTERM/SIGINT, how long in-flight calls may still run");
+          "On SIGTERM/SIGINT, how long in-flight calls may still run. Loads still running are "
+          "then cancelled; if something cannot be interrupted (TorchScript code, a forward), "
+          "metaloadd exits anyway 5 s later with status 3, logging what was still running");
+ABSL_FLAG(absl::Duration, load_stall_timeout, absl::Minutes(10),
+          "When every load thread has run one load for longer than this, health turns "
+          "NOT_SERVING (a liveness probe can restart the daemon) until a thread is free; "
+          "0 disables");
 ABSL_FLAG(std::string, tls_cert, "", "PEM server certificate (with --tls_key: serve TLS)");
 ABSL_FLAG(std::string, tls_key, "", "PEM server private key");
 ABSL_FLAG(std::string, tls_client_ca, "", "PEM CA for client certificates (mutual TLS)");
@@ -46,8 +57,10 @@ ABSL_FLAG(int64_t, max_infer_input_bytes, 0,
 ABSL_FLAG(int64_t, max_infer_batch, 0, "Largest first dimension of an Infer input; 0: none");
 ABSL_FLAG(std::string, log_level, "info", "debug, info, warning or error");
 ABSL_FLAG(std::string, memory_budget, "",
-          "Per-device memory for models, e.g. cpu=8GiB,cuda:0=70GiB (cpu default: 80% of "
-          "MemAvailable at start; other devices: no limit)");
+          "Per-device memory for models, e.g. cpu=8GiB,cuda:0=70GiB, used as given. cpu "
+          "default: 80% of MemAvailable at start, and at each load at most what the models hold "
+          "plus 80% of MemAvailable then; each CUDA device: its free memory at start minus "
+          "1 GiB (a tenth under 10 GiB)");
 ABSL_FLAG(
     std::string, auth_token_file, "",
     "File holding a token; every RPC but health must then carry 'authorization: Bearer <token>'");
@@ -176,6 +189,11 @@ int main(int argc, char** argv) {
   options.keepalive_time = absl::GetFlag(FLAGS_keepalive_time);
   options.keepalive_timeout = absl::GetFlag(FLAGS_keepalive_timeout);
   options.allow_torchscript = absl::GetFlag(FLAGS_allow_torchscript);
+  options.load_stall_timeout = absl::GetFlag(FLAGS_load_stall_timeout);
+  if (options.load_stall_timeout < absl::ZeroDuration()) {
+    LogError("start_failed").Kv("error", "--load_stall_timeout must not be negative");
+    return 1;
+  }
   const absl::Duration grace = absl::GetFlag(FLAGS_shutdown_grace);
   if (grace < absl::ZeroDuration()) {
     LogError("start_failed")
@@ -258,7 +276,32 @@ int main(int argc, char** argv) {
       .Kv("signal", sig == SIGTERM ? "SIGTERM" : "SIGINT")
       .Kv("grace", absl::FormatDuration(grace));
   const absl::Time start = absl::Now();
+  // The drain ends by the grace plus kDrainStopSeconds whatever a load or forward does: one that
+  // cannot be interrupted (TorchScript code, a read that never returns) must not keep the
+  // process alive (issue 17: 34 s and 66 s, until the attacker let go).
+  std::mutex drain_mu;
+  std::condition_variable drain_cv;
+  bool drained = false;
+  std::thread deadline([&] {
+    std::unique_lock<std::mutex> lock(drain_mu);
+    const auto limit = std::chrono::milliseconds(
+        absl::ToInt64Milliseconds(grace + absl::Seconds(metaload::service::kDrainStopSeconds)));
+    if (drain_cv.wait_for(lock, limit, [&] { return drained; })) return;
+    const std::string running = d.StillRunning();  // as of the grace's end or later
+    LogError("drain_timed_out")
+        .Kv("seconds", absl::ToDoubleSeconds(absl::Now() - start))
+        .Kv("still_running", running.empty() ? "nothing the cache knows of" : running)
+        .Kv("exit_code", metaload::service::kDrainTimeoutExitCode);
+    std::fflush(stderr);
+    std::_Exit(metaload::service::kDrainTimeoutExitCode);
+  });
   d.Drain(grace);
+  {
+    std::lock_guard<std::mutex> lock(drain_mu);
+    drained = true;
+  }
+  drain_cv.notify_all();
+  deadline.join();
   LogInfo("stopped").Kv("drain_seconds", absl::ToDoubleSeconds(absl::Now() - start));
   return 0;
 }

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <chrono>
 #include <future>
+#include <set>
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
@@ -398,6 +399,7 @@ std::shared_ptr<LoadWaiter> ModelCache::Load(const LoadSpec& spec, ProgressFn pr
   waiter->flight_ = flight;
   flights_[key] = flight;
   slot->pending = flight;
+  ++queued_;
   lock.unlock();
   if (options_.observer) options_.observer->OnCacheRequest("miss");
   waiter->Deliver({"queued", 0, 0});
@@ -415,6 +417,124 @@ int64_t ModelCache::UsedBytesLocked(const std::string& device) const {
   return used + (r == reserved_.end() ? 0 : r->second);
 }
 
+namespace {
+
+// Byte figures are admitted as int64; a saturated estimate (a config claiming 2^70 elements)
+// must stay far from overflowing `used + need`.
+constexpr int64_t kMaxAdmittedBytes = INT64_MAX / 4;
+
+// Of the memory free at an admission, the share a following budget may promise (the same
+// share the daemon's default budget takes of MemAvailable at start).
+constexpr double kAvailableFraction = 0.8;
+
+}  // namespace
+
+int64_t ModelCache::ClampBytes(uint64_t bytes) {
+  return static_cast<int64_t>(std::min<uint64_t>(bytes, kMaxAdmittedBytes));
+}
+
+int64_t ModelCache::AvailableBytes(const std::string& device) {
+  if (!options_.budget_follows_available.count(device)) return -1;
+  // Frees queued before now count as free: let them finish first (a checkpoint switch).
+  releaser_->Flush();
+  return options_.available_bytes ? options_.available_bytes(device) : -1;
+}
+
+int64_t ModelCache::ResidentBytesLocked(const std::string& device) const {
+  int64_t held = 0;
+  for (const std::weak_ptr<Loaded>& weak : alive_) {
+    std::shared_ptr<Loaded> loaded = weak.lock();
+    if (loaded && loaded->device == device) held += loaded->resident_bytes;
+  }
+  return held;
+}
+
+absl::Status ModelCache::AdmitLocked(const Flight& flight, int64_t need, int64_t available,
+                                     const char* verb, std::vector<std::string>* evicted) {
+  const LoadSpec& spec = flight.spec;
+  auto budget = options_.budgets.find(spec.device);
+  if (budget != options_.budgets.end()) {
+    // The effective budget: the configured one, and where it follows what is free, at most
+    // what the cache's models hold now plus the free fraction of what the device has free now.
+    // Fixed for this admission, so evicting a model makes room by its bytes.
+    int64_t limit = budget->second;
+    if (available >= 0) {
+      limit = std::min(limit, ResidentBytesLocked(spec.device) +
+                                  static_cast<int64_t>(available * kAvailableFraction));
+    }
+    // Nothing is evicted for a load that would not fit even with every idle model gone.
+    int64_t evictable = 0;
+    std::set<const Loaded*> counted;
+    for (const auto& [id, slot] : slots_) {
+      const Loaded* l = slot->current.get();
+      if (!l || l->device != spec.device || l->pinned || l->active.load() > 0) continue;
+      if (counted.insert(l).second) evictable += l->resident_bytes;
+    }
+    const bool can_fit = UsedBytesLocked(spec.device) - evictable + need <= limit;
+    // A model being replaced serves until its successor is ready, unless the budget cannot
+    // hold both: then the swap becomes unload-then-load (the web UI's checkpoint switch).
+    bool spare_replaced = true;
+    while (can_fit && UsedBytesLocked(spec.device) + need > limit) {
+      std::string victim;
+      uint64_t oldest = UINT64_MAX;
+      for (const auto& [id, slot] : slots_) {
+        const std::shared_ptr<Loaded>& l = slot->current;
+        if (!l || l->device != spec.device || l->pinned || l->active.load() > 0) continue;
+        bool wanted = false;
+        for (const auto& w : flight.waiters) wanted |= w->model_id_ == id;
+        if (wanted && spare_replaced) continue;
+        if (l->last_use.load() < oldest) {
+          oldest = l->last_use.load();
+          victim = id;
+        }
+      }
+      if (victim.empty() && spare_replaced) {
+        spare_replaced = false;
+        continue;
+      }
+      if (victim.empty()) break;
+      std::shared_ptr<Loaded> gone = slots_[victim]->current;
+      for (auto it = slots_.begin(); it != slots_.end();) {
+        if (it->second->current == gone) {
+          evicted->push_back(it->first);
+          it->second->current = nullptr;
+          if (!it->second->pending) {
+            it = slots_.erase(it);
+            continue;
+          }
+        }
+        ++it;
+      }
+      gone.reset();
+      alive_.erase(std::remove_if(alive_.begin(), alive_.end(),
+                                  [](const std::weak_ptr<Loaded>& w) { return w.expired(); }),
+                   alive_.end());
+      if (options_.observer) options_.observer->OnEviction(spec.device);
+    }
+    const int64_t used = UsedBytesLocked(spec.device);
+    if (used + need > limit) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "'", spec.display_path, "' ", verb, " ", core::HumanBytes(need), " on ", spec.device,
+          "; the budget is ", core::HumanBytes(limit),
+          limit < budget->second ? absl::StrCat(" (", core::HumanBytes(budget->second),
+                                                " capped by what the models hold plus 80% of the ",
+                                                core::HumanBytes(available), " free now)")
+                                 : "",
+          " and ", core::HumanBytes(used), " is held by models in use or pinned"));
+    }
+  }
+  reserved_[spec.device] += need;
+  return absl::OkStatus();
+}
+
+void ModelCache::ReportEvictedLocked(const std::string& device,
+                                     const std::vector<std::string>& evicted) {
+  for (const std::string& id : evicted) {
+    core::LogInfo("model_evicted").Kv("model_id", id).Kv("device", device);
+    if (options_.observer) options_.observer->OnModelRemoved(id);
+  }
+}
+
 void ModelCache::RunFlight(std::shared_ptr<Flight> flight) {
   const LoadSpec& spec = flight->spec;
   const auto start = Clock::now();
@@ -426,6 +546,11 @@ void ModelCache::RunFlight(std::shared_ptr<Flight> flight) {
     }
     for (const auto& w : waiters) w->Deliver(e);
   };
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    --queued_;
+    running_[flight.get()] = Clock::now();
+  }
   int64_t reserved = 0;
   std::shared_ptr<Loaded> loaded;
   absl::Status status;
@@ -477,73 +602,25 @@ void ModelCache::RunFlight(std::shared_ptr<Flight> flight) {
       status = policy.status();
       break;
     }
-    int64_t need = static_cast<int64_t>(model->LoadedBytes((*source)->index(), *policy));
-    if ((*source)->index().format == core::CheckpointFormat::kTorchScript) {
-      need = static_cast<int64_t>((*source)->index().files[0].size);
+    // What the load will allocate, known before allocating (zero-filled missing keys
+    // included). TorchScript cannot say before its code ran: the file's size is admitted now,
+    // and what the model really holds is counted once it is loaded (below).
+    std::optional<uint64_t> planned =
+        model->PlannedBytes((*source)->index(), dtypes, spec.allow_missing_keys);
+    if (!planned && (*source)->index().format == core::CheckpointFormat::kTorchScript) {
+      planned = (*source)->index().files[0].size;
     }
+    if (!planned) planned = policy->LoadedBytes((*source)->index());
+    const int64_t need = ClampBytes(*planned);
 
     // Admission: evict idle, unpinned models LRU-first until the load fits, before allocating.
     {
       std::vector<std::string> evicted;
+      const int64_t available = AvailableBytes(spec.device);
       std::lock_guard<std::mutex> lock(mu_);
-      auto budget = options_.budgets.find(spec.device);
-      if (budget != options_.budgets.end()) {
-        // A model being replaced serves until its successor is ready, unless the budget cannot
-        // hold both: then the swap becomes unload-then-load (the web UI's checkpoint switch).
-        bool spare_replaced = true;
-        while (UsedBytesLocked(spec.device) + need > budget->second) {
-          std::string victim;
-          uint64_t oldest = UINT64_MAX;
-          for (const auto& [id, slot] : slots_) {
-            const std::shared_ptr<Loaded>& l = slot->current;
-            if (!l || l->device != spec.device || l->pinned || l->active.load() > 0) continue;
-            bool wanted = false;
-            for (const auto& w : flight->waiters) wanted |= w->model_id_ == id;
-            if (wanted && spare_replaced) continue;
-            if (l->last_use.load() < oldest) {
-              oldest = l->last_use.load();
-              victim = id;
-            }
-          }
-          if (victim.empty() && spare_replaced) {
-            spare_replaced = false;
-            continue;
-          }
-          if (victim.empty()) break;
-          std::shared_ptr<Loaded> gone = slots_[victim]->current;
-          for (auto it = slots_.begin(); it != slots_.end();) {
-            if (it->second->current == gone) {
-              evicted.push_back(it->first);
-              it->second->current = nullptr;
-              if (!it->second->pending) {
-                it = slots_.erase(it);
-                continue;
-              }
-            }
-            ++it;
-          }
-          gone.reset();
-          alive_.erase(std::remove_if(alive_.begin(), alive_.end(),
-                                      [](const std::weak_ptr<Loaded>& w) { return w.expired(); }),
-                       alive_.end());
-          if (options_.observer) options_.observer->OnEviction(spec.device);
-        }
-        const int64_t used = UsedBytesLocked(spec.device);
-        if (used + need > budget->second) {
-          status = absl::ResourceExhaustedError(
-              absl::StrCat("'", spec.display_path, "' needs ", core::HumanBytes(need), " on ",
-                           spec.device, "; the budget is ", core::HumanBytes(budget->second),
-                           " and ", core::HumanBytes(used), " is held by models in use or pinned"));
-        }
-      }
-      if (status.ok()) {
-        reserved_[spec.device] += need;
-        reserved = need;
-      }
-      for (const std::string& id : evicted) {
-        core::LogInfo("model_evicted").Kv("model_id", id).Kv("device", spec.device);
-        if (options_.observer) options_.observer->OnModelRemoved(id);
-      }
+      status = AdmitLocked(*flight, need, available, "needs", &evicted);
+      if (status.ok()) reserved = need;
+      ReportEvictedLocked(spec.device, evicted);
     }
     if (!status.ok()) break;
     // The models evicted above, and any unloaded just before, are being freed: let them go
@@ -568,6 +645,24 @@ void ModelCache::RunFlight(std::shared_ptr<Flight> flight) {
       break;
     }
     report = *r;
+    // Counted as the model really holds it: for TorchScript this is the first time it is known
+    // (its __setstate__ may allocate what the file never held). A model over the budget is
+    // refused now and freed with `model` when this flight ends.
+    const int64_t holds = ClampBytes(model->ResidentBytes());
+    if (holds > reserved) {
+      std::vector<std::string> evicted;
+      const int64_t available = AvailableBytes(spec.device);
+      std::lock_guard<std::mutex> lock(mu_);
+      reserved_[spec.device] -= reserved;
+      reserved = 0;
+      status = AdmitLocked(*flight, holds, available, "holds, measured after loading,", &evicted);
+      if (status.ok()) reserved = holds;
+      ReportEvictedLocked(spec.device, evicted);
+    }
+    if (!status.ok()) {
+      releaser_->Release(std::move(model), spec.device, holds);
+      break;
+    }
     loaded = std::make_shared<Loaded>();
     loaded->releaser = releaser_;
     loaded->key = flight->key;
@@ -579,7 +674,7 @@ void ModelCache::RunFlight(std::shared_ptr<Flight> flight) {
                                               : dtypes.dtype;
     loaded->files = (*source)->index().files;
     loaded->parameter_count = model->ParameterCount();
-    loaded->resident_bytes = static_cast<int64_t>(model->ResidentBytes());
+    loaded->resident_bytes = holds;
     loaded->entries = model->LoadedEntries();
     loaded->pinned = spec.pin;
     loaded->loaded_at_ms = NowMs();
@@ -604,6 +699,7 @@ void ModelCache::RunFlight(std::shared_ptr<Flight> flight) {
   std::vector<std::pair<std::shared_ptr<LoadWaiter>, absl::StatusOr<LoadResult>>> results;
   {
     std::lock_guard<std::mutex> lock(mu_);
+    running_.erase(flight.get());
     reserved_[spec.device] -= reserved;
     // A newer flight of the same key may have taken the place of this cancelled one.
     auto mine = flights_.find(flight->key);
@@ -815,6 +911,11 @@ void ModelCache::Infer(const std::string& model_id, const std::string& entry,
                        done = std::move(done), model_id]() mutable {
     const std::shared_ptr<Loaded> loaded = held->get();
     const auto start = Clock::now();
+    infers_running_.fetch_add(1);
+    struct Running {
+      std::atomic<int>& count;
+      ~Running() { count.fetch_sub(1); }
+    } running{infers_running_};
     absl::StatusOr<std::vector<WireTensor>> result = core::CatchExceptions(
         absl::StrCat("model_id '", model_id, "'"),
         [&]() -> absl::StatusOr<std::vector<WireTensor>> {
@@ -861,6 +962,29 @@ std::map<std::string, int64_t> ModelCache::ResidentBytes() const {
   for (const std::weak_ptr<Loaded>& weak : alive_) {
     if (std::shared_ptr<Loaded> l = weak.lock()) out[l->device] += l->resident_bytes;
   }
+  return out;
+}
+
+int64_t ModelCache::DefaultAvailableBytes(const std::string& device) {
+  if (device != "cpu") return -1;
+  const int64_t available = core::MemAvailableBytes();
+  return available > 0 ? available : -1;
+}
+
+ModelCache::LoadActivity ModelCache::Activity() const {
+  LoadActivity out;
+  out.threads = options_.load_threads;
+  out.infers_running = infers_running_.load();
+  const auto now = Clock::now();
+  std::lock_guard<std::mutex> lock(mu_);
+  out.queued = queued_;
+  for (const auto& [flight, started] : running_) {
+    out.running.push_back(
+        {flight->waiters.empty() ? flight->spec.model_id : flight->waiters.front()->model_id_,
+         flight->spec.display_path, std::chrono::duration<double>(now - started).count()});
+  }
+  std::sort(out.running.begin(), out.running.end(),
+            [](const RunningLoad& a, const RunningLoad& b) { return a.seconds > b.seconds; });
   return out;
 }
 

@@ -10,10 +10,14 @@
 //   (the old model serves until then, and is freed when its last user is done).
 // - Handles: Infer holds the model for its duration, so Unload and eviction never free a model
 //   under a running Infer; they mark it UNLOADING and the memory goes with the last handle.
-// - Admission before allocation: the bytes a load needs are exact from the checkpoint header and
-//   the dtype policy. Idle, unpinned models on the device are evicted least-recently-used first;
-//   if the budget still cannot fit it, the load fails with RESOURCE_EXHAUSTED before touching
-//   memory.
+// - Admission before allocation: the bytes a load needs are known from the checkpoint header,
+//   the model's skeleton and the dtype policy (models::Model::PlannedBytes: an upper bound,
+//   zero-filled missing keys included). Idle, unpinned models on the device are evicted
+//   least-recently-used first; if the budget still cannot fit it, the load fails with
+//   RESOURCE_EXHAUSTED before touching memory. TorchScript, whose code decides what it
+//   allocates, is admitted at its file size and counted as measured once loaded; over the
+//   budget then, it fails the same way and is freed. A budget derived from free memory follows
+//   it (Options::budget_follows_available).
 // - Loads run on a bounded pool, Infer on another, sha256 hashing on a third (in the
 //   background, after a load): none on the caller's thread.
 // - Frees: wherever a model's last handle drops (Unload and eviction, under the lock; an Infer
@@ -29,11 +33,13 @@
 #define METALOAD_SERVER_CACHE_MODEL_CACHE_H_
 
 #include <atomic>
+#include <chrono>
 #include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -77,7 +83,10 @@ struct ModelInfo {
 
 struct LoadStats {
   double total_seconds = 0, build_seconds = 0, read_seconds = 0;
-  int64_t bytes_read = 0, peak_host_bytes = 0, peak_device_bytes = 0;
+  int64_t bytes_read = 0;
+  // The load's own peak, counted by the loader (core::LoadReport): not disturbed by loads
+  // running at the same time.
+  int64_t peak_host_bytes = 0, peak_device_bytes = 0;
   std::vector<std::string> unexpected_keys;
 };
 
@@ -135,7 +144,33 @@ class ModelCache {
     // What one Infer may cost, checked before it is queued (infer_limits.h states the rule);
     // over a limit: RESOURCE_EXHAUSTED without computing. Default: no limits.
     InferLimits infer_limits;
+    // Devices whose budget was not given but derived from what was free at start (the daemon's
+    // default "cpu" budget): at each admission their effective budget is at most the bytes the
+    // cache's models hold plus 80% of available_bytes(device) at that moment, after the frees
+    // queued before it finished. So memory other processes took since the start is not
+    // promised twice. Empty: budgets are used as given.
+    std::set<std::string> budget_follows_available;
+    // Bytes free on a device now; -1 unknown. Default: MemAvailable for "cpu" (tests fake it).
+    std::function<int64_t(const std::string& device)> available_bytes = DefaultAvailableBytes;
   };
+
+  // MemAvailable (/proc/meminfo) for "cpu"; -1 for other devices.
+  static int64_t DefaultAvailableBytes(const std::string& device);
+
+  // The load pool right now: what a liveness probe needs to tell a wedged pool (every thread
+  // held by a load that does not finish) from a busy one.
+  struct RunningLoad {
+    std::string model_id;      // the first caller's id
+    std::string display_path;  // as the caller gave it
+    double seconds = 0;        // since it started running (not since it was queued)
+  };
+  struct LoadActivity {
+    int threads = 0;                   // the pool's size (Options::load_threads)
+    std::vector<RunningLoad> running;  // loads on a pool thread now, oldest first
+    int queued = 0;                    // loads waiting for a thread
+    int infers_running = 0;            // Infer calls on the infer pool now
+  };
+  LoadActivity Activity() const;
 
   using ProgressFn = std::function<void(const LoadProgressEvent&)>;
   using DoneFn = std::function<void(absl::StatusOr<LoadResult>)>;
@@ -168,6 +203,19 @@ class ModelCache {
   void RunFlight(std::shared_ptr<Flight> flight);
   bool CancelWaiter(LoadWaiter* waiter);
   int64_t UsedBytesLocked(const std::string& device) const;
+  int64_t ResidentBytesLocked(const std::string& device) const;
+  // Admission decides, under mu_, and allocates nothing: evicts idle, unpinned models on the
+  // flight's device LRU-first until `need` more bytes fit the effective budget (see
+  // Options::budget_follows_available; `available` from AvailableBytes, -1 for none), then
+  // reserves them in reserved_. RESOURCE_EXHAUSTED ("'path' <verb> N on cpu; the budget is
+  // ...") when they cannot fit. Appends the evicted ids to `evicted`.
+  absl::Status AdmitLocked(const Flight& flight, int64_t need, int64_t available, const char* verb,
+                           std::vector<std::string>* evicted);
+  void ReportEvictedLocked(const std::string& device, const std::vector<std::string>& evicted);
+  // Free bytes on `device` for the effective budget, or -1 when its budget is used as given.
+  // Waits for queued frees; call without mu_.
+  int64_t AvailableBytes(const std::string& device);
+  static int64_t ClampBytes(uint64_t bytes);
   ModelInfo InfoLocked(const std::string& id, const Loaded& loaded, const std::string& state) const;
   void StartHash(const std::shared_ptr<Loaded>& loaded);
 
@@ -180,6 +228,10 @@ class ModelCache {
   std::map<std::string, std::shared_ptr<Flight>> flights_;  // by key; guarded by mu_
   std::vector<std::weak_ptr<Loaded>> alive_;                // guarded by mu_
   std::map<std::string, int64_t> reserved_;                 // device -> bytes; guarded by mu_
+  // Flights running on a load thread, with when they started; guarded by mu_.
+  std::map<const Flight*, std::chrono::steady_clock::time_point> running_;
+  int queued_ = 0;                      // flights submitted, not yet running; guarded by mu_
+  std::atomic<int> infers_running_{0};  // Infer tasks executing on the infer pool
   std::unique_ptr<core::ThreadPool> load_pool_;
   std::unique_ptr<core::ThreadPool> infer_pool_;
   std::unique_ptr<core::ThreadPool> hash_pool_;

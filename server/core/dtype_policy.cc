@@ -63,17 +63,12 @@ DType DtypePolicy::Resolve(absl::string_view name, DType stored, TensorUse use) 
   return target;
 }
 
-uint64_t DtypePolicy::LoadedBytes(const CheckpointIndex& index,
-                                  const std::function<TensorUse(const std::string&)>& use) const {
+uint64_t DtypePolicy::LoadedBytes(const CheckpointIndex& index) const {
   uint64_t total = 0;
   for (const TensorInfo& t : index.tensors) {
     int size = 0;
-    if (use) {
-      size = DTypeSize(Resolve(t.name, t.dtype, use(t.name)));
-    } else {
-      for (TensorUse u : {TensorUse::kDirect, TensorUse::kWeight, TensorUse::kMatmulWeight}) {
-        size = std::max(size, DTypeSize(Resolve(t.name, t.dtype, u)));
-      }
+    for (TensorUse u : {TensorUse::kDirect, TensorUse::kWeight, TensorUse::kMatmulWeight}) {
+      size = std::max(size, DTypeSize(Resolve(t.name, t.dtype, u)));
     }
     total += static_cast<uint64_t>(t.numel()) * static_cast<uint64_t>(size);
   }

@@ -12,7 +12,6 @@
 #ifndef METALOAD_SERVER_CORE_DTYPE_POLICY_H_
 #define METALOAD_SERVER_CORE_DTYPE_POLICY_H_
 
-#include <functional>
 #include <map>
 #include <optional>
 #include <string>
@@ -47,11 +46,10 @@ class DtypePolicy {
   // The dtype tensor `name`, stored as `stored` and read as `use`, is loaded as.
   DType Resolve(absl::string_view name, DType stored, TensorUse use) const;
 
-  // Exact bytes the tensors of `index` occupy once loaded under this policy, each read as
-  // `use(name)` (admission control needs them before allocating anything). Without `use`, an
-  // upper bound: each tensor's largest size over the uses.
-  uint64_t LoadedBytes(const CheckpointIndex& index,
-                       const std::function<TensorUse(const std::string&)>& use = nullptr) const;
+  // An upper bound of the bytes the tensors of `index` occupy once loaded under this policy
+  // (each tensor's largest size over the uses), for models that cannot say how they read each
+  // tensor (models::Model::PlannedBytes is exact).
+  uint64_t LoadedBytes(const CheckpointIndex& index) const;
 
   // A stable description for cache keys: "default=float16;a.=keep;b.=bfloat16".
   std::string Describe() const;

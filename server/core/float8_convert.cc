@@ -131,7 +131,17 @@ void ConvertTensor(const at::Tensor& src, DType src_dtype, const at::Tensor& dst
     DecodeFloat8(src, src_dtype, dst);
   } else if (src_dtype == dst_dtype) {
     dst.copy_(src);
-  } else {  // one float8 format to the other, through float32 (exact)
+  } else if (src.is_cpu() && src.is_contiguous() && dst.is_contiguous()) {
+    // One float8 format to the other: a byte-to-byte table, no wider scratch.
+    std::array<uint8_t, 256> table;
+    for (int b = 0; b < 256; ++b)
+      table[b] = FloatToFloat8Bits(Float8Table(src_dtype)[b], dst_dtype);
+    const uint8_t* in = src.data_ptr<uint8_t>();
+    uint8_t* out = dst.data_ptr<uint8_t>();
+    ForEachRange(src.numel(), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) out[i] = table[in[i]];
+    });
+  } else {  // through float32 (exact), on the device
     at::Tensor wide = at::empty(src.sizes(), src.options().dtype(at::kFloat));
     DecodeFloat8(src, src_dtype, wide);
     EncodeFloat8(wide, dst_dtype, dst);

@@ -5,9 +5,6 @@
 #include <c10/core/StreamGuard.h>
 #include <c10/core/impl/VirtualGuardImpl.h>
 #include <sys/mman.h>
-#if METALOAD_CUDA_LIBTORCH
-#include <c10/cuda/CUDACachingAllocator.h>
-#endif
 
 #include <chrono>
 #include <mutex>
@@ -19,7 +16,6 @@
 #include "server/core/dtype_policy.h"
 #include "server/core/exception_boundary.h"
 #include "server/core/float8_convert.h"
-#include "server/core/process_memory.h"
 #include "server/core/staging_ring.h"
 #include "server/core/torch_types.h"
 
@@ -179,25 +175,6 @@ class DeviceCopier : public HostCopier {
   std::vector<c10::Event> events_;
 };
 
-// The caching allocator's view of a CUDA device, where this LibTorch has CUDA.
-int64_t DeviceAllocatedBytes(const c10::Device& device, bool peak) {
-#if METALOAD_CUDA_LIBTORCH
-  if (device.is_cuda()) {
-    namespace alloc = c10::cuda::CUDACachingAllocator;
-    const auto stats = alloc::getDeviceStats(device.index());
-    const auto& s = stats.allocated_bytes[static_cast<size_t>(alloc::StatType::AGGREGATE)];
-    return peak ? s.peak : s.current;
-  }
-#endif
-  return 0;
-}
-
-void ResetDevicePeak(const c10::Device& device) {
-#if METALOAD_CUDA_LIBTORCH
-  if (device.is_cuda()) c10::cuda::CUDACachingAllocator::resetPeakStats(device.index());
-#endif
-}
-
 }  // namespace
 
 absl::StatusOr<LoadReport> LoadModule(Module& module, const CheckpointSource& source,
@@ -217,17 +194,14 @@ absl::StatusOr<LoadReport> LoadModule(Module& module, const CheckpointSource& so
         index.path, ": a TorchScript archive; load it with the torchscript architecture"));
   }
 
-  const int64_t baseline_rss = [] {
-    absl::StatusOr<ProcessMemory> m = ReadProcessMemory();
-    return m.ok() ? m->rss_bytes : 0;
-  }();
-  const bool peak_reset = ResetPeakRss();
-  const int64_t device_before = DeviceAllocatedBytes(*device, /*peak=*/false);
-  ResetDevicePeak(*device);
-
   // Plan: match module tensors with checkpoint keys, check shapes, choose dtypes.
   LoadReport report;
-  uint64_t host_copies = 0;  // bytes of the tensors this load allocates on the host
+  // What this load allocates itself, by where: its peak, counted rather than sampled from the
+  // process (whose high-water mark other loads share, and used to reset).
+  uint64_t host_bytes = 0, device_bytes = 0;
+  auto count = [&](const at::Tensor& t) {
+    (t.is_cpu() ? host_bytes : device_bytes) += static_cast<uint64_t>(t.nbytes());
+  };
   std::vector<Planned> plan;
   std::set<std::string> used;
   std::vector<std::string> missing;
@@ -280,6 +254,7 @@ absl::StatusOr<LoadReport> LoadModule(Module& module, const CheckpointSource& so
               at::TensorOptions().dtype(ToScalarType(p.target)).device(*device);
           if (p.info == nullptr) {
             p.tensor = at::zeros(p.slot.tensor->sizes(), to);
+            count(p.tensor);
             return absl::OkStatus();
           }
           const DType stored = p.info->dtype;
@@ -305,7 +280,7 @@ absl::StatusOr<LoadReport> LoadModule(Module& module, const CheckpointSource& so
           AdviseHugePages(p.tensor);
           p.needs_copy = true;
           report.loaded_bytes += static_cast<uint64_t>(p.tensor.nbytes());
-          if (device->is_cpu()) host_copies += static_cast<uint64_t>(p.tensor.nbytes());
+          count(p.tensor);
           return absl::OkStatus();
         });
     if (!allocated.ok()) return allocated;
@@ -345,6 +320,15 @@ absl::StatusOr<LoadReport> LoadModule(Module& module, const CheckpointSource& so
     }
     ring = std::make_unique<StagingRing>(copier.get(), slots, slot_bytes);
     report.staging_slots = slots;
+    host_bytes += static_cast<uint64_t>(slots) * slot_bytes;
+    // Off the CPU a converting chunk also lands in a device scratch block in its stored dtype
+    // (at most a slot's bytes, one per slot in flight).
+    bool converts = false;
+    for (const Chunk& c : chunks) {
+      const Planned& p = plan[c.planned];
+      converts |= p.info->dtype != p.target;
+    }
+    if (!device->is_cpu() && converts) device_bytes += static_cast<uint64_t>(slots) * slot_bytes;
   }
 
   // Fill: workers take chunks in file order.
@@ -432,17 +416,10 @@ absl::StatusOr<LoadReport> LoadModule(Module& module, const CheckpointSource& so
   report.tensors = static_cast<int>(plan.size());
   progress.Done();
 
-  absl::StatusOr<ProcessMemory> after = ReadProcessMemory();
-  if (after.ok()) {
-    report.peak_host_bytes = std::max<int64_t>(
-        0, (peak_reset ? after->peak_rss_bytes : after->rss_bytes) - baseline_rss);
-  }
-  // RSS misses memory the load took from the allocator's free lists (freed earlier, still
-  // resident) and anything other threads freed meanwhile; the copies it holds at the end are
-  // resident for certain, so they bound the peak from below.
-  report.peak_host_bytes = std::max(report.peak_host_bytes, static_cast<int64_t>(host_copies));
-  report.peak_device_bytes =
-      std::max<int64_t>(0, DeviceAllocatedBytes(*device, /*peak=*/true) - device_before);
+  // Everything counted is held at once (destinations are allocated before the fill starts, and
+  // the staging ring lives for the whole fill), so the sum is the load's own peak.
+  report.peak_host_bytes = static_cast<int64_t>(host_bytes);
+  report.peak_device_bytes = static_cast<int64_t>(device_bytes);
   report.seconds = std::chrono::duration<double>(Clock::now() - start).count();
   return report;
 }

@@ -83,11 +83,13 @@ struct LoadReport {
   double seconds = 0;
   uint64_t bytes_read = 0;    // checkpoint bytes read (0 for zero-copy views)
   uint64_t loaded_bytes = 0;  // bytes of the loaded tensors
-  // High-water RSS above the pre-load baseline, and at least the bytes of the tensors the load
-  // copied to the host (RSS cannot see reused free heap memory).
+  // The load's own peak, counted by the loader (not sampled from the process, whose RSS
+  // high-water mark and CUDA allocator peak concurrent loads share): the bytes it allocated
+  // on the host (CPU destinations and zero-fills, staging slots) and on the device
+  // (destinations, zero-fills, the conversion scratch), all held at once during the fill. Not
+  // included: the page cache and mapped file pages (zero_copy views count 0), LibTorch's
+  // internal scratch, other threads' allocations.
   int64_t peak_host_bytes = 0;
-  // The CUDA caching allocator's peak during the load above what it held before; 0 on CPU and
-  // with a LibTorch built without CUDA.
   int64_t peak_device_bytes = 0;
   int tensors = 0;
   int converted = 0;            // tensors whose dtype changed

@@ -47,7 +47,8 @@ void AddSample(prometheus::MetricFamily* f, std::vector<prometheus::ClientMetric
 
 }  // namespace
 
-// Reads the cache at scrape time: models by device/state, resident and budget bytes per device.
+// Reads the cache at scrape time: models by device/state, resident and budget bytes per device,
+// the load pool's threads, busy threads, queued loads and the oldest running load.
 class CacheCollectable : public prometheus::Collectable {
  public:
   explicit CacheCollectable(const cache::ModelCache* cache) : cache_(cache) {}
@@ -75,7 +76,23 @@ class CacheCollectable : public prometheus::Collectable {
     for (const auto& [device, n] : cache_->budgets()) {
       AddSample(&budget, {{"device", device}}, static_cast<double>(n));
     }
-    return {models, resident, budget};
+    // The load pool, so a wedged one (every thread held by a load that never ends) shows.
+    const cache::ModelCache::LoadActivity activity = cache_->Activity();
+    prometheus::MetricFamily threads =
+        GaugeFamily("metaload_load_threads", "Threads of the load pool (--load_threads).");
+    AddSample(&threads, {}, activity.threads);
+    prometheus::MetricFamily busy = GaugeFamily(
+        "metaload_load_threads_busy", "Load threads running a load now (not queued ones).");
+    AddSample(&busy, {}, static_cast<double>(activity.running.size()));
+    prometheus::MetricFamily queued =
+        GaugeFamily("metaload_loads_queued", "Loads waiting for a load thread.");
+    AddSample(&queued, {}, activity.queued);
+    prometheus::MetricFamily oldest = GaugeFamily(
+        "metaload_oldest_load_seconds",
+        "Seconds the longest-running load has been running; 0 when none is. Health turns "
+        "NOT_SERVING while every load thread's load is older than --load_stall_timeout.");
+    AddSample(&oldest, {}, activity.running.empty() ? 0.0 : activity.running.front().seconds);
+    return {models, resident, budget, threads, busy, queued, oldest};
   }
 
  private:
@@ -98,14 +115,17 @@ LoaderMetrics::LoaderMetrics(std::shared_ptr<prometheus::Registry> registry)
       &prometheus::BuildGauge()
            .Name("metaload_load_peak_host_bytes")
            .Help(
-               "High-water RSS above the pre-load baseline during the model's last load. "
-               "Loads share one process: a load that overlaps others also counts what they "
-               "allocated meanwhile, and may read low when a load starting after it resets "
-               "the kernel's high-water mark (exact for loads that run alone).")
+               "Host bytes the model's last load allocated itself (destinations, zero-fills, "
+               "staging slots), counted by the loader rather than sampled from the process, so "
+               "concurrent loads do not disturb it; excludes page cache and LibTorch scratch. "
+               "TorchScript: the bytes the loaded module holds.")
            .Register(r);
   peak_device_ = &prometheus::BuildGauge()
                       .Name("metaload_load_peak_device_bytes")
-                      .Help("Device allocator peak during the model's last load.")
+                      .Help(
+                          "Device bytes the model's last load allocated itself "
+                          "(destinations, zero-fills, conversion scratch), counted by the "
+                          "loader; 0 on cpu.")
                       .Register(r);
   loaded_bytes_ = &prometheus::BuildCounter()
                        .Name("metaload_loaded_bytes_total")

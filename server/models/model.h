@@ -63,16 +63,23 @@ class Model {
   // file's dtypes.
   virtual DtypeChoice DefaultDtypes() const { return {}; }
 
-  // The bytes loading `index` under `policy` gives this model's tensors (admission control;
-  // exact where the model knows how it reads each tensor, see core::TensorUse, else an upper
-  // bound).
-  virtual uint64_t LoadedBytes(const core::CheckpointIndex& index,
-                               const core::DtypePolicy& policy) const {
-    return policy.LoadedBytes(index);
+  // The bytes Load will allocate on the device for the model's weights, known before anything
+  // is allocated: every tensor the model holds, in the dtype `dtypes` gives it, and with
+  // `allow_missing_keys` the zero-filled tensors of keys the checkpoint lacks (issue 17: a 4 KB
+  // directory claimed 64 GiB of zeros). The cache admits this figure against the budget before
+  // loading. IMPORTANT: must be an upper bound of ResidentBytes() after a successful Load;
+  // saturates instead of overflowing. nullopt: not knowable before loading (TorchScript runs
+  // the file's code); the cache then admits the file's size, counts ResidentBytes() after the
+  // load, and refuses a model that does not fit then.
+  virtual std::optional<uint64_t> PlannedBytes(const core::CheckpointIndex& index,
+                                               const DtypeChoice& dtypes,
+                                               bool allow_missing_keys) const {
+    return std::nullopt;
   }
 
   // Parameters and buffers, after loading.
   virtual int64_t ParameterCount() const = 0;
+  // Bytes the loaded model holds on its device: every distinct storage it references.
   virtual uint64_t ResidentBytes() const = 0;
 };
 

@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "server/core/dtype_policy.h"
 #include "server/core/exception_boundary.h"
 #include "server/core/torch_types.h"
 
@@ -186,22 +187,50 @@ absl::StatusOr<NamedTensors> ModuleModel::Run(
   }
 }
 
-uint64_t ModuleModel::LoadedBytes(const core::CheckpointIndex& index,
-                                  const core::DtypePolicy& policy) const {
-  // A key two tensors load from (tied weights) is read the most restrictive way.
-  std::map<std::string, core::TensorUse> uses;
-  for (const core::TensorSlot& slot : module_->Slots()) {
-    const std::string key = key_map_ ? key_map_(slot.name) : slot.name;
-    auto [it, inserted] = uses.emplace(key, slot.use);
-    if (!inserted) it->second = std::min(it->second, slot.use);
-  }
-  return policy.LoadedBytes(index, [&](const std::string& key) {
-    auto it = uses.find(key);
-    return it != uses.end() ? it->second : core::TensorUse::kDirect;
-  });
+int64_t ModuleModel::ParameterCount() const { return module_->ParameterCount(); }
+
+namespace {
+
+// a * b, or UINT64_MAX when it overflows.
+uint64_t SaturatingMul(uint64_t a, uint64_t b) {
+  uint64_t out;
+  return __builtin_mul_overflow(a, b, &out) ? UINT64_MAX : out;
 }
 
-int64_t ModuleModel::ParameterCount() const { return module_->ParameterCount(); }
+uint64_t SaturatingAdd(uint64_t a, uint64_t b) {
+  uint64_t out;
+  return __builtin_add_overflow(a, b, &out) ? UINT64_MAX : out;
+}
+
+}  // namespace
+
+// The loader allocates one tensor per slot (core::LoadModule): a found key in the dtype the
+// policy resolves, a missing one (only with allow_missing_keys) as zeros in the slot's dtype.
+std::optional<uint64_t> ModuleModel::PlannedBytes(const core::CheckpointIndex& index,
+                                                  const DtypeChoice& dtypes,
+                                                  bool allow_missing_keys) const {
+  const DtypeChoice effective = EffectiveDtypes(*this, dtypes);
+  absl::StatusOr<core::DtypePolicy> policy =
+      core::DtypePolicy::Create(effective.dtype, effective.overrides, effective.keep_float8);
+  if (!policy.ok()) return std::nullopt;  // the load itself reports it
+  uint64_t total = 0;
+  for (const core::TensorSlot& slot : module_->Slots()) {
+    const std::string key = key_map_ ? key_map_(slot.name) : slot.name;
+    const core::TensorInfo* info = index.Find(key);
+    uint64_t elements = 1;
+    for (int64_t d : slot.tensor->sizes()) {
+      elements = SaturatingMul(elements, static_cast<uint64_t>(std::max<int64_t>(d, 0)));
+    }
+    uint64_t item = 0;
+    if (info != nullptr) {
+      item = static_cast<uint64_t>(core::DTypeSize(policy->Resolve(key, info->dtype, slot.use)));
+    } else if (allow_missing_keys) {
+      item = static_cast<uint64_t>(c10::elementSize(slot.tensor->scalar_type()));
+    }
+    total = SaturatingAdd(total, SaturatingMul(elements, item));
+  }
+  return total;
+}
 
 uint64_t ModuleModel::ResidentBytes() const {
   uint64_t total = 0;

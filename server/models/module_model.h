@@ -22,8 +22,9 @@ class ModuleModel : public Model {
   std::vector<EntrySpec> LoadedEntries() const override;
   absl::StatusOr<NamedTensors> Run(const std::string& entry,
                                    const std::map<std::string, at::Tensor>& inputs) const override;
-  uint64_t LoadedBytes(const core::CheckpointIndex& index,
-                       const core::DtypePolicy& policy) const override;
+  std::optional<uint64_t> PlannedBytes(const core::CheckpointIndex& index,
+                                       const DtypeChoice& dtypes,
+                                       bool allow_missing_keys) const override;
   int64_t ParameterCount() const override;
   uint64_t ResidentBytes() const override;
 

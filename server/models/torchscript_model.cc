@@ -8,10 +8,11 @@
 #include <chrono>
 #include <istream>
 #include <streambuf>
+#include <unordered_set>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "server/core/exception_boundary.h"
-#include "server/core/process_memory.h"
 #include "server/core/torch_types.h"
 #include "server/models/module_model.h"
 
@@ -38,9 +39,49 @@ class MappedStreamBuf : public std::streambuf {
   }
 };
 
-int64_t Rss(bool peak) {
-  absl::StatusOr<core::ProcessMemory> m = core::ReadProcessMemory();
-  return m.ok() ? (peak ? m->peak_rss_bytes : m->rss_bytes) : 0;
+// Every distinct storage a TorchScript object reaches, through its attributes (parameters,
+// buffers and plain tensor attributes alike: a __setstate__ can allocate into any of them),
+// lists, tuples and dicts. Storages shared by two attributes count once. At most kMaxVisited
+// values are walked (a hostile object graph cannot make this loop forever).
+uint64_t HeldStorageBytes(const c10::IValue& root) {
+  constexpr size_t kMaxVisited = 1 << 20;
+  std::unordered_set<const void*> storages, seen;
+  std::vector<c10::IValue> stack = {root};
+  uint64_t total = 0;
+  size_t visited = 0;
+  auto add = [&](const at::Tensor& t) {
+    if (!t.defined()) return;
+    if (t.is_sparse()) {
+      stack.push_back(t._indices());
+      stack.push_back(t._values());
+      return;
+    }
+    if (!t.has_storage()) return;
+    if (storages.insert(t.storage().unsafeGetStorageImpl()).second) total += t.storage().nbytes();
+  };
+  while (!stack.empty() && ++visited < kMaxVisited) {
+    c10::IValue v = std::move(stack.back());
+    stack.pop_back();
+    if (v.isTensor()) {
+      add(v.toTensor());
+    } else if (v.isObject()) {
+      auto object = v.toObject();
+      if (!seen.insert(object.get()).second) continue;
+      for (const c10::IValue& slot : object->slots()) stack.push_back(slot);
+    } else if (v.isTuple()) {
+      for (const c10::IValue& e : v.toTupleRef().elements()) stack.push_back(e);
+    } else if (v.isList()) {
+      if (!seen.insert(v.internalToPointer()).second) continue;
+      for (const c10::IValue& e : v.toListRef()) stack.push_back(e);
+    } else if (v.isGenericDict()) {
+      if (!seen.insert(v.internalToPointer()).second) continue;
+      for (const auto& kv : v.toGenericDict()) {
+        stack.push_back(kv.key());
+        stack.push_back(kv.value());
+      }
+    }
+  }
+  return total;
 }
 
 class TorchScriptModel : public Model {
@@ -65,8 +106,6 @@ class TorchScriptModel : public Model {
     const auto start = std::chrono::steady_clock::now();
     absl::StatusOr<c10::Device> device = core::ParseDevice(options.device);
     if (!device.ok()) return device.status();
-    const int64_t before = Rss(/*peak=*/false);
-    core::ResetPeakRss();
     absl::StatusOr<std::shared_ptr<const core::MappedFile>> mapped = source.Map(0);
     if (!mapped.ok()) return mapped.status();
     try {
@@ -96,11 +135,17 @@ class TorchScriptModel : public Model {
           absl::StrCat(path_, ": TorchScript archive does not load"), absl::StatusCode::kDataLoss);
     }
     core::LoadReport report;
-    for (const auto& p : module_.parameters()) report.loaded_bytes += p.nbytes();
-    for (const auto& b : module_.buffers()) report.loaded_bytes += b.nbytes();
-    report.bytes_read = report.loaded_bytes;
+    held_bytes_ = HeldStorageBytes(module_._ivalue());
+    report.loaded_bytes = held_bytes_;
+    report.bytes_read = (*mapped)->size();
     report.tensors = static_cast<int>(module_.parameters().size() + module_.buffers().size());
-    report.peak_host_bytes = std::max<int64_t>(0, Rss(/*peak=*/true) - before);
+    // What the loaded module holds; its code may have allocated and freed more meanwhile,
+    // which no per-load figure can see without an allocator hook (README "Memory model").
+    if (device->is_cpu()) {
+      report.peak_host_bytes = static_cast<int64_t>(held_bytes_);
+    } else {
+      report.peak_device_bytes = static_cast<int64_t>(held_bytes_);
+    }
     report.seconds =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     device_ = *device;
@@ -154,17 +199,14 @@ class TorchScriptModel : public Model {
     for (const auto& p : module_.parameters()) n += p.numel();
     return n;
   }
-  uint64_t ResidentBytes() const override {
-    uint64_t n = 0;
-    for (const auto& p : module_.parameters()) n += p.nbytes();
-    for (const auto& b : module_.buffers()) n += b.nbytes();
-    return n;
-  }
+  // Measured once, after loading: every storage the module reaches (HeldStorageBytes).
+  uint64_t ResidentBytes() const override { return held_bytes_; }
 
  private:
   std::string path_;
   torch::jit::Module module_;
   std::vector<std::string> arguments_;
+  uint64_t held_bytes_ = 0;
   c10::Device device_ = c10::Device(c10::kCPU);
 };
 

@@ -18,6 +18,7 @@
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "server/cache/model_cache.h"
 #include "server/core/byte_size.h"
@@ -179,8 +180,11 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(Options options) {
   cache::ModelCache::Options cache_options;
   cache_options.budgets = o.memory_budgets;
   if (!cache_options.budgets.count("cpu")) {
+    // 80% of what is free at start, and at each admission at most what the models hold plus
+    // 80% of what is free then (other processes may have taken memory since).
     const int64_t available = core::MemAvailableBytes();
     if (available > 0) cache_options.budgets["cpu"] = available / 10 * 8;
+    cache_options.budget_follows_available.insert("cpu");
   }
   if (core::CudaAvailable()) {
     for (const core::CudaDeviceMemory& m : core::ReadCudaDeviceMemory()) {
@@ -253,12 +257,83 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(Options options) {
     return absl::UnavailableError(absl::StrCat("grpc: cannot listen on ", o.listen));
   }
   daemon->server_->GetHealthCheckService()->SetServingStatus(true);
+  if (o.load_stall_timeout > absl::ZeroDuration()) {
+    Daemon* d = daemon.get();
+    daemon->monitor_ = std::thread([d] { d->MonitorLoads(); });
+  }
   return daemon;
+}
+
+namespace {
+
+// "id (path) 12.3 s, ..." of the loads running now.
+std::string DescribeLoads(const std::vector<cache::ModelCache::RunningLoad>& loads) {
+  return absl::StrJoin(loads, ", ", [](std::string* out, const cache::ModelCache::RunningLoad& l) {
+    absl::StrAppend(out, l.model_id, " (", l.display_path, ") ", absl::StrFormat("%.1f", l.seconds),
+                    " s");
+  });
+}
+
+}  // namespace
+
+void Daemon::MonitorLoads() {
+  const absl::Duration timeout = options_.load_stall_timeout;
+  const auto interval = std::chrono::milliseconds(
+      std::clamp<int64_t>(absl::ToInt64Milliseconds(timeout) / 4, 50, 1000));
+  bool wedged = false;
+  std::unique_lock<std::mutex> lock(monitor_mu_);
+  while (!monitor_cv_.wait_for(lock, interval, [this] { return monitor_stop_; })) {
+    const cache::ModelCache::LoadActivity a = cache_->Activity();
+    // Every thread busy, and the youngest of their loads older than the timeout.
+    const bool now_wedged = a.threads > 0 && static_cast<int>(a.running.size()) >= a.threads &&
+                            a.running.back().seconds >= absl::ToDoubleSeconds(timeout);
+    if (now_wedged == wedged) continue;
+    wedged = now_wedged;
+    server_->GetHealthCheckService()->SetServingStatus(!wedged);
+    if (wedged) {
+      core::LogError("load_pool_wedged")
+          .Kv("threads", a.threads)
+          .Kv("queued", a.queued)
+          .Kv("stall_timeout", absl::FormatDuration(timeout))
+          .Kv("loads", DescribeLoads(a.running))
+          .Kv("health", "NOT_SERVING");
+    } else {
+      core::LogInfo("load_pool_recovered").Kv("health", "SERVING");
+    }
+  }
+}
+
+void Daemon::StopMonitor() {
+  {
+    std::lock_guard<std::mutex> lock(monitor_mu_);
+    monitor_stop_ = true;
+  }
+  monitor_cv_.notify_all();
+  if (monitor_.joinable()) monitor_.join();
+}
+
+void Daemon::NoteStillRunning(const char* event) {
+  if (cache_ == nullptr) return;
+  const cache::ModelCache::LoadActivity a = cache_->Activity();
+  std::string running;
+  if (!a.running.empty() || a.infers_running > 0) {
+    running = absl::StrCat("loads: ", a.running.empty() ? "none" : DescribeLoads(a.running),
+                           "; infers: ", a.infers_running);
+    core::LogWarning(event).Kv("still_running", running);
+  }
+  std::lock_guard<std::mutex> lock(still_running_mu_);
+  still_running_ = std::move(running);
+}
+
+std::string Daemon::StillRunning() const {
+  std::lock_guard<std::mutex> lock(still_running_mu_);
+  return still_running_;
 }
 
 void Daemon::Drain(absl::Duration grace) {
   if (drained_) return;
   drained_ = true;
+  StopMonitor();  // before health turns NOT_SERVING for good, and before the cache goes
   if (server_ != nullptr) {
     server_->GetHealthCheckService()->SetServingStatus(false);
     model_loader_->SetDraining();
@@ -266,12 +341,16 @@ void Daemon::Drain(absl::Duration grace) {
     // would also wait for idle clients to acknowledge its GOAWAY ping, which can take seconds.
     const bool idle = calls_->WaitIdle(absl::Now() + grace);
     const int64_t cancelled = calls_->active();
+    // Stopping the servers waits for every call's handler, and an Infer's waits for its
+    // forward: say now what is still running, in case that never ends.
+    NoteStillRunning("drain_grace_over");
     server_->Shutdown(std::chrono::system_clock::now());
     server_->Wait();
     core::LogDebug("grpc_stopped").Kv("idle", idle ? "true" : "false").Kv("cancelled", cancelled);
   }
   // A scrape from now on must not reach the cache, which goes next.
   if (loader_metrics_) loader_metrics_->Detach();
+  NoteStillRunning("drain_cancelling");
   cache_.reset();  // cancels loads in flight and frees every model
   metrics_.reset();
   core::LogDebug("metrics_stopped");

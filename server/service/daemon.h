@@ -10,9 +10,12 @@
 #ifndef METALOAD_SERVER_SERVICE_DAEMON_H_
 #define METALOAD_SERVER_SERVICE_DAEMON_H_
 
+#include <condition_variable>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -81,6 +84,11 @@ class Daemon {
     std::string preload_file;
     // Load TorchScript archives, which runs their code (see ModelCache::Options).
     bool allow_torchscript = false;
+    // A load pool whose every thread has run one load for longer than this is wedged (a load
+    // that cannot be interrupted: a TorchScript __setstate__ that spins, a read that never
+    // returns): health turns NOT_SERVING until a thread is free again, so a liveness probe can
+    // restart the process. Zero disables.
+    absl::Duration load_stall_timeout = absl::Minutes(10);
     // HTTP/2 keepalive pings to idle clients; zero disables.
     absl::Duration keepalive_time = absl::Minutes(2);
     absl::Duration keepalive_timeout = absl::Seconds(20);
@@ -96,14 +104,26 @@ class Daemon {
   // The model roots, resolved to absolute canonical paths.
   const std::vector<std::string>& model_roots() const { return options_.model_roots; }
 
-  // Stops accepting, lets in-flight calls finish until `grace` has passed, then stops the servers.
+  // Stops accepting, lets in-flight calls finish until `grace` has passed, then stops the servers
+  // and the cache (cancelling loads, waiting for the pools). A load or forward that cannot be
+  // interrupted keeps this from returning: metaloadd's main() bounds it (kDrainTimeoutExitCode).
   void Drain(absl::Duration grace);
+
+  // What the drain was still waiting for when its grace ended and again when it stopped the
+  // cache: running loads (id, path, seconds) and Infers; empty when nothing was. Thread-safe,
+  // for main()'s drain deadline.
+  std::string StillRunning() const;
 
  private:
   explicit Daemon(Options options);
 
   // Starts the --preload loads; INVALID_ARGUMENT for an unreadable file or a malformed entry.
   absl::Status Preload();
+  // The load-stall monitor's loop (see Options::load_stall_timeout); returns on StopMonitor().
+  void MonitorLoads();
+  void StopMonitor();
+  // Records (for StillRunning) and logs as `event` the loads and Infers running now.
+  void NoteStillRunning(const char* event);
 
   Options options_;
   std::unique_ptr<metrics::MetricsServer> metrics_;
@@ -117,7 +137,22 @@ class Daemon {
   int grpc_port_ = 0;
   int metrics_port_ = 0;
   bool drained_ = false;
+
+  std::thread monitor_;
+  std::mutex monitor_mu_;
+  std::condition_variable monitor_cv_;
+  bool monitor_stop_ = false;  // guarded by monitor_mu_
+
+  mutable std::mutex still_running_mu_;
+  std::string still_running_;  // guarded by still_running_mu_
 };
+
+// metaloadd's exit status when the drain did not end by --shutdown_grace plus
+// kDrainStopSeconds: something (a load in TorchScript code, a forward) could not be
+// interrupted; the process exits anyway, logging what was still running (drain_timed_out).
+inline constexpr int kDrainTimeoutExitCode = 3;
+// After the grace, how long stopping the servers, cancelling loads and freeing models may take.
+inline constexpr int kDrainStopSeconds = 5;
 
 }  // namespace metaload::service
 

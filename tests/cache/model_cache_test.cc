@@ -727,6 +727,50 @@ class FreeObserver : public CacheObserver {
   std::vector<std::pair<std::thread::id, int64_t>> frees;
 };
 
+// The load pool as a liveness probe sees it (issue 17, item 4): which loads hold the threads,
+// for how long, and how many wait. The first load is held in its "build" progress event (on its
+// load thread), so the timing is fixed.
+TEST_F(ModelCacheTest, ActivityShowsWhatHoldsTheLoadThreads) {
+  ModelCache::Options options;
+  options.load_threads = 1;
+  ModelCache cache(options);
+  EXPECT_EQ(cache.Activity().threads, 1);
+  EXPECT_TRUE(cache.Activity().running.empty());
+  std::promise<void> release;
+  std::shared_future<void> released = release.get_future().share();
+  std::atomic<bool> holding{false};
+  std::promise<absl::StatusOr<LoadResult>> first, second;
+  auto held = cache.Load(
+      Spec("tiny", "held"),
+      [&](const LoadProgressEvent& e) {
+        if (e.phase != "build") return;
+        holding = true;
+        released.wait();
+      },
+      [&](absl::StatusOr<LoadResult> r) { first.set_value(std::move(r)); });
+  for (int i = 0; i < 1000 && !holding; ++i) std::this_thread::sleep_for(5ms);
+  ASSERT_TRUE(holding);
+  auto waiting = cache.Load(Spec("medium", "waiting"), nullptr,
+                            [&](absl::StatusOr<LoadResult> r) { second.set_value(std::move(r)); });
+  std::this_thread::sleep_for(200ms);
+  ModelCache::LoadActivity a = cache.Activity();
+  EXPECT_EQ(a.threads, 1);
+  ASSERT_EQ(a.running.size(), 1u);
+  EXPECT_EQ(a.running[0].model_id, "held");
+  EXPECT_EQ(a.running[0].display_path, "tiny");
+  EXPECT_GE(a.running[0].seconds, 0.2);
+  EXPECT_LT(a.running[0].seconds, 30.0);
+  EXPECT_EQ(a.queued, 1);
+  release.set_value();
+  EXPECT_TRUE(first.get_future().get().ok());
+  EXPECT_TRUE(second.get_future().get().ok());
+  // The flight leaves the books before its callers hear it is done.
+  a = cache.Activity();
+  EXPECT_TRUE(a.running.empty());
+  EXPECT_EQ(a.queued, 0);
+  EXPECT_EQ(a.infers_running, 0);
+}
+
 TEST_F(ModelCacheTest, ModelsAreFreedOffTheCallersThreadAndOutsideTheLock) {
   ASSERT_TRUE(SynthesizeMedium("free_b", 11));
   FreeObserver observer;

@@ -15,7 +15,6 @@
 #include <nlohmann/json.hpp>
 
 #include "server/core/checkpoint.h"
-#include "server/core/dtype_policy.h"
 #include "server/models/registry.h"
 #include "tests/test_util.h"
 
@@ -236,9 +235,7 @@ TEST(Sd1Test, DefaultDtypesAreTheWebUis) {
 TEST(Sd1Test, Float8UNetIsAdmittedAtItsStoredBytes) {
   const std::string dir = Reference({}) / "sd";
   auto admitted = [&](const Loaded& l, const std::map<std::string, std::string>& overrides) {
-    absl::StatusOr<core::DtypePolicy> policy = core::DtypePolicy::Create("", overrides);
-    EXPECT_TRUE(policy.ok());
-    return l.model->LoadedBytes(l.source->index(), *policy);
+    return l.model->PlannedBytes(l.source->index(), {"", overrides}, false).value_or(0);
   };
   const std::map<std::string, std::string> fp8 = {{"model.diffusion_model.", "float8_e4m3fn"}};
   const std::map<std::string, std::string> fp16 = {{"model.diffusion_model.", "float16"}};

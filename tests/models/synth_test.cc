@@ -7,7 +7,6 @@
 #include <nlohmann/json.hpp>
 
 #include "server/core/checkpoint.h"
-#include "server/core/dtype_policy.h"
 #include "server/models/architecture_detector.h"
 #include "server/models/registry.h"
 #include "tests/test_util.h"
@@ -82,9 +81,7 @@ TEST(SynthTest, Float8MatchesPythonReferenceAndLoadsAsStored) {
     EXPECT_EQ((*source)->index().Find("layers.0.weight")->dtype, *core::DTypeFromName(dtype));
     absl::StatusOr<std::unique_ptr<Model>> model = BuildModel("", (*source)->index());
     ASSERT_TRUE(model.ok()) << model.status();
-    absl::StatusOr<core::DtypePolicy> keep = core::DtypePolicy::Create("", {});
-    ASSERT_TRUE(keep.ok());
-    const uint64_t admitted = (*model)->LoadedBytes((*source)->index(), *keep);
+    const uint64_t admitted = (*model)->PlannedBytes((*source)->index(), {}, false).value_or(0);
     ASSERT_TRUE((*model)->Load(**source, {}, {}).ok());
     EXPECT_EQ((*model)->ResidentBytes(), r->data_bytes);
     EXPECT_EQ(admitted, r->data_bytes);  // exact: one byte per float8 value
