@@ -21,7 +21,9 @@ namespace {
 
 using Kind = PickleValue::Kind;
 
-constexpr uint64_t kMaxPickleBytes = 1ull << 30;
+// A state dict's pickle names its tensors' storages and is KiB to a few MiB; the parser may take
+// 48 x its input (pickle_reader.h), so this limit is what bounds a planted file: 3 GiB at most.
+constexpr uint64_t kMaxPickleBytes = uint64_t{64} << 20;
 
 std::optional<DType> DTypeFromStorageType(absl::string_view global) {
   static const std::pair<absl::string_view, DType> kTypes[] = {
@@ -100,7 +102,9 @@ class ZipIndexer {
       return absl::FailedPreconditionError(absl::StrCat(path_, ": data.pkl is compressed"));
     }
     if (pkl.size > kMaxPickleBytes) {
-      return absl::DataLossError(absl::StrCat(path_, ": data.pkl of ", pkl.size, " bytes"));
+      return absl::DataLossError(absl::StrCat(path_, ": data.pkl of ", pkl.size, " bytes; at most ",
+                                              kMaxPickleBytes,
+                                              " (a state dict's pickle is KiB to a few MiB)"));
     }
     std::string bytes;
     if (!read(pkl.data_offset, pkl.size, &bytes)) {

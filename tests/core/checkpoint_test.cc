@@ -193,6 +193,27 @@ TEST_F(CheckpointTest, DuplicateZipEntryNamesAreDataLoss) {
   EXPECT_NE(status.message().find("data.pkl' appears twice"), std::string::npos) << status;
 }
 
+// A data.pkl over the limit (64 MiB; the unpickler may take 48 x its input) is refused before it
+// is read: DATA_LOSS naming the limit.
+TEST_F(CheckpointTest, OversizedPickleIsRefusedBeforeReading) {
+  const std::string out = *dir_ / "big_pickle.pt";
+  testing::CommandResult r = testing::RunCommand(
+      {METALOAD_PYTHON, "-W", "ignore", "-c",
+       "import sys, zipfile\n"
+       "src = zipfile.ZipFile(sys.argv[1])\n"
+       "with zipfile.ZipFile(sys.argv[2], 'w', zipfile.ZIP_STORED) as z:\n"
+       "    for i in src.infolist():\n"
+       "        data = src.read(i)\n"
+       "        if i.filename.endswith('/data.pkl'): data = data[:-1] + b'N' * (65 << 20) + b'.'\n"
+       "        z.writestr(i.filename, data)\n",
+       Path("state_dict.pt"), out},
+      *dir_ / "big");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  absl::Status status = CheckpointSource::Open(out).status();
+  EXPECT_TRUE(absl::IsDataLoss(status)) << status;
+  EXPECT_NE(status.message().find("at most 67108864"), std::string::npos) << status;
+}
+
 // A two-shard directory built with metaload's writer, then broken one way per case.
 class ShardedFailureTest : public ::testing::Test {
  protected:
