@@ -8,30 +8,39 @@
 namespace metaload::core {
 namespace {
 
-absl::StatusOr<std::optional<DType>> ParseTarget(absl::string_view text, absl::string_view what) {
-  if (text.empty() || text == "keep") return std::optional<DType>();
-  std::optional<DType> d = DTypeFromName(text);
-  if (!d || !IsFloatingPoint(*d)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        what, ": unknown dtype '", text,
-        "' (float32, float16, bfloat16, float8_e4m3fn, float8_e5m2, float64 or keep)"));
+// "float64, float32, ..., float8_e5m2 or keep": every name ParseStorageDtype accepts.
+std::string StorageDtypeNames() {
+  std::string out;
+  for (DType d : kAllDTypes) {
+    if (IsFloatingPoint(d)) absl::StrAppend(&out, DTypeName(d), ", ");
   }
-  return d;
+  return absl::StrCat(out, "or keep");
 }
 
 }  // namespace
+
+absl::StatusOr<std::optional<DType>> ParseStorageDtype(absl::string_view text,
+                                                       absl::string_view what) {
+  if (text.empty() || text == "keep") return std::optional<DType>();
+  std::optional<DType> d = DTypeFromName(text);
+  if (!d || !IsFloatingPoint(*d)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, ": unknown dtype '", text, "' (", StorageDtypeNames(), ")"));
+  }
+  return d;
+}
 
 absl::StatusOr<DtypePolicy> DtypePolicy::Create(absl::string_view default_dtype,
                                                 const std::map<std::string, std::string>& overrides,
                                                 bool keep_float8) {
   DtypePolicy policy;
   policy.keep_float8_ = keep_float8;
-  absl::StatusOr<std::optional<DType>> d = ParseTarget(default_dtype, "dtype");
+  absl::StatusOr<std::optional<DType>> d = ParseStorageDtype(default_dtype, "dtype");
   if (!d.ok()) return d.status();
   policy.default_ = *d;
   for (const auto& [prefix, target] : overrides) {
     absl::StatusOr<std::optional<DType>> o =
-        ParseTarget(target, absl::StrCat("dtype_overrides['", prefix, "']"));
+        ParseStorageDtype(target, absl::StrCat("dtype_overrides['", prefix, "']"));
     if (!o.ok()) return o.status();
     if (target.empty()) {
       return absl::InvalidArgumentError(

@@ -30,6 +30,12 @@ enum class TensorUse : uint8_t {
   kMatmulWeight,  // a matmul's or a convolution's weight, through Module::Weight()
 };
 
+// A storage dtype as a request names it: "" or "keep" (nullopt: the file's), or the name of a
+// floating dtype (dtype.h's table is the one list). INVALID_ARGUMENT naming `what` and the
+// valid names otherwise.
+absl::StatusOr<std::optional<DType>> ParseStorageDtype(absl::string_view text,
+                                                       absl::string_view what);
+
 class DtypePolicy {
  public:
   // `default_dtype`: "" or "keep" (the file's), "float32", "float16", "bfloat16",

@@ -4,6 +4,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "server/core/dtype.h"
+#include "server/core/dtype_policy.h"
 
 namespace metaload::service {
 namespace {
@@ -125,14 +126,10 @@ absl::StatusOr<cache::LoadSpec> MakeLoadSpec(const metaload::v1::LoadModelReques
   if (absl::Status s = CheckLoadRequestLimits(request, limits); !s.ok()) return s;
   cache::LoadSpec spec;
   if (request.path().empty()) return absl::InvalidArgumentError("path is empty");
-  if (!request.dtype().empty() && request.dtype() != "keep" && request.dtype() != "float32" &&
-      request.dtype() != "float16" && request.dtype() != "bfloat16" &&
-      request.dtype() != "float8_e4m3fn" && request.dtype() != "float8_e5m2") {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "dtype '", request.dtype(),
-        "': expected float32, float16, bfloat16, float8_e4m3fn, float8_e5m2, keep (the file's) "
-        "or empty (the architecture's default: the file's, or the web UI's for Stable "
-        "Diffusion)"));
+  if (absl::StatusOr<std::optional<core::DType>> dtype =
+          core::ParseStorageDtype(request.dtype(), "dtype");
+      !dtype.ok()) {
+    return dtype.status();
   }
   if (!request.compute_dtype().empty()) {
     absl::StatusOr<core::DType> compute =
