@@ -31,6 +31,21 @@
 
 namespace metaload::core {
 
+// A format's parameters, the one place they are written down.
+struct Float8Format {
+  int mantissa_bits;
+  int bias;
+  uint8_t max_finite;  // the code of the largest finite value
+  float max_value;     // its value
+  bool has_infinity;
+};
+inline constexpr Float8Format kE4M3 = {3, 7, 0x7e, 448.0f, false};
+inline constexpr Float8Format kE5M2 = {2, 15, 0x7b, 57344.0f, true};
+// `format`: kFloat8E4M3 or kFloat8E5M2.
+constexpr const Float8Format& Float8FormatOf(DType format) {
+  return format == DType::kFloat8E4M3 ? kE4M3 : kE5M2;
+}
+
 namespace float8_internal {
 
 // Branch-free (both roundings computed, one selected) so that loops over it vectorize: weights
@@ -97,10 +112,12 @@ std::array<float, 256> MakeTable() {
 }  // namespace float8_internal
 
 inline uint8_t FloatToFloat8E4M3Bits(float value) {
-  return float8_internal::Encode<3, 7, 0x7e, false>(value);
+  return float8_internal::Encode<kE4M3.mantissa_bits, kE4M3.bias, kE4M3.max_finite,
+                                 kE4M3.has_infinity>(value);
 }
 inline uint8_t FloatToFloat8E5M2Bits(float value) {
-  return float8_internal::Encode<2, 15, 0x7b, true>(value);
+  return float8_internal::Encode<kE5M2.mantissa_bits, kE5M2.bias, kE5M2.max_finite,
+                                 kE5M2.has_infinity>(value);
 }
 // `format`: kFloat8E4M3 or kFloat8E5M2.
 inline uint8_t FloatToFloat8Bits(float value, DType format) {
@@ -109,8 +126,10 @@ inline uint8_t FloatToFloat8Bits(float value, DType format) {
 
 // Every byte's value in `format` (kFloat8E4M3 or kFloat8E5M2), as float32.
 inline const std::array<float, 256>& Float8Table(DType format) {
-  static const std::array<float, 256> e4m3 = float8_internal::MakeTable<3, 7, false>();
-  static const std::array<float, 256> e5m2 = float8_internal::MakeTable<2, 15, true>();
+  static const std::array<float, 256> e4m3 =
+      float8_internal::MakeTable<kE4M3.mantissa_bits, kE4M3.bias, kE4M3.has_infinity>();
+  static const std::array<float, 256> e5m2 =
+      float8_internal::MakeTable<kE5M2.mantissa_bits, kE5M2.bias, kE5M2.has_infinity>();
   return format == DType::kFloat8E4M3 ? e4m3 : e5m2;
 }
 

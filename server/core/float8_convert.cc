@@ -3,7 +3,10 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <map>
+#include <mutex>
 #include <stdexcept>
+#include <string>
 #include <tuple>
 
 #include "absl/strings/str_cat.h"
@@ -57,6 +60,19 @@ void DecodeLoop(const uint8_t* in, int64_t n, DType format, T* out) {
   });
 }
 
+// `format`'s table on `device`, copied there once (a copy per forward would wait on the stream).
+at::Tensor DeviceTable(DType format, c10::Device device) {
+  static std::mutex mu;
+  static auto* tables = new std::map<std::pair<int, std::string>, at::Tensor>();  // never freed:
+  std::lock_guard<std::mutex> lock(mu);  // device memory must outlive static destruction order
+  at::Tensor& table = (*tables)[{static_cast<int>(format), device.str()}];
+  if (!table.defined()) {
+    const std::array<float, 256>& values = Float8Table(format);
+    table = at::from_blob(const_cast<float*>(values.data()), {256}, at::kFloat).to(device);
+  }
+  return table;
+}
+
 }  // namespace
 
 void EncodeFloat8(const at::Tensor& src, DType format, const at::Tensor& dst) {
@@ -81,7 +97,8 @@ void EncodeFloat8(const at::Tensor& src, DType format, const at::Tensor& dst) {
     case at::kBFloat16:
       EncodeLoop<at::BFloat16>(in, format, bytes);
       break;
-    case at::kDouble:  // float64 -> float32 -> float8 rounds twice; weights are never that close
+    case at::kDouble:  // rounds twice (to float32, then float8): a value within float32's
+                       // precision of a float8 tie may round the other way
       EncodeLoop<float>(in.to(at::kFloat), format, bytes);
       break;
     default:
@@ -132,6 +149,7 @@ void ConvertTensor(const at::Tensor& src, DType src_dtype, const at::Tensor& dst
   } else if (src_dtype == dst_dtype) {
     dst.copy_(src);
   } else if (src.is_cpu() && src.is_contiguous() && dst.is_contiguous()) {
+    CheckSameCount(src, dst);
     // One float8 format to the other: a byte-to-byte table, no wider scratch.
     std::array<uint8_t, 256> table;
     for (int b = 0; b < 256; ++b)
@@ -150,13 +168,15 @@ void ConvertTensor(const at::Tensor& src, DType src_dtype, const at::Tensor& dst
 
 at::Tensor EncodeFloat8WithTensorOps(const at::Tensor& src, DType format) {
   CheckFormat(format);
-  const bool e4m3 = format == DType::kFloat8E4M3;
-  const int64_t mantissa = e4m3 ? 3 : 2;
-  const int64_t bias = e4m3 ? 7 : 15;
-  const double max_finite = e4m3 ? 448.0 : 57344.0;
+  const Float8Format& f = Float8FormatOf(format);
+  const int64_t mantissa = f.mantissa_bits;
+  const int64_t bias = f.bias;
   const at::Tensor x = src.to(at::kFloat);
+  const at::Tensor nan = x.isnan();
   // |x| = m * 2^e with m in [0.5, 1): the float8 exponent is e - 1, at least the subnormals' own.
-  const at::Tensor a = x.abs().clamp_max(max_finite);  // saturates (and maps +-inf to +-max)
+  // NaN lanes compute on 0 (their code is set below) so no NaN meets an integer conversion.
+  const at::Tensor a = at::where(nan, at::zeros_like(x), x.abs())
+                           .clamp_max(f.max_value);  // saturates (and maps +-inf to +-max)
   at::Tensor exponent = std::get<1>(at::frexp(a)).sub(1).clamp_min(1 - bias);
   // The value's multiple of its binade's step, rounded half to even (at::round does).
   const at::Tensor steps = at::round(at::ldexp(a, exponent.neg().add(mantissa)));
@@ -164,20 +184,20 @@ at::Tensor EncodeFloat8WithTensorOps(const at::Tensor& src, DType format) {
                         .mul(int64_t{1} << mantissa)
                         .add(steps.to(at::kInt))
                         .sub(int64_t{1} << mantissa)
-                        .clamp_max(static_cast<int64_t>(e4m3 ? 0x7e : 0x7b));
+                        .clamp_max(static_cast<int64_t>(f.max_finite));
   code = at::where(a.eq(0), at::zeros_like(code), code);  // frexp(0) has exponent 0, not -inf
-  if (!e4m3) code = at::where(x.isinf(), at::full_like(code, 0x7c), code);
-  code = at::where(x.isnan(), at::full_like(code, 0x7f), code);
+  if (f.has_infinity) code = at::where(x.isinf(), at::full_like(code, 0x7c), code);
+  code = at::where(nan, at::full_like(code, 0x7f), code);
   code = code.add(at::signbit(x).to(at::kInt).mul(0x80));
   return code.to(at::kByte);
 }
 
 at::Tensor DecodeFloat8WithTensorOps(const at::Tensor& src, DType format, at::ScalarType dtype) {
   CheckFormat(format);
-  const std::array<float, 256>& values = Float8Table(format);
-  const at::Tensor table =
-      at::from_blob(const_cast<float*>(values.data()), {256}, at::kFloat).to(src.device());
-  return table.index_select(0, src.reshape({-1}).to(at::kInt)).view(src.sizes()).to(dtype);
+  return DeviceTable(format, src.device())
+      .index_select(0, src.reshape({-1}).to(at::kInt))
+      .view(src.sizes())
+      .to(dtype);
 }
 
 }  // namespace metaload::core

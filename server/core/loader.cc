@@ -222,6 +222,13 @@ absl::StatusOr<LoadReport> LoadModule(Module& module, const CheckpointSource& so
           index.path, ": key '", key, "': checkpoint has shape ", ShapeString(p.info->shape),
           ", the model expects ", ShapeString(slot.tensor->sizes())));
     }
+    // A floating tensor in the file for a slot the model reads as integers (position ids,
+    // say) would load and fail at the first forward: refuse it here, naming the key.
+    if (IsFloatingPoint(p.info->dtype) && !at::isFloatingType(slot.tensor->scalar_type())) {
+      return absl::FailedPreconditionError(
+          absl::StrCat(index.path, ": key '", key, "' is ", DTypeName(p.info->dtype),
+                       "; the model reads it as ", c10::toString(slot.tensor->scalar_type())));
+    }
     p.target = policy->Resolve(key, p.info->dtype, slot.use);
     plan.push_back(std::move(p));
   }

@@ -18,8 +18,8 @@
 // CPU's instruction set.
 //
 // float8 storage: LibTorch 1.13 has no float8 type, so a float8 weight is a kByte tensor whose
-// slot carries its format (TensorSlot::float8). Only Weight() decodes it, so only tensors
-// registered with AddWeight (read through Weight()) may hold float8; the loader sets the tag.
+// slot carries its format (TensorSlot::float8). Only Weight() and InComputeDtype() decode it,
+// so only tensors registered with AddWeight may hold float8; the loader sets the tag.
 //
 // A module owns its children. Not thread-safe while being built or loaded; forward passes on a
 // loaded module may run concurrently (they only read the slots and the compute dtype).
@@ -78,8 +78,9 @@ class Module {
                            at::ScalarType dtype = at::kFloat);
   at::Tensor& AddBuffer(std::string name, std::vector<int64_t> shape, InitFn init,
                         at::ScalarType dtype = at::kFloat);
-  // A parameter this module reads only through Weight() (kWeight or kMatmulWeight, see
-  // TensorUse), which may therefore be stored as float8.
+  // A parameter whose values this module reads only through Weight() or, after a gather,
+  // InComputeDtype() (kWeight or kMatmulWeight, see TensorUse), which may therefore be stored as
+  // float8.
   at::Tensor& AddWeight(std::string name, std::vector<int64_t> shape, InitFn init, TensorUse use);
 
   // `stored` as this module computes with it: decoded when it is one of this module's float8

@@ -83,15 +83,21 @@ absl::StatusOr<core::LoadReport> ModuleModel::Load(const core::CheckpointSource&
       }
     }
     core::DType storage = core::DType::kFloat32;
-    int64_t most = -1;
+    std::optional<core::DType> unconverted;  // the most common dtype that is not float8
+    int64_t most = -1, most_unconverted = -1;
     for (const auto& [type, count] : values) {
       if (count > most) storage = type, most = count;
+      if (!core::IsFloat8(type) && count > most_unconverted)
+        unconverted = type, most_unconverted = count;
     }
+    // float8 weights compute in the dtype the network's other values keep (a bfloat16 Llama
+    // with float8 matmul weights computes in bfloat16 on a GPU, not float16), else the default.
+    const core::DType basis = core::IsFloat8(storage) && unconverted ? *unconverted : storage;
     auto it = asked.find(prefix);
     const at::ScalarType compute_dtype = it != asked.end() ? core::ToScalarType(it->second.first)
                                          : compute.dtype
                                              ? core::ToScalarType(*compute.dtype)
-                                             : core::DefaultComputeDtype(storage, device_);
+                                             : core::DefaultComputeDtype(basis, device_);
     module_->SetComputeDtype(prefix, compute_dtype);
     entry_dtypes_[entry.name] = {storage, compute_dtype};
   }

@@ -134,7 +134,7 @@ void StorageCostTable(const std::string& dir, int rounds) {
       "\nstorage vs compute: in-process forward p50, median of %d interleaved rounds "
       "(float16 storage target: <= 1.3x float32)\n",
       rounds);
-  std::printf("%-26s %-22s %12s %9s %14s %s\n", "network", "storage -> compute", "p50 us", "x fp32",
+  std::printf("%-26s %-26s %12s %9s %14s %s\n", "network", "storage -> compute", "p50 us", "x fp32",
               "resident MiB", "saved");
   for (const Net& net : nets) {
     std::vector<Loaded> models;
@@ -154,7 +154,7 @@ void StorageCostTable(const std::string& dir, int rounds) {
       const double bytes = static_cast<double>(models[i].model->ResidentBytes());
       std::string verdict;
       if (i == 1) verdict = us / base_us <= 1.3 ? "  <= 1.3: yes" : "  <= 1.3: no";
-      std::printf("%-26s %-22s %12.1f %9.2f %14.1f %4.0f%%%s\n", i == 0 ? net.name.c_str() : "",
+      std::printf("%-26s %-26s %12.1f %9.2f %14.1f %4.0f%%%s\n", i == 0 ? net.name.c_str() : "",
                   ways[i].name, us, us / base_us, bytes / (1 << 20),
                   100.0 * (1.0 - bytes / base_bytes), verdict.c_str());
     }

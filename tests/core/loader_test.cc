@@ -592,6 +592,21 @@ TEST_F(LoaderTest, ZeroCopyAliasesTheMappingAndOutlivesTheSource) {
   EXPECT_TRUE(at::equal(SlotMap(*net)["embed.weight"], ref.at("embed.weight").to(at::kFloat)));
 }
 
+// A floating tensor where the model reads integers fails the load, naming the key, instead of
+// loading and failing at the first forward.
+TEST_F(LoaderTest, FloatingDataForAnIntegerSlotIsRefused) {
+  auto ref = Reference();
+  ref["steps"] = at::tensor({7.0f, -9.0f});
+  auto source = Open(WriteCheckpoint(dir_, ref));
+  auto net = MetaNet();
+  absl::Status s = LoadModule(*net, *source, {}).status();
+  EXPECT_TRUE(absl::IsFailedPrecondition(s)) << s;
+  EXPECT_NE(s.message().find("key 'steps' is float32; the model reads it as Long"),
+            std::string::npos)
+      << s;
+  EXPECT_TRUE(net->steps.is_meta());
+}
+
 TEST_F(LoaderTest, ShapeMismatchNamesKeyAndBothShapes) {
   auto ref = Reference();
   ref["fc1.weight"] = at::randn({8, 5});
