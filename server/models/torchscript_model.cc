@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "server/core/dtype_policy.h"
 #include "server/core/exception_boundary.h"
 #include "server/core/torch_types.h"
 #include "server/models/module_model.h"
@@ -103,6 +104,23 @@ class TorchScriptModel : public Model {
       return absl::FailedPreconditionError(
           absl::StrCat(path_, ": compute_dtype cannot be set for TorchScript (its code decides)"));
     }
+    // The request is checked before the file's code runs: "" and "keep" leave the module as
+    // stored, a dtype converts all of it, and per-prefix overrides cannot be honoured.
+    absl::StatusOr<std::optional<core::DType>> dtype =
+        core::ParseStorageDtype(options.dtype, "dtype");
+    if (!dtype.ok()) return dtype.status();
+    if (*dtype && core::IsFloat8(**dtype)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("dtype '", options.dtype,
+                       "': TorchScript runs its weights as stored, so it cannot hold float8 (the "
+                       "layer-kit architectures can)"));
+    }
+    if (!options.dtype_overrides.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          path_,
+          ": dtype_overrides cannot apply to TorchScript, which converts as one module "
+          "(use dtype)"));
+    }
     const auto start = std::chrono::steady_clock::now();
     absl::StatusOr<c10::Device> device = core::ParseDevice(options.device);
     if (!device.ok()) return device.status();
@@ -113,17 +131,7 @@ class TorchScriptModel : public Model {
       std::istream in(&buffer);
       module_ = torch::jit::load(in, *device);
       module_.eval();
-      if (!options.dtype.empty()) {
-        std::optional<core::DType> d = core::DTypeFromName(options.dtype);
-        if (!d) return absl::InvalidArgumentError(absl::StrCat("dtype '", options.dtype, "'"));
-        if (core::IsFloat8(*d)) {
-          return absl::InvalidArgumentError(
-              absl::StrCat("dtype '", options.dtype,
-                           "': TorchScript runs its weights as stored, so it cannot "
-                           "hold float8 (the layer-kit architectures can)"));
-        }
-        module_.to(core::ToScalarType(*d));
-      }
+      if (*dtype) module_.to(core::ToScalarType(**dtype));
       const c10::FunctionSchema& schema = module_.get_method("forward").function().getSchema();
       for (size_t i = 1; i < schema.arguments().size(); ++i) {
         arguments_.push_back(schema.arguments()[i].name());

@@ -180,6 +180,33 @@ TEST(TorchScriptTest, ScriptedInPythonRunsTheSame) {
   at::Tensor expected = at::from_blob(bytes.data(), {2, 3}, at::kFloat).clone();
   EXPECT_TRUE(at::allclose(out->front().second, expected, 1e-6, 1e-6));
   EXPECT_FALSE((*model)->Run("forward", {{"x", at::zeros({2, 4})}}).ok());  // missing "scale"
+
+  // "keep" is the file's dtypes; a dtype converts the whole module; per-prefix overrides cannot
+  // be honoured and are refused, not dropped.
+  auto load = [&](const std::string& dtype, std::map<std::string, std::string> overrides) {
+    absl::StatusOr<std::unique_ptr<Model>> m = BuildModel("", (*source)->index());
+    EXPECT_TRUE(m.ok());
+    core::LoadOptions options;
+    options.dtype = dtype;
+    options.dtype_overrides = std::move(overrides);
+    absl::Status s = (*m)->Load(**source, options, {}).status();
+    return std::make_pair(s, std::move(*m));
+  };
+  auto [kept, kept_model] = load("keep", {});
+  EXPECT_TRUE(kept.ok()) << kept;
+  auto [f64, f64_model] = load("float64", {});
+  ASSERT_TRUE(f64.ok()) << f64;
+  absl::StatusOr<NamedTensors> wide =
+      f64_model->Run("forward", {{"x", at::arange(8, at::kDouble).view({2, 4}) / 8},
+                                 {"scale", at::scalar_tensor(2.0, at::kDouble)}});
+  ASSERT_TRUE(wide.ok()) << wide.status();
+  EXPECT_EQ(wide->front().second.scalar_type(), at::kDouble);
+  EXPECT_TRUE(at::allclose(wide->front().second.to(at::kFloat), expected, 1e-6, 1e-6));
+  auto [overridden, refused_model] = load("", {{"lin.", "float16"}});
+  EXPECT_TRUE(absl::IsInvalidArgument(overridden)) << overridden;
+  EXPECT_NE(overridden.message().find("dtype_overrides"), std::string::npos) << overridden;
+  EXPECT_TRUE(absl::IsInvalidArgument(load("float8_e4m3fn", {}).first));
+  EXPECT_TRUE(absl::IsInvalidArgument(load("int8", {}).first));
 }
 
 TEST(RegistryTest, UnknownAndUnsupportedCheckpointsAreNamed) {
