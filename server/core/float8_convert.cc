@@ -140,14 +140,12 @@ void DecodeFloat8(const at::Tensor& src, DType format, const at::Tensor& dst) {
 }
 
 void ConvertTensor(const at::Tensor& src, DType src_dtype, const at::Tensor& dst, DType dst_dtype) {
-  if (!IsFloat8(src_dtype) && !IsFloat8(dst_dtype)) {
-    dst.copy_(src);
+  if (src_dtype == dst_dtype || (!IsFloat8(src_dtype) && !IsFloat8(dst_dtype))) {
+    dst.copy_(src);  // the same bytes, or a conversion LibTorch knows
   } else if (!IsFloat8(src_dtype)) {
     EncodeFloat8(src, dst_dtype, dst);
   } else if (!IsFloat8(dst_dtype)) {
     DecodeFloat8(src, src_dtype, dst);
-  } else if (src_dtype == dst_dtype) {
-    dst.copy_(src);
   } else if (src.is_cpu() && src.is_contiguous() && dst.is_contiguous()) {
     CheckSameCount(src, dst);
     // One float8 format to the other: a byte-to-byte table, no wider scratch.

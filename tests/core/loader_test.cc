@@ -63,6 +63,30 @@ std::string WriteCheckpoint(const testing::TempDir& dir,
   return path;
 }
 
+// A TestNet checkpoint of width `hidden` whose floats are all the same bytes (for sizes, not
+// values): dir/name.
+std::string WriteFilledCheckpoint(const testing::TempDir& dir, int64_t hidden,
+                                  const std::string& name) {
+  SafetensorsWriter w;
+  for (const auto& [key, shape] :
+       std::vector<std::pair<std::string, std::vector<int64_t>>>{{"embed.weight", {10, 4}},
+                                                                 {"fc1.weight", {hidden, 4}},
+                                                                 {"fc1.bias", {hidden}},
+                                                                 {"norm.weight", {hidden}},
+                                                                 {"norm.bias", {hidden}},
+                                                                 {"head.weight", {3, hidden}}}) {
+    EXPECT_TRUE(w.Add(key, DType::kFloat32, shape, [](char* d, int64_t, int64_t n) {
+                   std::memset(d, 1, n);
+                 }).ok());
+  }
+  EXPECT_TRUE(w.Add("steps", DType::kInt64, {2}, [](char* d, int64_t, int64_t n) {
+                 std::memset(d, 0, n);
+               }).ok());
+  const std::string path = dir / name;
+  EXPECT_TRUE(w.Write(path).ok());
+  return path;
+}
+
 std::unique_ptr<TestNet> MetaNet(int64_t hidden = 8) {
   InitializeOnMeta meta;
   return std::make_unique<TestNet>(hidden);
@@ -723,23 +747,7 @@ TEST_F(LoaderTest, CancelMidLoadFreesEverything) {
 
 TEST_F(LoaderTest, PeakHostBytesCoverTheModelWithoutDoubling) {
   const int64_t hidden = 4 << 20;  // ~100 MiB model
-  SafetensorsWriter w;
-  for (const auto& [name, shape] :
-       std::vector<std::pair<std::string, std::vector<int64_t>>>{{"embed.weight", {10, 4}},
-                                                                 {"fc1.weight", {hidden, 4}},
-                                                                 {"fc1.bias", {hidden}},
-                                                                 {"norm.weight", {hidden}},
-                                                                 {"norm.bias", {hidden}},
-                                                                 {"head.weight", {3, hidden}}}) {
-    ASSERT_TRUE(w.Add(name, DType::kFloat32, shape, [](char* d, int64_t, int64_t n) {
-                   std::memset(d, 1, n);
-                 }).ok());
-  }
-  ASSERT_TRUE(w.Add("steps", DType::kInt64, {2}, [](char* d, int64_t, int64_t n) {
-                 std::memset(d, 0, n);
-               }).ok());
-  ASSERT_TRUE(w.Write(dir_ / "m.safetensors").ok());
-  auto source = Open(dir_ / "m.safetensors");
+  auto source = Open(WriteFilledCheckpoint(dir_, hidden, "m.safetensors"));
   auto net = MetaNet(hidden);
   const int64_t before = ReadProcessMemory()->rss_bytes;
   absl::StatusOr<LoadReport> r = LoadModule(*net, *source, {});
@@ -760,23 +768,7 @@ TEST_F(LoaderTest, PeakHostBytesCoverTheModelWithoutDoubling) {
 // meanwhile reset that mark for everyone).
 TEST_F(LoaderTest, APeakIsTheLoadsOwnWhateverElseAllocates) {
   const int64_t hidden = 1 << 20;  // fc1.weight [1M, 4] float32: 16 MiB
-  SafetensorsWriter w;
-  for (const auto& [name, shape] :
-       std::vector<std::pair<std::string, std::vector<int64_t>>>{{"embed.weight", {10, 4}},
-                                                                 {"fc1.weight", {hidden, 4}},
-                                                                 {"fc1.bias", {hidden}},
-                                                                 {"norm.weight", {hidden}},
-                                                                 {"norm.bias", {hidden}},
-                                                                 {"head.weight", {3, hidden}}}) {
-    ASSERT_TRUE(w.Add(name, DType::kFloat32, shape, [](char* d, int64_t, int64_t n) {
-                   std::memset(d, 1, n);
-                 }).ok());
-  }
-  ASSERT_TRUE(w.Add("steps", DType::kInt64, {2}, [](char* d, int64_t, int64_t n) {
-                 std::memset(d, 0, n);
-               }).ok());
-  ASSERT_TRUE(w.Write(dir_ / "own_peak.safetensors").ok());
-  auto source = Open(dir_ / "own_peak.safetensors");
+  auto source = Open(WriteFilledCheckpoint(dir_, hidden, "own_peak.safetensors"));
   for (const std::string& dtype : {std::string(), std::string("bfloat16")}) {
     auto net = MetaNet(hidden);
     std::vector<char> other;  // what "another load" holds while this one runs

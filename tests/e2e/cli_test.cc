@@ -10,6 +10,17 @@
 namespace metaload {
 namespace {
 
+// Runs `metaload ARGS --address=<daemon>`, logging under `dir`.
+auto CliFor(DaemonProcess& daemon, const testing::TempDir& dir) {
+  const std::string address = "--address=127.0.0.1:" + std::to_string(daemon.grpc_port());
+  const std::string log = dir / "cli";
+  return [address, log](std::vector<std::string> args) {
+    args.insert(args.begin(), METALOAD_CLI_PATH);
+    args.push_back(address);
+    return testing::RunCommand(args, log);
+  };
+}
+
 TEST(CliTest, LoadListGetInferUnloadAndErrors) {
   testing::TempDir dir;
   ASSERT_EQ(testing::RunCommand({METALOAD_CLI_PATH, "synth", "--arch=gpt2", dir / "g"}, dir / "s")
@@ -17,12 +28,8 @@ TEST(CliTest, LoadListGetInferUnloadAndErrors) {
             0);
   DaemonProcess daemon(dir);
   ASSERT_GT(daemon.grpc_port(), 0) << daemon.process().Stderr();
+  auto cli = CliFor(daemon, dir);
   const std::string address = "--address=127.0.0.1:" + std::to_string(daemon.grpc_port());
-  auto cli = [&](std::vector<std::string> args) {
-    args.insert(args.begin(), METALOAD_CLI_PATH);
-    args.push_back(address);
-    return testing::RunCommand(args, dir / "cli");
-  };
 
   testing::CommandResult load = cli({"load", "g", "--id=tiny", "--dtype=bfloat16"});
   ASSERT_EQ(load.exit_code, 0) << load.err;
@@ -128,12 +135,7 @@ TEST(CliTest, Float8CheckpointsSynthInspectLoadAndInfer) {
 
   DaemonProcess daemon(dir);
   ASSERT_GT(daemon.grpc_port(), 0) << daemon.process().Stderr();
-  const std::string address = "--address=127.0.0.1:" + std::to_string(daemon.grpc_port());
-  auto cli = [&](std::vector<std::string> args) {
-    args.insert(args.begin(), METALOAD_CLI_PATH);
-    args.push_back(address);
-    return testing::RunCommand(args, dir / "cli");
-  };
+  auto cli = CliFor(daemon, dir);
   testing::CommandResult load = cli({"load", "f8", "--id=f8", "--json"});
   ASSERT_EQ(load.exit_code, 0) << load.err;
   nlohmann::json m = nlohmann::json::parse(load.out)["model"];

@@ -242,7 +242,8 @@ TEST_F(ServiceTest, Sd1WithTheWebUiDtypesThroughGrpc) {
   grpc::Status s = Load("sd1/model.safetensors", &loaded, [](auto* r) { r->set_model_id("sd"); });
   ASSERT_TRUE(s.ok()) << s.error_message();
   EXPECT_EQ(loaded.model().architecture(), "sd1");
-  EXPECT_EQ(loaded.model().dtype(), "default=float16;alphas_cumprod=keep;first_stage_model.=keep;float8=keep");
+  EXPECT_EQ(loaded.model().dtype(),
+            "default=float16;alphas_cumprod=keep;first_stage_model.=keep;float8=keep");
   ASSERT_EQ(loaded.model().entries_size(), 4);
   EXPECT_EQ(loaded.model().entries(0).name(), "unet");
   EXPECT_EQ(loaded.model().entries(3).name(), "vae_encode");
