@@ -1,0 +1,104 @@
+#!/usr/bin/env python3
+"""Checks clang's thread-safety analysis over every translation unit that uses core::Mutex.
+
+Usage: thread_safety_check.py BUILD_DIR [CLANG]
+
+The annotations (ABSL_GUARDED_BY, ABSL_EXCLUSIVE_LOCKS_REQUIRED, see server/core/mutex.h) only
+mean something to clang; the product builds with GCC. So this runs clang in syntax-only mode,
+with -Werror=thread-safety, on the compile commands of BUILD_DIR (CMake's
+compile_commands.json) for every server/ and client/ source that includes server/core/mutex.h,
+directly or through its own header. GCC's precompiled-header flags are dropped (clang cannot
+read GCC's .gch). Runs the files in parallel, one per core; exits 1 naming each file that fails.
+"""
+
+import concurrent.futures
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+MUTEX_HEADER = "server/core/mutex.h"
+
+
+def includes(path, header):
+    with open(path, encoding="utf-8") as f:
+        return re.search(r'#include\s+"' + re.escape(header) + '"', f.read()) is not None
+
+
+def users(source_dir):
+    """Sources whose own text or own header includes the annotated mutex."""
+    found = []
+    for layer in ("server", "client"):
+        for root, _, files in os.walk(os.path.join(source_dir, layer)):
+            for name in files:
+                if not name.endswith(".cc"):
+                    continue
+                cc = os.path.join(root, name)
+                header = cc[:-3] + ".h"
+                if includes(cc, MUTEX_HEADER) or (
+                    os.path.exists(header) and includes(header, MUTEX_HEADER)
+                ):
+                    found.append(os.path.realpath(cc))
+    return sorted(found)
+
+
+def clang_command(entry, clang):
+    args = entry.get("arguments") or shlex.split(entry["command"])
+    out = [clang]
+    skip = False
+    for a in args[1:]:
+        if skip:
+            skip = False
+            continue
+        if a in ("-o", "-MF", "-MT", "-MQ"):
+            skip = True
+            continue
+        if a == "-include":
+            skip = True  # the precompiled header's -include (GCC's .gch)
+            continue
+        if a.startswith("-Winvalid-pch") or a in ("-c", "-MD", "-MMD"):
+            continue
+        if a.startswith("-fsanitize") or a.startswith("-fno-sanitize"):
+            continue
+        out.append(a)
+    return out + ["-fsyntax-only", "-Wno-unknown-warning-option", "-Wthread-safety",
+                  "-Werror=thread-safety"]
+
+
+def main():
+    if len(sys.argv) < 2:
+        sys.exit(__doc__)
+    build_dir = sys.argv[1]
+    clang = sys.argv[2] if len(sys.argv) > 2 else "clang++"
+    source_dir = os.path.realpath(os.path.join(os.path.dirname(__file__), "..", ".."))
+    with open(os.path.join(build_dir, "compile_commands.json"), encoding="utf-8") as f:
+        db = {}
+        for e in json.load(f):
+            db.setdefault(os.path.realpath(os.path.join(e["directory"], e["file"])), e)
+    sources = users(source_dir)
+    missing = [s for s in sources if s not in db]
+    if missing:
+        sys.exit("thread-safety: not in %s/compile_commands.json: %s" % (build_dir, missing))
+
+    def check(src):
+        e = db[src]
+        r = subprocess.run(clang_command(e, clang), cwd=e["directory"], capture_output=True,
+                           text=True)
+        return src, r.returncode, r.stderr
+
+    failed = []
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        for src, rc, err in pool.map(check, sources):
+            rel = os.path.relpath(src, source_dir)
+            if rc != 0:
+                failed.append(rel)
+                sys.stderr.write("thread-safety: %s\n%s\n" % (rel, err))
+    print("thread-safety: %d files checked, %d failed%s" % (
+        len(sources), len(failed), (": " + ", ".join(failed)) if failed else ""))
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
