@@ -152,6 +152,9 @@ absl::Status AsCallerSees(const absl::Status& status, const LoadSpec& spec) {
 struct Flight {
   std::string key;
   LoadSpec spec;
+  // The request's device and dtypes, parsed once (by ModelCache::Load).
+  c10::Device device = c10::kCPU;
+  std::optional<core::DtypePolicy> requested;  // nullopt: the architecture's default
   std::atomic<bool> cancel{false};
   std::vector<std::shared_ptr<LoadWaiter>> waiters;  // guarded by the cache's mu_
 };
@@ -302,13 +305,13 @@ std::shared_ptr<LoadWaiter> ModelCache::Load(const LoadSpec& spec, ProgressFn pr
   waiter->progress_ = std::move(progress);
   waiter->done_ = std::move(done);
 
-  absl::StatusOr<core::DtypePolicy> policy =
-      core::DtypePolicy::Create(spec.dtype, spec.dtype_overrides);
+  absl::StatusOr<std::optional<core::DtypePolicy>> requested =
+      core::DtypePolicy::FromRequest(spec.dtype, spec.dtype_overrides);
   absl::StatusOr<c10::Device> device = core::ParseDevice(spec.device);
   struct stat st;
   absl::Status early;
-  if (!policy.ok()) {
-    early = policy.status();
+  if (!requested.ok()) {
+    early = requested.status();
   } else if (!device.ok()) {
     early = device.status();
   } else if (spec.zero_copy && !device->is_cpu()) {
@@ -326,9 +329,8 @@ std::shared_ptr<LoadWaiter> ModelCache::Load(const LoadSpec& spec, ProgressFn pr
       spec.path, "|", FileIdentityKey(spec.path, st), "|", spec.architecture, "|", canonical.device,
       "|",
       // "" means the architecture's default dtypes, "keep" the file's: different models.
-      spec.dtype.empty() && spec.dtype_overrides.empty() ? "default" : policy->Describe(), "|",
-      ComputeKey(spec.compute), "|", spec.zero_copy ? "zero_copy" : "copy",
-      spec.allow_missing_keys ? "|allow_missing" : "");
+      *requested ? (*requested)->Describe() : "default", "|", ComputeKey(spec.compute), "|",
+      spec.zero_copy ? "zero_copy" : "copy", spec.allow_missing_keys ? "|allow_missing" : "");
 
   std::unique_lock<std::mutex> lock(mu_);
   std::unique_ptr<Slot>& slot = slots_[spec.model_id];
@@ -395,6 +397,8 @@ std::shared_ptr<LoadWaiter> ModelCache::Load(const LoadSpec& spec, ProgressFn pr
   auto flight = std::make_shared<Flight>();
   flight->key = key;
   flight->spec = canonical;
+  flight->device = *device;
+  flight->requested = *std::move(requested);
   flight->waiters.push_back(waiter);
   waiter->flight_ = flight;
   flights_[key] = flight;
@@ -594,10 +598,7 @@ void ModelCache::RunFlight(std::shared_ptr<Flight> flight) {
     build_seconds = std::chrono::duration<double>(Clock::now() - start).count();
     // The architecture's default dtypes apply when the request names none (Stable Diffusion:
     // the web UI's policy); admission counts the bytes of the policy the load will use.
-    const models::DtypeChoice dtypes =
-        models::EffectiveDtypes(*model, {spec.dtype, spec.dtype_overrides});
-    absl::StatusOr<core::DtypePolicy> policy =
-        core::DtypePolicy::Create(dtypes.dtype, dtypes.overrides, dtypes.keep_float8);
+    absl::StatusOr<core::DtypePolicy> policy = models::EffectivePolicy(*model, flight->requested);
     if (!policy.ok()) {
       status = policy.status();
       break;
@@ -605,13 +606,8 @@ void ModelCache::RunFlight(std::shared_ptr<Flight> flight) {
     // What the load will allocate, known before allocating (zero-filled missing keys
     // included). TorchScript cannot say before its code ran: the file's size is admitted now,
     // and what the model really holds is counted once it is loaded (below).
-    std::optional<uint64_t> planned =
-        model->PlannedBytes((*source)->index(), dtypes, spec.allow_missing_keys);
-    if (!planned && (*source)->index().format == core::CheckpointFormat::kTorchScript) {
-      planned = (*source)->index().files[0].size;
-    }
-    if (!planned) planned = policy->LoadedBytes((*source)->index());
-    const int64_t need = ClampBytes(*planned);
+    const int64_t need = ClampBytes(
+        model->EstimateBytes((*source)->index(), *policy, spec.allow_missing_keys).bytes);
 
     // Admission: evict idle, unpinned models LRU-first until the load fits, before allocating.
     {
@@ -628,9 +624,8 @@ void ModelCache::RunFlight(std::shared_ptr<Flight> flight) {
     releaser_->Flush();
 
     core::LoadOptions options;
-    options.device = spec.device;
-    options.dtype = dtypes.dtype;
-    options.dtype_overrides = dtypes.overrides;
+    options.device = flight->device;
+    options.policy = *policy;
     options.allow_missing_keys = spec.allow_missing_keys;
     options.zero_copy = spec.zero_copy;
     options.cancel = &flight->cancel;
@@ -669,9 +664,7 @@ void ModelCache::RunFlight(std::shared_ptr<Flight> flight) {
     loaded->path = spec.display_path;
     loaded->architecture = model->architecture();
     loaded->device = spec.device;
-    loaded->dtype = !dtypes.overrides.empty() ? BoundedDtype(policy->Describe())
-                    : dtypes.dtype.empty()    ? "keep"
-                                              : dtypes.dtype;
+    loaded->dtype = BoundedDtype(policy->Summary());
     loaded->files = (*source)->index().files;
     loaded->parameter_count = model->ParameterCount();
     loaded->resident_bytes = holds;
@@ -817,14 +810,8 @@ absl::StatusOr<ModelInfo> ModelCache::Get(const std::string& model_id) const {
   info.architecture = it->second->pending->spec.architecture;
   info.device = it->second->pending->spec.device;
   // Until the model is built, an empty request's dtypes are the architecture's, not yet known.
-  const LoadSpec& spec = it->second->pending->spec;
-  if (!spec.dtype_overrides.empty()) {
-    absl::StatusOr<core::DtypePolicy> policy =
-        core::DtypePolicy::Create(spec.dtype, spec.dtype_overrides);  // validated by Load
-    info.dtype = policy.ok() ? BoundedDtype(policy->Describe()) : spec.dtype;
-  } else {
-    info.dtype = spec.dtype.empty() ? "default" : spec.dtype;
-  }
+  const std::optional<core::DtypePolicy>& requested = it->second->pending->requested;
+  info.dtype = requested ? BoundedDtype(requested->Summary()) : "default";
   info.state = "LOADING";
   return info;
 }

@@ -11,7 +11,7 @@
 // - Handles: Infer holds the model for its duration, so Unload and eviction never free a model
 //   under a running Infer; they mark it UNLOADING and the memory goes with the last handle.
 // - Admission before allocation: the bytes a load needs are known from the checkpoint header,
-//   the model's skeleton and the dtype policy (models::Model::PlannedBytes: an upper bound,
+//   the model's skeleton and the dtype policy (models::Model::EstimateBytes: an upper bound,
 //   zero-filled missing keys included). Idle, unpinned models on the device are evicted
 //   least-recently-used first; if the budget still cannot fit it, the load fails with
 //   RESOURCE_EXHAUSTED before touching memory. TorchScript, whose code decides what it
@@ -61,7 +61,9 @@ struct LoadSpec {
   std::string display_path;  // the path as the caller gave it, for messages and ModelInfo
   std::string architecture;  // "" = detect
   std::string device = "cpu";
-  std::string dtype;  // "" = keep
+  // Validated by the service (core::ParseStorageDtype); parsed once by Load. "" and no
+  // overrides: the architecture's default dtypes (models::EffectivePolicy); "keep": the file's.
+  std::string dtype;
   std::map<std::string, std::string> dtype_overrides;
   // How each network computes (see models::Model::Load); default: the device's default for its
   // storage dtype.

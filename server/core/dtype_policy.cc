@@ -51,6 +51,14 @@ absl::StatusOr<DtypePolicy> DtypePolicy::Create(absl::string_view default_dtype,
   return policy;
 }
 
+absl::StatusOr<std::optional<DtypePolicy>> DtypePolicy::FromRequest(
+    absl::string_view dtype, const std::map<std::string, std::string>& overrides) {
+  if (dtype.empty() && overrides.empty()) return std::optional<DtypePolicy>();
+  absl::StatusOr<DtypePolicy> policy = Create(dtype, overrides);
+  if (!policy.ok()) return policy.status();
+  return std::optional<DtypePolicy>(*std::move(policy));
+}
+
 DType DtypePolicy::Resolve(absl::string_view name, DType stored, TensorUse use) const {
   if (!IsFloatingPoint(stored)) return stored;
   const std::optional<DType>* best = &default_;
@@ -91,6 +99,11 @@ std::string DtypePolicy::Describe() const {
   }
   if (keep_float8_) absl::StrAppend(&out, ";float8=keep");
   return out;
+}
+
+std::string DtypePolicy::Summary() const {
+  if (!overrides_.empty()) return Describe();
+  return default_ ? std::string(DTypeName(*default_)) : "keep";
 }
 
 }  // namespace metaload::core

@@ -47,7 +47,13 @@ class DtypePolicy {
   static absl::StatusOr<DtypePolicy> Create(absl::string_view default_dtype,
                                             const std::map<std::string, std::string>& overrides,
                                             bool keep_float8 = false);
-  DtypePolicy() = default;
+  // A load request's dtypes, parsed once: nullopt when it names neither a dtype nor an override
+  // (the architecture's default policy then applies: models::EffectivePolicy), else Create's
+  // policy ("keep" is explicit: the file's dtypes). INVALID_ARGUMENT as Create.
+  static absl::StatusOr<std::optional<DtypePolicy>> FromRequest(
+      absl::string_view dtype, const std::map<std::string, std::string>& overrides);
+
+  DtypePolicy() = default;  // keeps every tensor's stored dtype
 
   // The dtype tensor `name`, stored as `stored` and read as `use`, is loaded as.
   DType Resolve(absl::string_view name, DType stored, TensorUse use) const;
@@ -59,6 +65,13 @@ class DtypePolicy {
 
   // A stable description for cache keys: "default=float16;a.=keep;b.=bfloat16".
   std::string Describe() const;
+  // What ModelInfo.dtype says: "keep" or the dtype's name when no prefix has a rule of its own,
+  // else Describe().
+  std::string Summary() const;
+
+  // The default rule (nullopt: keep) and whether any prefix has its own.
+  std::optional<DType> default_dtype() const { return default_; }
+  bool has_overrides() const { return !overrides_.empty(); }
 
  private:
   std::optional<DType> default_;                           // nullopt: keep

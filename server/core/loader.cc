@@ -180,12 +180,9 @@ class DeviceCopier : public HostCopier {
 absl::StatusOr<LoadReport> LoadModule(Module& module, const CheckpointSource& source,
                                       const LoadOptions& options) {
   const auto start = Clock::now();
-  absl::StatusOr<c10::Device> device = ParseDevice(options.device);
-  if (!device.ok()) return device.status();
-  absl::StatusOr<DtypePolicy> policy =
-      DtypePolicy::Create(options.dtype, options.dtype_overrides, options.keep_float8);
-  if (!policy.ok()) return policy.status();
-  if (options.zero_copy && !device->is_cpu()) {
+  const c10::Device& device = options.device;
+  const DtypePolicy& policy = options.policy;
+  if (options.zero_copy && !device.is_cpu()) {
     return absl::InvalidArgumentError("zero_copy is only possible on cpu");
   }
   const CheckpointIndex& index = source.index();
@@ -229,7 +226,7 @@ absl::StatusOr<LoadReport> LoadModule(Module& module, const CheckpointSource& so
           absl::StrCat(index.path, ": key '", key, "' is ", DTypeName(p.info->dtype),
                        "; the model reads it as ", c10::toString(slot.tensor->scalar_type())));
     }
-    p.target = policy->Resolve(key, p.info->dtype, slot.use);
+    p.target = policy.Resolve(key, p.info->dtype, slot.use);
     plan.push_back(std::move(p));
   }
   if (!missing.empty() && !options.allow_missing_keys) {
@@ -258,7 +255,7 @@ absl::StatusOr<LoadReport> LoadModule(Module& module, const CheckpointSource& so
         absl::StrCat(index.path, ": key '", p.info != nullptr ? p.info->name : p.slot.name, "'"),
         [&]() -> absl::Status {
           const at::TensorOptions to =
-              at::TensorOptions().dtype(ToScalarType(p.target)).device(*device);
+              at::TensorOptions().dtype(ToScalarType(p.target)).device(device);
           if (p.info == nullptr) {
             p.tensor = at::zeros(p.slot.tensor->sizes(), to);
             count(p.tensor);
@@ -305,7 +302,7 @@ absl::StatusOr<LoadReport> LoadModule(Module& module, const CheckpointSource& so
   // Chunks travel through a ring of staging slots off the CPU, when asked, and on the CPU for
   // conversions; unconverted CPU chunks are read straight into their destinations.
   auto staged = [&](const Planned& p) {
-    return !device->is_cpu() || options.staged || p.info->dtype != p.target;
+    return !device.is_cpu() || options.staged || p.info->dtype != p.target;
   };
   std::unique_ptr<StagedCopier> copier;
   std::unique_ptr<StagingRing> ring;  // declared after copier: goes first
@@ -317,13 +314,13 @@ absl::StatusOr<LoadReport> LoadModule(Module& module, const CheckpointSource& so
     // On a device, two slots per worker keep a read and a copy in flight each; on the CPU copies
     // are synchronous, so one each is enough. More only holds memory.
     const uint64_t cap = std::max<uint64_t>(
-        2, (device->is_cpu() ? 1 : 2) * static_cast<uint64_t>(std::max(1, options.threads)));
+        2, (device.is_cpu() ? 1 : 2) * static_cast<uint64_t>(std::max(1, options.threads)));
     const int slots =
         static_cast<int>(std::clamp<uint64_t>(options.staging_bytes / slot_bytes, 2, cap));
-    if (device->is_cpu()) {
+    if (device.is_cpu()) {
       copier = std::make_unique<HostCopier>();
     } else {
-      copier = std::make_unique<DeviceCopier>(*device, slots);
+      copier = std::make_unique<DeviceCopier>(device, slots);
     }
     ring = std::make_unique<StagingRing>(copier.get(), slots, slot_bytes);
     report.staging_slots = slots;
@@ -335,7 +332,7 @@ absl::StatusOr<LoadReport> LoadModule(Module& module, const CheckpointSource& so
       const Planned& p = plan[c.planned];
       converts |= p.info->dtype != p.target;
     }
-    if (!device->is_cpu() && converts) device_bytes += static_cast<uint64_t>(slots) * slot_bytes;
+    if (!device.is_cpu() && converts) device_bytes += static_cast<uint64_t>(slots) * slot_bytes;
   }
 
   // Fill: workers take chunks in file order.

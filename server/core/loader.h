@@ -27,6 +27,8 @@
 #ifndef METALOAD_SERVER_CORE_LOADER_H_
 #define METALOAD_SERVER_CORE_LOADER_H_
 
+#include <c10/core/Device.h>
+
 #include <atomic>
 #include <cstdint>
 #include <functional>
@@ -36,6 +38,7 @@
 
 #include "absl/status/statusor.h"
 #include "server/core/checkpoint.h"
+#include "server/core/dtype_policy.h"
 #include "server/core/module.h"
 
 namespace metaload::core {
@@ -47,15 +50,11 @@ struct LoadProgress {
 };
 
 struct LoadOptions {
-  // "cpu", "cuda", "cuda:N".
-  std::string device = "cpu";
-  // "" keeps each tensor's stored dtype; else "float32", "float16", "bfloat16",
-  // "float8_e4m3fn", "float8_e5m2" (DtypePolicy says which tensors float8 applies to).
-  std::string dtype;
-  // Key prefix -> dtype or "keep"; the longest matching prefix wins.
-  std::map<std::string, std::string> dtype_overrides;
-  // Tensors stored as float8 stay float8 whatever the policy says (DtypePolicy::Create).
-  bool keep_float8 = false;
+  // Where the tensors go (parsed once, where the request is: core::ParseDevice).
+  c10::Device device = c10::kCPU;
+  // Which dtype each tensor loads as: the effective policy, the architecture's defaults already
+  // applied (models::EffectivePolicy); the loader only resolves it per key. Default: as stored.
+  DtypePolicy policy;
   // Missing keys become zeros instead of failing the load.
   bool allow_missing_keys = false;
   // CPU only: tensors view the file's mapping where no conversion is needed.

@@ -25,12 +25,10 @@ namespace metaload::models {
 
 using NamedTensors = std::vector<std::pair<std::string, at::Tensor>>;
 
-// A dtype policy as a load request states it (see core::DtypePolicy).
+// A dtype policy as an architecture states its default (see core::DtypePolicy::Create).
 struct DtypeChoice {
   std::string dtype;  // "" = the architecture's default, "keep" = the file's, or a dtype name
   std::map<std::string, std::string> overrides;
-  // Set where the architecture's defaults apply: a float8 checkpoint's float8 tensors stay so.
-  bool keep_float8 = false;
 };
 
 class Model {
@@ -43,12 +41,13 @@ class Model {
   // Entries() with each entry's storage and compute dtypes, once loaded.
   virtual std::vector<EntrySpec> LoadedEntries() const { return Entries(); }
 
-  // Fills the model from the checkpoint (see core::LoadModule); `options` say how the weights
-  // are stored, `compute` how each network computes (see ComputeChoice; by default float32 on
-  // a CPU for float16 and bfloat16 storage). A compute dtype the device has no kernels for
-  // (float16 on a CPU) is FAILED_PRECONDITION here, not at the first Infer; an unknown entry
-  // in `compute.by_entry` or two that disagree about one network INVALID_ARGUMENT. Models
-  // without a module tree (TorchScript) load their own way.
+  // Fills the model from the checkpoint (see core::LoadModule); `options` say where and how the
+  // weights are stored (options.policy is the effective policy: EffectivePolicy), `compute` how
+  // each network computes (see ComputeChoice; by default float32 on a CPU for float16 and
+  // bfloat16 storage). A compute dtype the device has no kernels for (float16 on a CPU) is
+  // FAILED_PRECONDITION here, not at the first Infer; an unknown entry in `compute.by_entry` or
+  // two that disagree about one network INVALID_ARGUMENT. Models without a module tree
+  // (TorchScript) load their own way.
   virtual absl::StatusOr<core::LoadReport> Load(const core::CheckpointSource& source,
                                                 core::LoadOptions options,
                                                 const ComputeChoice& compute) = 0;
@@ -60,22 +59,26 @@ class Model {
 
   // The dtypes a load gets when it names none (empty dtype, no overrides): Stable Diffusion's
   // are the web UI's (UNet and text encoder float16, the VAE as stored); the others keep the
-  // file's dtypes.
+  // file's dtypes. Applied in one place: EffectivePolicy.
   virtual DtypeChoice DefaultDtypes() const { return {}; }
 
-  // The bytes Load will allocate on the device for the model's weights, known before anything
-  // is allocated: every tensor the model holds, in the dtype `dtypes` gives it, and with
-  // `allow_missing_keys` the zero-filled tensors of keys the checkpoint lacks (issue 17: a 4 KB
-  // directory claimed 64 GiB of zeros). The cache admits this figure against the budget before
-  // loading. IMPORTANT: must be an upper bound of ResidentBytes() after a successful Load;
-  // saturates instead of overflowing. nullopt: not knowable before loading (TorchScript runs
-  // the file's code); the cache then admits the file's size, counts ResidentBytes() after the
-  // load, and refuses a model that does not fit then.
-  virtual std::optional<uint64_t> PlannedBytes(const core::CheckpointIndex& index,
-                                               const DtypeChoice& dtypes,
-                                               bool allow_missing_keys) const {
-    return std::nullopt;
-  }
+  // What Load will allocate on the device for the model's weights under `policy` (the
+  // effective one), known before anything is allocated: every tensor the model holds, in the
+  // dtype the policy resolves for it, and with `allow_missing_keys` the zero-filled tensors of
+  // keys the checkpoint lacks (a 4 KB directory once claimed 64 GiB of zeros). The cache admits
+  // this figure against the budget before loading.
+  // IMPORTANT: where `upper_bound` is true, `bytes` must be an upper bound of ResidentBytes()
+  // after a successful Load; saturates instead of overflowing. A model that cannot know before
+  // loading (TorchScript runs the file's code) says upper_bound = false and gives its best
+  // guess; the cache then counts ResidentBytes() after the load and refuses a model that does
+  // not fit then.
+  struct ByteEstimate {
+    uint64_t bytes = 0;
+    bool upper_bound = true;
+  };
+  virtual ByteEstimate EstimateBytes(const core::CheckpointIndex& index,
+                                     const core::DtypePolicy& policy,
+                                     bool allow_missing_keys) const = 0;
 
   // Parameters and buffers, after loading.
   virtual int64_t ParameterCount() const = 0;
@@ -83,9 +86,16 @@ class Model {
   virtual uint64_t ResidentBytes() const = 0;
 };
 
-// `requested` with `model`'s defaults filled in when it names nothing (and keep_float8 set);
-// "keep" stays explicit.
-DtypeChoice EffectiveDtypes(const Model& model, const DtypeChoice& requested);
+// The one place the architecture's default applies: `requested` (core::DtypePolicy::FromRequest)
+// when the request names dtypes, else `model`'s DefaultDtypes() with float8 tensors kept
+// float8. INVALID_ARGUMENT only for an architecture whose defaults do not parse (a bug).
+absl::StatusOr<core::DtypePolicy> EffectivePolicy(
+    const Model& model, const std::optional<core::DtypePolicy>& requested);
+// The same from a request's strings, for callers that have no parsed request (tests, benchmarks,
+// the CLI's offline commands); INVALID_ARGUMENT for a bad name.
+absl::StatusOr<core::DtypePolicy> EffectivePolicy(
+    const Model& model, absl::string_view dtype,
+    const std::map<std::string, std::string>& overrides = {});
 
 }  // namespace metaload::models
 

@@ -25,9 +25,7 @@ std::string EntryNames(const std::vector<EntrySpec>& entries) {
 absl::StatusOr<core::LoadReport> ModuleModel::Load(const core::CheckpointSource& source,
                                                    core::LoadOptions options,
                                                    const ComputeChoice& compute) {
-  absl::StatusOr<c10::Device> device = core::ParseDevice(options.device);
-  if (!device.ok()) return device.status();
-  device_ = *device;
+  device_ = options.device;
   // Every network's compute dtype, if the request names one: checked before loading.
   const std::vector<EntrySpec> entries = Entries();
   std::map<std::string, std::pair<core::DType, std::string>> asked;  // prefix -> dtype, entry
@@ -62,10 +60,6 @@ absl::StatusOr<core::LoadReport> ModuleModel::Load(const core::CheckpointSource&
     }
   }
   if (key_map_) options.checkpoint_key = key_map_;
-  DtypeChoice dtypes = EffectiveDtypes(*this, {options.dtype, options.dtype_overrides});
-  options.dtype = dtypes.dtype;
-  options.dtype_overrides = dtypes.overrides;
-  options.keep_float8 = dtypes.keep_float8;
   absl::StatusOr<core::LoadReport> report = core::LoadModule(*module_, source, options);
   if (!report.ok()) return report;
   const std::vector<core::TensorSlot> slots = module_->Slots();
@@ -115,11 +109,20 @@ std::vector<EntrySpec> ModuleModel::LoadedEntries() const {
   return entries;
 }
 
-DtypeChoice EffectiveDtypes(const Model& model, const DtypeChoice& requested) {
-  if (!requested.dtype.empty() || !requested.overrides.empty()) return requested;
-  DtypeChoice defaults = model.DefaultDtypes();
-  defaults.keep_float8 = true;
-  return defaults;
+absl::StatusOr<core::DtypePolicy> EffectivePolicy(
+    const Model& model, const std::optional<core::DtypePolicy>& requested) {
+  if (requested) return *requested;
+  const DtypeChoice defaults = model.DefaultDtypes();
+  return core::DtypePolicy::Create(defaults.dtype, defaults.overrides, /*keep_float8=*/true);
+}
+
+absl::StatusOr<core::DtypePolicy> EffectivePolicy(
+    const Model& model, absl::string_view dtype,
+    const std::map<std::string, std::string>& overrides) {
+  absl::StatusOr<std::optional<core::DtypePolicy>> requested =
+      core::DtypePolicy::FromRequest(dtype, overrides);
+  if (!requested.ok()) return requested.status();
+  return EffectivePolicy(model, *requested);
 }
 
 absl::StatusOr<NamedTensors> ModuleModel::Run(
@@ -210,15 +213,9 @@ uint64_t SaturatingAdd(uint64_t a, uint64_t b) {
 
 }  // namespace
 
-// The loader allocates one tensor per slot (core::LoadModule): a found key in the dtype the
-// policy resolves, a missing one (only with allow_missing_keys) as zeros in the slot's dtype.
-std::optional<uint64_t> ModuleModel::PlannedBytes(const core::CheckpointIndex& index,
-                                                  const DtypeChoice& dtypes,
-                                                  bool allow_missing_keys) const {
-  const DtypeChoice effective = EffectiveDtypes(*this, dtypes);
-  absl::StatusOr<core::DtypePolicy> policy =
-      core::DtypePolicy::Create(effective.dtype, effective.overrides, effective.keep_float8);
-  if (!policy.ok()) return std::nullopt;  // the load itself reports it
+Model::ByteEstimate ModuleModel::EstimateBytes(const core::CheckpointIndex& index,
+                                               const core::DtypePolicy& policy,
+                                               bool allow_missing_keys) const {
   uint64_t total = 0;
   for (const core::TensorSlot& slot : module_->Slots()) {
     const std::string key = key_map_ ? key_map_(slot.name) : slot.name;
@@ -229,13 +226,13 @@ std::optional<uint64_t> ModuleModel::PlannedBytes(const core::CheckpointIndex& i
     }
     uint64_t item = 0;
     if (info != nullptr) {
-      item = static_cast<uint64_t>(core::DTypeSize(policy->Resolve(key, info->dtype, slot.use)));
+      item = static_cast<uint64_t>(core::DTypeSize(policy.Resolve(key, info->dtype, slot.use)));
     } else if (allow_missing_keys) {
       item = static_cast<uint64_t>(c10::elementSize(slot.tensor->scalar_type()));
     }
     total = SaturatingAdd(total, SaturatingMul(elements, item));
   }
-  return total;
+  return {total, /*upper_bound=*/true};
 }
 
 uint64_t ModuleModel::ResidentBytes() const {

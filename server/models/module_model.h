@@ -22,9 +22,9 @@ class ModuleModel : public Model {
   std::vector<EntrySpec> LoadedEntries() const override;
   absl::StatusOr<NamedTensors> Run(const std::string& entry,
                                    const std::map<std::string, at::Tensor>& inputs) const override;
-  std::optional<uint64_t> PlannedBytes(const core::CheckpointIndex& index,
-                                       const DtypeChoice& dtypes,
-                                       bool allow_missing_keys) const override;
+  // Exact: the loader allocates one tensor per slot (core::LoadModule).
+  ByteEstimate EstimateBytes(const core::CheckpointIndex& index, const core::DtypePolicy& policy,
+                             bool allow_missing_keys) const override;
   int64_t ParameterCount() const override;
   uint64_t ResidentBytes() const override;
 

@@ -91,6 +91,13 @@ class TorchScriptModel : public Model {
 
   std::string architecture() const override { return "torchscript"; }
 
+  // Its code decides what it allocates: the archive's size is a first guess, and the cache
+  // counts what the loaded module holds.
+  ByteEstimate EstimateBytes(const core::CheckpointIndex& index, const core::DtypePolicy& policy,
+                             bool allow_missing_keys) const override {
+    return {index.files.empty() ? 0 : index.files[0].size, /*upper_bound=*/false};
+  }
+
   std::vector<EntrySpec> Entries() const override {
     EntrySpec e{"forward", {}, {{"output", std::nullopt, {}}}};
     for (const std::string& name : arguments_) e.inputs.push_back({name, std::nullopt, {}});
@@ -104,34 +111,32 @@ class TorchScriptModel : public Model {
       return absl::FailedPreconditionError(
           absl::StrCat(path_, ": compute_dtype cannot be set for TorchScript (its code decides)"));
     }
-    // The request is checked before the file's code runs: "" and "keep" leave the module as
-    // stored, a dtype converts all of it, and per-prefix overrides cannot be honoured.
-    absl::StatusOr<std::optional<core::DType>> dtype =
-        core::ParseStorageDtype(options.dtype, "dtype");
-    if (!dtype.ok()) return dtype.status();
-    if (*dtype && core::IsFloat8(**dtype)) {
+    // The request is checked before the file's code runs: "keep" (and the default, which is
+    // keep) leaves the module as stored, a dtype converts all of it, and per-prefix overrides
+    // cannot be honoured.
+    const std::optional<core::DType> dtype = options.policy.default_dtype();
+    if (dtype && core::IsFloat8(*dtype)) {
       return absl::InvalidArgumentError(
-          absl::StrCat("dtype '", options.dtype,
+          absl::StrCat("dtype '", core::DTypeName(*dtype),
                        "': TorchScript runs its weights as stored, so it cannot hold float8 (the "
                        "layer-kit architectures can)"));
     }
-    if (!options.dtype_overrides.empty()) {
+    if (options.policy.has_overrides()) {
       return absl::InvalidArgumentError(absl::StrCat(
           path_,
           ": dtype_overrides cannot apply to TorchScript, which converts as one module "
           "(use dtype)"));
     }
     const auto start = std::chrono::steady_clock::now();
-    absl::StatusOr<c10::Device> device = core::ParseDevice(options.device);
-    if (!device.ok()) return device.status();
+    const c10::Device device = options.device;
     absl::StatusOr<std::shared_ptr<const core::MappedFile>> mapped = source.Map(0);
     if (!mapped.ok()) return mapped.status();
     try {
       MappedStreamBuf buffer((*mapped)->data(), (*mapped)->size());
       std::istream in(&buffer);
-      module_ = torch::jit::load(in, *device);
+      module_ = torch::jit::load(in, device);
       module_.eval();
-      if (*dtype) module_.to(core::ToScalarType(**dtype));
+      if (dtype) module_.to(core::ToScalarType(*dtype));
       const c10::FunctionSchema& schema = module_.get_method("forward").function().getSchema();
       for (size_t i = 1; i < schema.arguments().size(); ++i) {
         arguments_.push_back(schema.arguments()[i].name());
@@ -149,14 +154,14 @@ class TorchScriptModel : public Model {
     report.tensors = static_cast<int>(module_.parameters().size() + module_.buffers().size());
     // What the loaded module holds; its code may have allocated and freed more meanwhile,
     // which no per-load figure can see without an allocator hook (README "Memory model").
-    if (device->is_cpu()) {
+    if (device.is_cpu()) {
       report.peak_host_bytes = static_cast<int64_t>(held_bytes_);
     } else {
       report.peak_device_bytes = static_cast<int64_t>(held_bytes_);
     }
     report.seconds =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    device_ = *device;
+    device_ = device;
     if (options.progress) options.progress({"done", report.bytes_read, report.bytes_read});
     return report;
   }

@@ -73,9 +73,12 @@ Loaded LoadOrDie(const std::string& path, const std::string& dtype,
                    ? metaload::models::BuildModel("", (*source)->index())
                    : absl::StatusOr<std::unique_ptr<metaload::models::Model>>(source.status());
   metaload::core::LoadOptions options;
-  options.dtype = dtype;
+  absl::StatusOr<metaload::core::DtypePolicy> policy =
+      model.ok() ? metaload::models::EffectivePolicy(**model, dtype)
+                 : absl::StatusOr<metaload::core::DtypePolicy>(model.status());
+  if (policy.ok()) options.policy = *policy;
   absl::Status loaded =
-      model.ok() ? (*model)->Load(**source, options, {compute, {}}).status() : model.status();
+      !policy.ok() ? policy.status() : (*model)->Load(**source, options, {compute, {}}).status();
   if (!loaded.ok()) {
     std::fprintf(stderr, "load %s as %s: %s\n", path.c_str(), dtype.c_str(),
                  loaded.ToString().c_str());

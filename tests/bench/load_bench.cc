@@ -186,10 +186,10 @@ int RunMode(const std::string& mode, const std::string& path) {
       return 4;
     }
     metaload::core::LoadOptions options;  // sd1: no dtype named, the web UI's policy
-    if (mode == "sd1_fp8") {
-      options.dtype_overrides = {{"model.diffusion_model.", "float8_e4m3fn"},
-                                 {"cond_stage_model.", "float16"}};
-    }
+    const std::map<std::string, std::string> fp8 = {{"model.diffusion_model.", "float8_e4m3fn"},
+                                                    {"cond_stage_model.", "float16"}};
+    options.policy = *metaload::models::EffectivePolicy(
+        **model, "", mode == "sd1_fp8" ? fp8 : std::map<std::string, std::string>());
     auto report = (*model)->Load(**source, options, {});
     if (!report.ok()) {
       std::fprintf(stderr, "%s\n", report.status().ToString().c_str());
@@ -218,8 +218,10 @@ int RunMode(const std::string& mode, const std::string& path) {
       model = std::make_unique<SpecModule>(Gpt2Medium());
     }
     metaload::core::LoadOptions options;
-    if (mode == "bf16" || mode == "cuda_bf16") options.dtype = "bfloat16";
-    if (mode == "cuda_keep" || mode == "cuda_bf16") options.device = "cuda:0";
+    if (mode == "bf16" || mode == "cuda_bf16") {
+      options.policy = *metaload::core::DtypePolicy::Create("bfloat16", {});
+    }
+    if (mode == "cuda_keep" || mode == "cuda_bf16") options.device = c10::Device("cuda:0");
     if (mode == "zero_copy") options.zero_copy = true;
     auto report = metaload::core::LoadModule(*model, **source, options);
     if (!report.ok()) {

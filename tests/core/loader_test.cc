@@ -87,6 +87,15 @@ std::string WriteFilledCheckpoint(const testing::TempDir& dir, int64_t hidden,
   return path;
 }
 
+// A parsed policy, as the cache hands the loader one (DtypePolicy::Create).
+DtypePolicy Policy(const std::string& dtype,
+                   const std::map<std::string, std::string>& overrides = {},
+                   bool keep_float8 = false) {
+  absl::StatusOr<DtypePolicy> policy = DtypePolicy::Create(dtype, overrides, keep_float8);
+  EXPECT_TRUE(policy.ok()) << policy.status();
+  return policy.ok() ? *policy : DtypePolicy();
+}
+
 std::unique_ptr<TestNet> MetaNet(int64_t hidden = 8) {
   InitializeOnMeta meta;
   return std::make_unique<TestNet>(hidden);
@@ -222,7 +231,7 @@ TEST_F(LoaderTest, StagedPipelineGivesTheSameValues) {
       LoadOptions options;
       options.staged = true;
       options.threads = threads;
-      options.dtype = dtype;
+      options.policy = Policy(dtype);
       options.chunk_bytes = 12;   // many chunks, each a slot's worth
       options.staging_bytes = 0;  // the minimum: two slots
       absl::StatusOr<LoadReport> r = LoadModule(*net, *source, options);
@@ -253,8 +262,8 @@ TEST_F(LoaderTest, CudaLoadGivesTheSourceValues) {
   for (const std::string& dtype : {std::string(), std::string("bfloat16")}) {
     auto net = MetaNet(4096);
     LoadOptions options;
-    options.device = "cuda:0";
-    options.dtype = dtype;
+    options.device = c10::Device("cuda:0");
+    options.policy = Policy(dtype);
     options.chunk_bytes = 1 << 16;  // many chunks through the ring
     absl::StatusOr<LoadReport> r = LoadModule(*net, *source, options);
     ASSERT_TRUE(r.ok()) << r.status();
@@ -303,8 +312,7 @@ TEST_F(LoaderTest, LayersCastStoredWeightsToTheComputeDtype) {
   auto source = Open(WriteCheckpoint(dir_, ref));
   auto net = MetaNet();
   LoadOptions options;
-  options.dtype = "bfloat16";
-  options.dtype_overrides = {{"fc1.", "float16"}, {"head.", "keep"}};
+  options.policy = Policy("bfloat16", {{"fc1.", "float16"}, {"head.", "keep"}});
   ASSERT_TRUE(LoadModule(*net, *source, options).ok());
   at::Tensor ids = at::tensor({3, 9}, at::kLong);
   auto run = [&] {
@@ -364,7 +372,7 @@ TEST_F(LoaderTest, Float8PolicyConvertsMatmulWeightsOnly) {
   for (bool staged : {false, true}) {
     auto net = MetaNet();
     LoadOptions options;
-    options.dtype = "float8_e4m3fn";
+    options.policy = Policy("float8_e4m3fn");
     options.chunk_bytes = 20;
     options.staged = staged;
     absl::StatusOr<LoadReport> r = LoadModule(*net, *source, options);
@@ -401,7 +409,7 @@ TEST_F(LoaderTest, Float8NamedEmbeddingIsConvertedAndDecodedByItsLookup) {
   auto source = Open(WriteCheckpoint(dir_, ref));
   auto net = MetaNet();
   LoadOptions options;
-  options.dtype_overrides = {{"embed.weight", "float8_e5m2"}, {"norm.", "float8_e5m2"}};
+  options.policy = Policy("", {{"embed.weight", "float8_e5m2"}, {"norm.", "float8_e5m2"}});
   ASSERT_TRUE(LoadModule(*net, *source, options).ok());
   EXPECT_EQ(Float8Tag(*net, "embed.weight"), DType::kFloat8E5M2);
   EXPECT_EQ(Float8Tag(*net, "norm.weight"), std::nullopt);  // "norm." names no tensor itself
@@ -460,15 +468,14 @@ TEST_F(LoaderTest, Float8CheckpointsLoadAsStoredOrDecoded) {
       at::equal(kept->fc.Forward(x), at::linear(x, Float8Values(w8, DType::kFloat8E5M2), b)));
 
   LoadOptions to_float32;
-  to_float32.dtype = "float32";
+  to_float32.policy = Policy("float32");
   ASSERT_TRUE(LoadModule(*decoded, *source, to_float32).ok());
   EXPECT_EQ(Float8Tag(*decoded, "fc.weight"), std::nullopt);
   EXPECT_TRUE(at::equal(SlotMap(*decoded)["fc.weight"], Float8Values(w8, DType::kFloat8E5M2)));
   EXPECT_EQ(decoded->scale.scalar_type(), at::kFloat);
 
   LoadOptions architecture_default;  // an architecture's float16 default keeps float8 as stored
-  architecture_default.dtype = "float16";
-  architecture_default.keep_float8 = true;
+  architecture_default.policy = Policy("float16", {}, /*keep_float8=*/true);
   ASSERT_TRUE(LoadModule(*defaults, *source, architecture_default).ok());
   EXPECT_EQ(Float8Tag(*defaults, "fc.weight"), DType::kFloat8E5M2);
   EXPECT_EQ(SlotMap(*defaults)["fc.weight"].scalar_type(), at::kByte);
@@ -516,7 +523,7 @@ TEST_F(LoaderTest, Float8ConversionMatchesTheNumpyReferenceBitForBit) {
       net = std::make_unique<Sources>(rows);
     }
     LoadOptions options;
-    options.dtype = format;
+    options.policy = Policy(format);
     options.chunk_bytes = 1000;
     ASSERT_TRUE(LoadModule(*net, *source, options).ok());
     for (const auto& [name, got] : SlotMap(*net)) {
@@ -543,7 +550,7 @@ TEST_F(LoaderTest, Float8LoadedBytesFollowTheUses) {
              DTypeSize(policy->Resolve(t.name, t.dtype, uses.at(t.name)));
   }
   LoadOptions options;
-  options.dtype = "float8_e4m3fn";
+  options.policy = Policy("float8_e4m3fn");
   absl::StatusOr<LoadReport> r = LoadModule(*net, *source, options);
   ASSERT_TRUE(r.ok());
   EXPECT_EQ(exact, r->loaded_bytes);
@@ -571,8 +578,7 @@ TEST_F(LoaderTest, DtypeConversionAndLongestPrefixOverrides) {
   auto source = Open(WriteCheckpoint(dir_, ref));
   auto net = MetaNet();
   LoadOptions options;
-  options.dtype = "float16";
-  options.dtype_overrides = {{"fc", "bfloat16"}, {"fc1.b", "keep"}, {"head", "keep"}};
+  options.policy = Policy("float16", {{"fc", "bfloat16"}, {"fc1.b", "keep"}, {"head", "keep"}});
   options.chunk_bytes = 20;  // conversion across chunk boundaries
   absl::StatusOr<LoadReport> r = LoadModule(*net, *source, options);
   ASSERT_TRUE(r.ok()) << r.status();
@@ -596,7 +602,7 @@ TEST_F(LoaderTest, ZeroCopyAliasesTheMappingAndOutlivesTheSource) {
   auto net = MetaNet();
   LoadOptions options;
   options.zero_copy = true;
-  options.dtype_overrides = {{"embed.", "float32"}};
+  options.policy = Policy("", {{"embed.", "float32"}});
   absl::StatusOr<LoadReport> r = LoadModule(*net, *source, options);
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_EQ(r->zero_copy, 6);
@@ -773,7 +779,7 @@ TEST_F(LoaderTest, APeakIsTheLoadsOwnWhateverElseAllocates) {
     auto net = MetaNet(hidden);
     std::vector<char> other;  // what "another load" holds while this one runs
     LoadOptions options;
-    options.dtype = dtype;
+    options.policy = Policy(dtype);
     options.progress = [&](const LoadProgress& p) {
       if (p.phase != "done") return;
       other.assign(size_t{128} << 20, 1);
@@ -791,22 +797,22 @@ TEST_F(LoaderTest, APeakIsTheLoadsOwnWhateverElseAllocates) {
   }
 }
 
+// A request's device and dtypes are parsed before the loader sees them (ParseDevice,
+// DtypePolicy::Create); what the loader checks itself is refused before anything is allocated.
 TEST_F(LoaderTest, BadOptionsAreRejectedBeforeAnything) {
   auto source = Open(WriteCheckpoint(dir_, Reference()));
   auto net = MetaNet();
+  EXPECT_TRUE(absl::IsInvalidArgument(ParseDevice("tpu").status()));
   LoadOptions options;
-  options.device = "tpu";
-  EXPECT_TRUE(absl::IsInvalidArgument(LoadModule(*net, *source, options).status()));
-  options.device = "cuda:0";
+  options.device = c10::Device("cuda:0");
   absl::Status cuda = LoadModule(*net, *source, options).status();
   EXPECT_TRUE(absl::IsFailedPrecondition(cuda)) << cuda;  // CPU-only LibTorch
-  options = LoadOptions();
-  options.dtype = "int8";
+  options.zero_copy = true;
   EXPECT_TRUE(absl::IsInvalidArgument(LoadModule(*net, *source, options).status()));
-  options = LoadOptions();
-  options.dtype_overrides = {{"fc1.", "float8"}};
-  absl::Status bad = LoadModule(*net, *source, options).status();
+  EXPECT_TRUE(absl::IsInvalidArgument(DtypePolicy::Create("int8", {}).status()));
+  absl::Status bad = DtypePolicy::Create("", {{"fc1.", "float8"}}).status();
   EXPECT_NE(bad.message().find("dtype_overrides['fc1.']"), std::string::npos) << bad;
+  for (const TensorSlot& slot : net->Slots()) EXPECT_TRUE(slot.tensor->is_meta()) << slot.name;
 }
 
 TEST_F(LoaderTest, TruncatedCheckpointFailsCleanly) {

@@ -64,8 +64,9 @@ TEST_P(ArchitectureTest, MatchesPythonReference) {
   ASSERT_TRUE(model.ok()) << model.status();
   EXPECT_EQ((*model)->architecture(), c.arch);
   core::LoadOptions options;
-  options.dtype = c.dtype;
-  options.dtype_overrides = c.overrides;
+  absl::StatusOr<core::DtypePolicy> policy = EffectivePolicy(**model, c.dtype, c.overrides);
+  ASSERT_TRUE(policy.ok()) << policy.status();
+  options.policy = *policy;
   absl::StatusOr<core::LoadReport> report = (*model)->Load(**source, options, {});
   ASSERT_TRUE(report.ok()) << report.status();
   EXPECT_TRUE(report->missing_keys.empty());
@@ -187,9 +188,9 @@ TEST(TorchScriptTest, ScriptedInPythonRunsTheSame) {
     absl::StatusOr<std::unique_ptr<Model>> m = BuildModel("", (*source)->index());
     EXPECT_TRUE(m.ok());
     core::LoadOptions options;
-    options.dtype = dtype;
-    options.dtype_overrides = std::move(overrides);
-    absl::Status s = (*m)->Load(**source, options, {}).status();
+    absl::StatusOr<core::DtypePolicy> policy = EffectivePolicy(**m, dtype, overrides);
+    if (policy.ok()) options.policy = *policy;
+    absl::Status s = policy.ok() ? (*m)->Load(**source, options, {}).status() : policy.status();
     return std::make_pair(s, std::move(*m));
   };
   auto [kept, kept_model] = load("keep", {});

@@ -61,7 +61,10 @@ Loaded Load(const std::string& path, const std::string& dtype, const ComputeChoi
   EXPECT_TRUE(model.ok()) << model.status();
   if (!model.ok()) return l;
   core::LoadOptions options;
-  options.dtype = dtype;
+  absl::StatusOr<core::DtypePolicy> policy = EffectivePolicy(**model, dtype);
+  EXPECT_TRUE(policy.ok()) << policy.status();
+  if (!policy.ok()) return l;
+  options.policy = *policy;
   absl::StatusOr<core::LoadReport> report = (*model)->Load(*l.source, options, compute);
   EXPECT_TRUE(report.ok()) << report.status();
   if (!report.ok()) return l;
@@ -235,7 +238,9 @@ TEST(Sd1Test, DefaultDtypesAreTheWebUis) {
 TEST(Sd1Test, Float8UNetIsAdmittedAtItsStoredBytes) {
   const std::string dir = Reference({}) / "sd";
   auto admitted = [&](const Loaded& l, const std::map<std::string, std::string>& overrides) {
-    return l.model->PlannedBytes(l.source->index(), {"", overrides}, false).value_or(0);
+    return l.model
+        ->EstimateBytes(l.source->index(), *EffectivePolicy(*l.model, "", overrides), false)
+        .bytes;
   };
   const std::map<std::string, std::string> fp8 = {{"model.diffusion_model.", "float8_e4m3fn"}};
   const std::map<std::string, std::string> fp16 = {{"model.diffusion_model.", "float16"}};
@@ -249,7 +254,7 @@ TEST(Sd1Test, Float8UNetIsAdmittedAtItsStoredBytes) {
   l.model = *std::move(model);
   const uint64_t want = admitted(l, fp8);  // before loading: from the skeleton on meta
   core::LoadOptions options;
-  options.dtype_overrides = fp8;
+  options.policy = *EffectivePolicy(*l.model, "", fp8);
   ASSERT_TRUE(l.model->Load(*l.source, options, {}).ok());
   EXPECT_EQ(l.model->ResidentBytes(), want);
   uint64_t rest = 0, unet = 0;  // bytes outside the UNet, as stored; UNet values

@@ -81,8 +81,10 @@ TEST(SynthTest, Float8MatchesPythonReferenceAndLoadsAsStored) {
     EXPECT_EQ((*source)->index().Find("layers.0.weight")->dtype, *core::DTypeFromName(dtype));
     absl::StatusOr<std::unique_ptr<Model>> model = BuildModel("", (*source)->index());
     ASSERT_TRUE(model.ok()) << model.status();
-    const uint64_t admitted = (*model)->PlannedBytes((*source)->index(), {}, false).value_or(0);
-    ASSERT_TRUE((*model)->Load(**source, {}, {}).ok());
+    core::LoadOptions load;
+    load.policy = *EffectivePolicy(**model, "");
+    const uint64_t admitted = (*model)->EstimateBytes((*source)->index(), load.policy, false).bytes;
+    ASSERT_TRUE((*model)->Load(**source, load, {}).ok());
     EXPECT_EQ((*model)->ResidentBytes(), r->data_bytes);
     EXPECT_EQ(admitted, r->data_bytes);  // exact: one byte per float8 value
     const EntrySpec entry = (*model)->LoadedEntries().front();
@@ -194,7 +196,7 @@ TEST(SynthTest, Sd1TinyHasTheReferenceKeySetAndRuns) {
   auto model = BuildModel("", (*ours)->index());
   ASSERT_TRUE(model.ok()) << model.status();
   core::LoadOptions load;
-  load.dtype = "float32";
+  load.policy = *EffectivePolicy(**model, "float32");
   auto report = (*model)->Load(**ours, load, {});
   ASSERT_TRUE(report.ok()) << report.status();
   EXPECT_TRUE(report->unexpected_keys.empty());
