@@ -37,7 +37,6 @@
 #include <functional>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <optional>
 #include <set>
 #include <string>
@@ -46,12 +45,18 @@
 #include "absl/status/statusor.h"
 #include "server/cache/infer_limits.h"
 #include "server/cache/wire_tensor.h"
+#include "server/core/mutex.h"
 #include "server/models/entry_spec.h"
 
 namespace metaload::core {
 class ChecksumStore;
 class ThreadPool;
+struct CheckpointIndex;
 }  // namespace metaload::core
+
+namespace metaload::models {
+class Model;
+}  // namespace metaload::models
 
 namespace metaload::cache {
 
@@ -154,6 +159,12 @@ class ModelCache {
     std::set<std::string> budget_follows_available;
     // Bytes free on a device now; -1 unknown. Default: MemAvailable for "cpu" (tests fake it).
     std::function<int64_t(const std::string& device)> available_bytes = DefaultAvailableBytes;
+    // Builds a model's skeleton for a checkpoint. Empty: models::BuildModel. The seam for tests
+    // (tests/cache/fake_model.h: a model whose load waits on a latch, so a race is set up
+    // step by step instead of timed against a real load).
+    std::function<absl::StatusOr<std::unique_ptr<models::Model>>(
+        const std::string& architecture, const core::CheckpointIndex& index)>
+        build_model;
   };
 
   // MemAvailable (/proc/meminfo) for "cpu"; -1 for other devices.
@@ -201,39 +212,60 @@ class ModelCache {
  private:
   friend class LoadWaiter;
   struct Slot;
+  struct Prepared;
+  struct Delivery;
 
-  void RunFlight(std::shared_ptr<Flight> flight);
+  // A flight's load, on a load thread, in five steps; TF Serving's split of approving a load
+  // from executing it (model_cache_load.cc):
+  void RunLoad(std::shared_ptr<Flight> flight);
+  // 1. Prepare, no lock: opens the checkpoint, refuses TorchScript unless allowed, builds the
+  //    skeleton on meta, resolves the effective dtype policy and estimates the bytes.
+  absl::StatusOr<Prepared> Prepare(const Flight& flight);
+  // 2. Approve, under mu_: admission (admission.h) on the flight's device; the victims leave
+  //    their slots and are moved into `victims` (freed by the caller once unlocked), `need` is
+  //    reserved for the flight. RESOURCE_EXHAUSTED ("'path' <verb> N on cpu; the budget is
+  //    ...") when it cannot fit. `available`: AvailableBytes, taken before locking.
+  absl::Status ApproveLocked(Flight& flight, int64_t need, int64_t available, const char* verb,
+                             std::vector<std::shared_ptr<Loaded>>* victims)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // 3. Execute, no lock: streams the weights in. A model that holds more than was approved
+  //    (TorchScript's code decides) is approved again for what it holds, or refused and freed.
+  absl::StatusOr<std::shared_ptr<Loaded>> Execute(Flight& flight, Prepared prepared);
+  // 4. Publish, under mu_: the reservation ends, the model enters the slots of the ids that
+  //    still want it, and each waiter's result is collected.
+  std::vector<Delivery> PublishLocked(Flight& flight, const absl::Status& status,
+                                      const std::shared_ptr<Loaded>& loaded)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // 5. Notify, no lock: metrics, logs, the background hash; then the waiters hear. The flight's
+  //    own references drop before that, so frees happen here, never under mu_.
+  void Notify(const Flight& flight, const absl::Status& status, std::shared_ptr<Loaded> loaded,
+              std::vector<Delivery> deliveries, double seconds);
+
   bool CancelWaiter(LoadWaiter* waiter);
-  int64_t UsedBytesLocked(const std::string& device) const;
-  int64_t ResidentBytesLocked(const std::string& device) const;
-  // Admission decides, under mu_, and allocates nothing: evicts idle, unpinned models on the
-  // flight's device LRU-first until `need` more bytes fit the effective budget (see
-  // Options::budget_follows_available; `available` from AvailableBytes, -1 for none), then
-  // reserves them in reserved_. RESOURCE_EXHAUSTED ("'path' <verb> N on cpu; the budget is
-  // ...") when they cannot fit. Appends the evicted ids to `evicted`.
-  absl::Status AdmitLocked(const Flight& flight, int64_t need, int64_t available, const char* verb,
-                           std::vector<std::string>* evicted);
-  void ReportEvictedLocked(const std::string& device, const std::vector<std::string>& evicted);
+  int64_t HeldBytesLocked(const std::string& device) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Free bytes on `device` for the effective budget, or -1 when its budget is used as given.
   // Waits for queued frees; call without mu_.
   int64_t AvailableBytes(const std::string& device);
   static int64_t ClampBytes(uint64_t bytes);
-  ModelInfo InfoLocked(const std::string& id, const Loaded& loaded, const std::string& state) const;
+  ModelInfo InfoLocked(const std::string& id, const Loaded& loaded, const std::string& state) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void StartHash(const std::shared_ptr<Loaded>& loaded);
 
   Options options_;
   // Frees models on its own thread; declared before the models so that it outlives them all
   // (the last of them queues its free here during ~ModelCache).
   std::shared_ptr<Releaser> releaser_;
-  mutable std::mutex mu_;
-  std::map<std::string, std::unique_ptr<Slot>> slots_;      // guarded by mu_
-  std::map<std::string, std::shared_ptr<Flight>> flights_;  // by key; guarded by mu_
-  std::vector<std::weak_ptr<Loaded>> alive_;                // guarded by mu_
-  std::map<std::string, int64_t> reserved_;                 // device -> bytes; guarded by mu_
-  // Flights running on a load thread, with when they started; guarded by mu_.
-  std::map<const Flight*, std::chrono::steady_clock::time_point> running_;
-  int queued_ = 0;                      // flights submitted, not yet running; guarded by mu_
-  std::atomic<int> infers_running_{0};  // Infer tasks executing on the infer pool
+  mutable core::Mutex mu_;
+  std::map<std::string, std::unique_ptr<Slot>> slots_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, std::shared_ptr<Flight>> flights_ ABSL_GUARDED_BY(mu_);  // by key
+  // Every model still alive (in a slot, or unloaded but held by an Infer): admission counts
+  // them all.
+  std::vector<std::weak_ptr<Loaded>> alive_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, int64_t> reserved_ ABSL_GUARDED_BY(mu_);  // device -> bytes
+  // Flights running on a load thread, with when they started.
+  std::map<const Flight*, std::chrono::steady_clock::time_point> running_ ABSL_GUARDED_BY(mu_);
+  int queued_ ABSL_GUARDED_BY(mu_) = 0;  // flights submitted, not yet running
+  std::atomic<int> infers_running_{0};   // Infer tasks executing on the infer pool
   std::unique_ptr<core::ThreadPool> load_pool_;
   std::unique_ptr<core::ThreadPool> infer_pool_;
   std::unique_ptr<core::ThreadPool> hash_pool_;
@@ -259,9 +291,9 @@ class LoadWaiter {
   ModelCache::ProgressFn progress_;
   ModelCache::DoneFn done_;
   std::weak_ptr<Flight> flight_;  // guarded by the cache's mu_
-  std::mutex callback_mu_;
-  bool cancelled_ = false;  // guarded by callback_mu_
-  bool finished_ = false;   // guarded by callback_mu_
+  core::Mutex callback_mu_;
+  bool cancelled_ ABSL_GUARDED_BY(callback_mu_) = false;
+  bool finished_ ABSL_GUARDED_BY(callback_mu_) = false;
 };
 
 }  // namespace metaload::cache

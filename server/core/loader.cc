@@ -177,14 +177,19 @@ class DeviceCopier : public HostCopier {
 
 }  // namespace
 
+absl::Status CheckLoadOptions(const LoadOptions& options) {
+  if (options.zero_copy && !options.device.is_cpu()) {
+    return absl::InvalidArgumentError("zero_copy is only possible on cpu");
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<LoadReport> LoadModule(Module& module, const CheckpointSource& source,
                                       const LoadOptions& options) {
   const auto start = Clock::now();
   const c10::Device& device = options.device;
   const DtypePolicy& policy = options.policy;
-  if (options.zero_copy && !device.is_cpu()) {
-    return absl::InvalidArgumentError("zero_copy is only possible on cpu");
-  }
+  if (absl::Status checked = CheckLoadOptions(options); !checked.ok()) return checked;
   const CheckpointIndex& index = source.index();
   if (index.format == CheckpointFormat::kTorchScript) {
     return absl::FailedPreconditionError(absl::StrCat(

@@ -99,6 +99,11 @@ struct LoadReport {
   std::vector<std::string> unexpected_keys;  // in the checkpoint, not in the module
 };
 
+// What LoadModule refuses before it looks at the checkpoint: zero_copy off the CPU
+// (INVALID_ARGUMENT). Callers that take requests check it when they parse one, so that a bad
+// request is refused before it is admitted (and evicts nothing).
+absl::Status CheckLoadOptions(const LoadOptions& options);
+
 absl::StatusOr<LoadReport> LoadModule(Module& module, const CheckpointSource& source,
                                       const LoadOptions& options);
 

@@ -7,7 +7,7 @@ The annotations (ABSL_GUARDED_BY, ABSL_EXCLUSIVE_LOCKS_REQUIRED, see server/core
 mean something to clang; the product builds with GCC. So this runs clang in syntax-only mode,
 with -Werror=thread-safety, on the compile commands of BUILD_DIR (CMake's
 compile_commands.json) for every server/ and client/ source that includes server/core/mutex.h,
-directly or through its own header. GCC's precompiled-header flags are dropped (clang cannot
+directly or through the project's own headers. GCC's precompiled-header flags are dropped (clang cannot
 read GCC's .gch). Runs the files in parallel, one per core; exits 1 naming each file that fails.
 """
 
@@ -22,24 +22,36 @@ import sys
 MUTEX_HEADER = "server/core/mutex.h"
 
 
-def includes(path, header):
+INCLUDE = re.compile(r'#include\s+"((?:server|client)/[^"]+)"')
+
+
+def project_includes(source_dir, path):
     with open(path, encoding="utf-8") as f:
-        return re.search(r'#include\s+"' + re.escape(header) + '"', f.read()) is not None
+        return [os.path.join(source_dir, m) for m in INCLUDE.findall(f.read())]
 
 
 def users(source_dir):
-    """Sources whose own text or own header includes the annotated mutex."""
+    """server/ and client/ sources that include the annotated mutex, directly or through any
+    chain of the project's own headers."""
+    memo = {}
+
+    def reaches(path, seen=()):
+        if path in memo:
+            return memo[path]
+        if os.path.realpath(path) == os.path.realpath(os.path.join(source_dir, MUTEX_HEADER)):
+            return True
+        if path in seen or not os.path.exists(path):
+            return False
+        found = any(reaches(h, seen + (path,)) for h in project_includes(source_dir, path))
+        memo[path] = found
+        return found
+
     found = []
     for layer in ("server", "client"):
         for root, _, files in os.walk(os.path.join(source_dir, layer)):
             for name in files:
-                if not name.endswith(".cc"):
-                    continue
                 cc = os.path.join(root, name)
-                header = cc[:-3] + ".h"
-                if includes(cc, MUTEX_HEADER) or (
-                    os.path.exists(header) and includes(header, MUTEX_HEADER)
-                ):
+                if name.endswith(".cc") and reaches(cc):
                     found.append(os.path.realpath(cc))
     return sorted(found)
 
