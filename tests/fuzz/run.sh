@@ -11,7 +11,7 @@ set -euo pipefail
 seconds="${1:-60}"
 build="${2:-build-fuzz}"
 src="$(cd "$(dirname "$0")/../.." && pwd)"
-targets=(safetensors_header safetensors_index zip_directory pickle infer_request load_request)
+mapfile -t targets < <(awk '!/^#/ && NF { print $1 }' "$src/tests/fuzz/targets.txt")
 if [ ! -f "$build/build.ninja" ]; then
   CC=clang-14 CXX=clang++-14 cmake -S "$src" -B "$build" -G Ninja -DMETALOAD_FUZZ=ON \
     -DCMAKE_BUILD_TYPE=RelWithDebInfo > "$build.configure.log" 2>&1 || { cat "$build.configure.log"; exit 1; }
