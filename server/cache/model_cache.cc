@@ -17,6 +17,7 @@
 #include "server/core/loader.h"
 #include "server/core/log.h"
 #include "server/core/thread_pool.h"
+#include "server/core/torch_runtime.h"
 #include "server/core/torch_types.h"
 #include "server/models/model.h"
 

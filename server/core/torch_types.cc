@@ -6,6 +6,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
+#include "server/core/device_name.h"
 
 namespace metaload::core {
 
@@ -55,39 +56,18 @@ at::ScalarType DefaultComputeDtype(DType storage, c10::Device device) {
 }
 
 absl::StatusOr<c10::Device> ParseDevice(const std::string& text) {
-  if (text.empty() || text == "cpu") return c10::Device(c10::kCPU);
-  absl::string_view rest = text;
-  if (!absl::ConsumePrefix(&rest, "cuda")) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("device '", text, "': expected cpu, cuda or cuda:N"));
-  }
-  int index = 0;
-  if (!rest.empty()) {
-    if (!absl::ConsumePrefix(&rest, ":") || !absl::SimpleAtoi(rest, &index) || index < 0 ||
-        index > 255) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("device '", text, "': expected cpu, cuda or cuda:N"));
-    }
-  }
+  absl::StatusOr<DeviceName> name = ParseDeviceName(text);
+  if (!name.ok()) return name.status();
+  if (!name->cuda) return c10::Device(c10::kCPU);
   if (!at::hasCUDA()) {
     return absl::FailedPreconditionError(absl::StrCat(
         "device '", text, "': this metaload has no CUDA (CPU-only LibTorch or no GPU)"));
   }
-  if (index >= static_cast<int>(at::getNumGPUs())) {
+  if (name->index >= static_cast<int>(at::getNumGPUs())) {
     return absl::FailedPreconditionError(
         absl::StrCat("device '", text, "': only ", at::getNumGPUs(), " CUDA device(s)"));
   }
-  return c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(index));
+  return c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(name->index));
 }
-
-void SetIntraOpThreads(int threads) {
-  if (threads > 0) at::set_num_threads(threads);
-}
-
-int IntraOpThreads() { return at::get_num_threads(); }
-
-void InitIntraOpThreadsForThisThread() { at::init_num_threads(); }
-
-bool CudaAvailable() { return at::hasCUDA() && at::getNumGPUs() > 0; }
 
 }  // namespace metaload::core

@@ -10,6 +10,7 @@
 
 #include "absl/status/statusor.h"
 #include "server/core/dtype.h"
+#include "server/core/torch_runtime.h"  // the process-wide settings, LibTorch-free
 
 namespace metaload::core {
 
@@ -17,8 +18,8 @@ namespace metaload::core {
 at::ScalarType ToScalarType(DType dtype);
 std::optional<DType> FromScalarType(at::ScalarType type);
 
-// "cpu" (also ""), "cuda", "cuda:N". INVALID_ARGUMENT for anything else; FAILED_PRECONDITION
-// for CUDA when this build or machine has no CUDA device N.
+// "cpu" (also ""), "cuda", "cuda:N" (device_name.h). INVALID_ARGUMENT for anything else;
+// FAILED_PRECONDITION for CUDA when this build or machine has no CUDA device N.
 absl::StatusOr<c10::Device> ParseDevice(const std::string& text);
 
 // The dtype a network whose weights are stored as `storage` computes in on `device` when the
@@ -28,17 +29,6 @@ absl::StatusOr<c10::Device> ParseDevice(const std::string& text);
 // norms); elsewhere, the storage dtype. float8 storage computes in float32 on a CPU and in
 // float16 elsewhere (no kernel computes in float8; both formats are exact in float16).
 at::ScalarType DefaultComputeDtype(DType storage, c10::Device device);
-
-// Whether this LibTorch was built with CUDA and sees at least one device.
-bool CudaAvailable();
-
-// Threads one forward pass may use (LibTorch's intra-op pool); <= 0 keeps LibTorch's default.
-void SetIntraOpThreads(int threads);
-int IntraOpThreads();
-// Applies that setting to the calling thread, which LibTorch does only for its own threads: a
-// thread of ours that runs a forward pass would otherwise give OpenMP (and the BLAS built on it)
-// every core, however many such threads run at once.
-void InitIntraOpThreadsForThisThread();
 
 }  // namespace metaload::core
 

@@ -25,7 +25,7 @@
 #include "server/core/checksum_store.h"
 #include "server/core/cuda_memory.h"
 #include "server/core/log.h"
-#include "server/core/torch_types.h"
+#include "server/core/torch_runtime.h"
 #include "server/metrics/loader_metrics.h"
 #include "server/metrics/metrics_server.h"
 #include "server/service/call_tracker.h"

@@ -3,6 +3,7 @@
 #include <optional>
 
 #include "absl/strings/str_cat.h"
+#include "server/core/device_name.h"
 #include "server/core/dtype.h"
 #include "server/core/dtype_policy.h"
 
@@ -144,10 +145,7 @@ absl::StatusOr<cache::LoadSpec> MakeLoadSpec(const metaload::v1::LoadModelReques
     spec.compute.by_entry[entry] = *compute;
   }
   const std::string device = request.device().empty() ? "cpu" : request.device();
-  if (device != "cpu" && device != "cuda" && device.rfind("cuda:", 0) != 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("device '", device, "': expected cpu, cuda or cuda:N"));
-  }
+  if (absl::Status named = core::ParseDeviceName(device).status(); !named.ok()) return named;
   absl::StatusOr<std::string> path = resolver.Resolve(request.path());
   if (!path.ok()) return path.status();
   spec.model_id =
