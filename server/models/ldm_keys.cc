@@ -56,7 +56,7 @@ absl::StatusOr<UnetConfig> ReadUnet(const LdmKeys& keys, const std::string& p) {
   if (c.model_channels % 32 != 0) return NotLdmLayout(keys, "UNet channels not a multiple of 32");
   // Walk input_blocks: res blocks (with attention or not), then a downsampler per level but the
   // last. The first downsampler fixes the res blocks per level; a single level has none.
-  std::optional<int64_t> res_blocks = 2;  // as sd1.cc had it: UnetConfig started at 2
+  std::optional<int64_t> res_blocks;
   int64_t in_level = 0;
   auto level_done = [&]() -> absl::Status {
     if (in_level == 0) return NotLdmLayout(keys, "a UNet level without res blocks");
