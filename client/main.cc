@@ -4,7 +4,6 @@
 // 2 usage error.
 #include <grpcpp/grpcpp.h>
 
-#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <iostream>
@@ -59,23 +58,20 @@ const char kUsageHead[] =
 
 // The synth lines derive from the architecture table (server/models/architectures.h).
 std::string SynthUsage() {
-  std::vector<std::string> presets;  // every row's, in table order, each once
-  std::vector<std::string> by_arch;
+  std::vector<std::string> presets;
   for (const metaload::models::ArchitectureInfo& row : metaload::models::Architectures()) {
-    if (row.synth == nullptr) continue;
-    for (const std::string& p : row.synth_presets) {
-      if (std::find(presets.begin(), presets.end(), p) == presets.end()) presets.push_back(p);
+    if (row.synth != nullptr) {
+      presets.push_back(absl::StrCat(row.name, " ", absl::StrJoin(row.synth_presets, "|")));
     }
-    by_arch.push_back(absl::StrCat(row.name, ": ", absl::StrJoin(row.synth_presets, "|")));
   }
   return absl::StrCat(
-      "  synth --arch=", absl::StrJoin(metaload::models::SynthArchitectureNames(), "|"),
-      " [--preset=", absl::StrJoin(presets, "|"),
-      "] [--dtype=float32|float16|bfloat16|float8_e4m3fn|float8_e5m2]\n"
+      "  synth --arch=A [--preset=P] [--dtype=float32|float16|bfloat16|float8_e4m3fn|float8_e5m2]\n"
       "        [--shards=N] [--seed=N] [--json] OUT_DIR\n"
       "      Writes a synthetic Hugging Face style checkpoint (config.json + safetensors); for\n"
-      "      single-file layouts (Stable Diffusion) OUT_DIR/model.safetensors. Presets: ",
-      absl::StrJoin(by_arch, "; "), ".\n");
+      "      single-file layouts (Stable Diffusion) OUT_DIR/model.safetensors.\n"
+      "      A: ",
+      absl::StrJoin(metaload::models::SynthArchitectureNames(), "|"),
+      "\n      P: ", absl::StrJoin(presets, "; "), "\n");
 }
 
 const char kUsageTail[] =

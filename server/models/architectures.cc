@@ -5,6 +5,17 @@
 #include "server/models/ldm_layout.h"
 
 namespace metaload::models {
+
+// The synth generators (synth_presets.cc), one per row that has presets.
+absl::StatusOr<SynthPlan> MlpSynthPlan(const std::string& name, const std::string& preset);
+// GPT2LMHeadModel layout, "transformer." prefix, no lm_head (tied).
+absl::StatusOr<SynthPlan> Gpt2SynthPlan(const std::string& name, const std::string& preset);
+// LlamaForCausalLM layout with grouped-query attention and an untied lm_head.
+absl::StatusOr<SynthPlan> LlamaSynthPlan(const std::string& name, const std::string& preset);
+// Stable Diffusion 1.x in the LDM layout, one file (ldm_layout.h); a variant's name gives the
+// UNet its input channels.
+absl::StatusOr<SynthPlan> Sd1SynthPlan(const std::string& name, const std::string& preset);
+
 namespace {
 
 std::vector<ArchitectureVariant> Sd1Variants() {

@@ -19,6 +19,7 @@ absl::Status NoSuchPreset(const std::string& name, const std::string& preset) {
 
 }  // namespace
 
+// Linear layers "layers.{i}" with config.json's layer_sizes; tiny 7 KB, medium ~200 MB.
 absl::StatusOr<SynthPlan> MlpSynthPlan(const std::string& name, const std::string& preset) {
   std::vector<int64_t> sizes;
   if (preset == "tiny") {
@@ -43,6 +44,8 @@ absl::StatusOr<SynthPlan> MlpSynthPlan(const std::string& name, const std::strin
   return p;
 }
 
+// GPT2LMHeadModel layout, "transformer." prefix, no lm_head (tied); medium has GPT-2 medium's
+// shapes.
 absl::StatusOr<SynthPlan> Gpt2SynthPlan(const std::string& name, const std::string& preset) {
   int64_t n, layers, heads, positions, vocab;
   if (preset == "tiny") {
@@ -88,6 +91,7 @@ absl::StatusOr<SynthPlan> Gpt2SynthPlan(const std::string& name, const std::stri
   return p;
 }
 
+// LlamaForCausalLM layout with grouped-query attention and an untied lm_head.
 absl::StatusOr<SynthPlan> LlamaSynthPlan(const std::string& name, const std::string& preset) {
   int64_t hidden, inter, layers, heads, kv, vocab, positions;
   if (preset == "tiny") {

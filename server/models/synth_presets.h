@@ -30,19 +30,12 @@ struct SynthPlan {
   std::vector<TensorPlan> tensors;
 };
 
-// One generator per table row. `name` is the row's name or one of its variants; `preset` one
-// of the row's synth_presets (INTERNAL for another: the table and the generator disagree).
+// One generator per table row (defined in synth_presets.cc, declared next to the table in
+// architectures.cc, the only place that names them). `name` is the row's name or one of its
+// variants; `preset` one of the row's synth_presets (INTERNAL for another: the table and the
+// generator disagree).
 using SynthGenerator = absl::StatusOr<SynthPlan> (*)(const std::string& name,
                                                      const std::string& preset);
-
-absl::StatusOr<SynthPlan> MlpSynthPlan(const std::string& name, const std::string& preset);
-// GPT2LMHeadModel layout, "transformer." prefix, no lm_head (tied).
-absl::StatusOr<SynthPlan> Gpt2SynthPlan(const std::string& name, const std::string& preset);
-// LlamaForCausalLM layout with grouped-query attention and an untied lm_head.
-absl::StatusOr<SynthPlan> LlamaSynthPlan(const std::string& name, const std::string& preset);
-// Stable Diffusion 1.x in the LDM layout, one file (see ldm_layout.h); a variant's name gives
-// the UNet its input channels.
-absl::StatusOr<SynthPlan> Sd1SynthPlan(const std::string& name, const std::string& preset);
 
 }  // namespace metaload::models
 
