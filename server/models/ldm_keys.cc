@@ -55,7 +55,8 @@ absl::StatusOr<UnetConfig> ReadUnet(const LdmKeys& keys, const std::string& p) {
   c.out_channels = conv_out[0];
   if (c.model_channels % 32 != 0) return NotLdmLayout(keys, "UNet channels not a multiple of 32");
   // Walk input_blocks: res blocks (with attention or not), then a downsampler per level but the
-  // last. The first downsampler fixes the res blocks per level; a single level has none.
+  // last. The first level's count (at its downsampler, or at the end when it is the only level)
+  // fixes the res blocks per level; every other level must have as many.
   std::optional<int64_t> res_blocks;
   int64_t in_level = 0;
   auto level_done = [&]() -> absl::Status {

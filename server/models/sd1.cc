@@ -92,6 +92,7 @@ class Sd1 : public MetaModuleModel {
   absl::StatusOr<NamedTensors> Forward(const std::string& entry,
                                        const Inputs& inputs) const override {
     const Entry* e = Find(entry);  // Run checked the name against Entries()
+    if (e == nullptr) return absl::InternalError(absl::StrCat("sd1: no entry '", entry, "'"));
     return (this->*e->run)(inputs);
   }
 
