@@ -1,7 +1,6 @@
 #include "server/models/synth.h"
 
 #include <algorithm>
-#include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
