@@ -13,10 +13,12 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/synchronization/mutex.h"
 #include "client/args.h"
 #include "client/commands.h"
 #include "grpc/health/v1/health.grpc.pb.h"
+#include "server/models/architectures.h"
 #include "server/models/synth.h"
 
 namespace {
@@ -27,7 +29,7 @@ constexpr int kOk = 0;
 constexpr int kFailed = 1;
 constexpr int kUsage = 2;
 
-const char kUsageText[] =
+const char kUsageHead[] =
     "metaload: command-line client of the metaload daemon\n"
     "\n"
     "Usage: metaload COMMAND [flags]\n"
@@ -52,15 +54,32 @@ const char kUsageText[] =
     "  inspect PATH [--json] [--tensors] [--sha256]\n"
     "      Validates a checkpoint offline (safetensors file or HF directory, torch.save zip,\n"
     "      TorchScript) and prints its format, tensors, bytes per dtype, metadata and\n"
-    "      architecture (--sha256: and the web UI's hash). Exit 0 when valid, 2 otherwise.\n"
-    "  synth --arch=mlp|gpt2|llama|sd1 [--preset=tiny|small|medium|full] "
-    "[--dtype=float32|float16|bfloat16|float8_e4m3fn|float8_e5m2]\n"
-    "        [--shards=N] [--seed=N] [--json] OUT_DIR\n"
-    "      Writes a synthetic Hugging Face style checkpoint (config.json + safetensors); for\n"
-    "      sd1 (presets tiny, full) a single-file Stable Diffusion 1.x OUT_DIR/model.safetensors.\n"
+    "      architecture (--sha256: and the web UI's hash). Exit 0 when valid, 2 otherwise.\n";
+
+// The synth lines derive from the architecture table (server/models/architectures.h).
+std::string SynthUsage() {
+  std::vector<std::string> presets;
+  for (const metaload::models::ArchitectureInfo& row : metaload::models::Architectures()) {
+    if (row.synth != nullptr) {
+      presets.push_back(absl::StrCat(row.name, " ", absl::StrJoin(row.synth_presets, "|")));
+    }
+  }
+  return absl::StrCat(
+      "  synth --arch=A [--preset=P] [--dtype=float32|float16|bfloat16|float8_e4m3fn|float8_e5m2]\n"
+      "        [--shards=N] [--seed=N] [--json] OUT_DIR\n"
+      "      Writes a synthetic Hugging Face style checkpoint (config.json + safetensors); for\n"
+      "      single-file layouts (Stable Diffusion) OUT_DIR/model.safetensors.\n"
+      "      A: ",
+      absl::StrJoin(metaload::models::SynthArchitectureNames(), "|"),
+      "\n      P: ", absl::StrJoin(presets, "; "), "\n");
+}
+
+const char kUsageTail[] =
     "\n"
     "Common flags: --address (default 127.0.0.1:50051), --timeout=SECONDS, --token_file=F,\n"
     "  --tls_ca=F [--tls_cert=F --tls_key=F], --json.\n";
+
+std::string UsageText() { return absl::StrCat(kUsageHead, SynthUsage(), kUsageTail); }
 
 int UsageError(const std::string& message) {
   std::fprintf(stderr, "metaload: %s\n(run 'metaload help' for usage)\n", message.c_str());
@@ -163,13 +182,13 @@ int Main(int argc, char** argv) {
   // every lock gRPC takes on one global lock; `bench` would measure that.
   absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
   if (argc < 2) {
-    std::fputs(kUsageText, stderr);
+    std::fputs(UsageText().c_str(), stderr);
     return kUsage;
   }
   const std::string command = argv[1];
   std::vector<std::string> rest(argv + 2, argv + argc);
   if (command == "help" || command == "--help" || command == "-h") {
-    std::fputs(kUsageText, stdout);
+    std::fputs(UsageText().c_str(), stdout);
     return kOk;
   }
   if (command == "health") return Health(rest);

@@ -3,6 +3,8 @@
 #include <nlohmann/json.hpp>
 
 #include "absl/strings/match.h"
+#include "server/models/architectures.h"
+#include "server/models/ldm_layout.h"
 
 namespace metaload::models {
 namespace {
@@ -23,13 +25,20 @@ std::string FromConfig(const std::string& config_json) {
   auto model_type = config.find("model_type");
   const std::string type =
       model_type != config.end() && model_type->is_string() ? model_type->get<std::string>() : "";
-  if (type == "mlp" || type == "gpt2" || type == "llama") return type;
+  for (const ArchitectureInfo& row : Architectures()) {
+    for (const std::string& t : row.config_model_types) {
+      if (t == type) return row.name;
+    }
+  }
   auto archs = config.find("architectures");
   if (archs != config.end() && archs->is_array()) {
     for (const auto& a : *archs) {
       if (!a.is_string()) continue;
-      if (a == "GPT2LMHeadModel") return "gpt2";
-      if (a == "LlamaForCausalLM") return "llama";
+      for (const ArchitectureInfo& row : Architectures()) {
+        for (const std::string& name : row.config_architectures) {
+          if (a == name) return row.name;
+        }
+      }
     }
   }
   return "";
@@ -37,15 +46,15 @@ std::string FromConfig(const std::string& config_json) {
 
 std::string FromKeys(const core::CheckpointIndex& index) {
   if (HasPrefix(index, "conditioner.embedders.")) return "sdxl";
-  if (HasPrefix(index, "model.diffusion_model.")) {
+  if (HasPrefix(index, kLdmUnet)) {
     if (HasPrefix(index, "cond_stage_model.model.")) return "sd2";
-    const core::TensorInfo* in = index.Find("model.diffusion_model.input_blocks.0.0.weight");
+    const core::TensorInfo* in = index.Find(std::string(kLdmUnet) + "input_blocks.0.0.weight");
     if (in != nullptr && in->shape.size() == 4) {
-      if (in->shape[1] == 9) return "sd1-inpainting";
-      if (in->shape[1] == 8) return "sd1-instruct-pix2pix";
+      const std::string variant = Sd1VariantName(in->shape[1]);
+      if (variant != "sd1") return variant;
     }
-    const core::TensorInfo* ctx =
-        index.Find("model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight");
+    const core::TensorInfo* ctx = index.Find(
+        std::string(kLdmUnet) + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight");
     if (ctx != nullptr && ctx->shape.size() == 2 && ctx->shape[1] == 1024) return "sd2";
     return "sd1";
   }

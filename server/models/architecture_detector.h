@@ -1,6 +1,9 @@
 // Names the architecture of a checkpoint from its index: config.json's model_type /
-// architectures when the checkpoint has one, else the tell-tale keys and shapes, the way the
-// web UI guesses Stable Diffusion configs. Stateless and thread-safe.
+// architectures as the architecture table (architectures.h) lists them, else the tell-tale
+// keys and shapes, the way the web UI guesses Stable Diffusion configs. The keys are tried in
+// an order that matters (SDXL before SD2 before SD1, whose UNet keys they share), so they are
+// code here, not table columns; every name returned is a table row's name or variant
+// (RegistryTest checks it for every row). Stateless and thread-safe.
 #ifndef METALOAD_SERVER_MODELS_ARCHITECTURE_DETECTOR_H_
 #define METALOAD_SERVER_MODELS_ARCHITECTURE_DETECTOR_H_
 
@@ -11,8 +14,7 @@
 namespace metaload::models {
 
 struct DetectedArchitecture {
-  // "mlp", "gpt2", "llama", "torchscript", "sd1", "sd1-inpainting", "sd1-instruct-pix2pix",
-  // "sd2", "sdxl"; empty when nothing matched.
+  // A row's name or variant name (architectures.h); empty when nothing matched.
   std::string name;
   // How it was decided, for messages: "config.json model_type", "keys", "format".
   std::string evidence;

@@ -3,9 +3,8 @@
 #include <ATen/ATen.h>
 
 #include "absl/strings/str_cat.h"
-#include "server/core/init_context.h"
 #include "server/core/layers.h"
-#include "server/models/module_model.h"
+#include "server/models/causal_lm.h"
 
 namespace metaload::models {
 namespace {
@@ -86,48 +85,27 @@ class Gpt2Module : public core::Module {
   core::LayerNorm* ln_f;
 };
 
-class Gpt2 : public ModuleModel {
+class Gpt2 : public CausalLm {
  public:
-  Gpt2(const Gpt2Config& c, bool prefixed) : c_(c) {
-    core::InitializeOnMeta meta;
-    auto module = std::make_unique<Gpt2Module>(c);
-    net_ = module.get();
-    SetModule(std::move(module));
+  Gpt2(const Gpt2Config& c, bool prefixed)
+      : CausalLm({c.vocab_size, c.n_positions, "n_positions"}), net_(BuildModule<Gpt2Module>(c)) {
     if (prefixed) SetKeyMap([](const std::string& name) { return "transformer." + name; });
   }
 
   std::string architecture() const override { return "gpt2"; }
-  std::vector<EntrySpec> Entries() const override {
-    return {{"forward",
-             {{"input_ids", core::DType::kInt64, {-1, -1}},
-              {"attention_mask", core::DType::kInt64, {-1, -1}, /*optional=*/true}},
-             {{"logits", std::nullopt, {-1, -1, c_.vocab_size}}}}};
-  }
 
  protected:
-  absl::StatusOr<NamedTensors> Forward(
-      const std::string&, const std::map<std::string, at::Tensor>& inputs) const override {
-    const at::Tensor& ids = inputs.at("input_ids");
-    const int64_t t = ids.size(1);
-    if (t > c_.n_positions) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("input_ids: ", t, " tokens, more than n_positions ", c_.n_positions));
-    }
-    auto mask_it = inputs.find("attention_mask");
-    at::Tensor mask = mask_it == inputs.end() ? at::Tensor() : mask_it->second;
-    if (mask.defined() && !mask.sizes().equals(ids.sizes())) {
-      return absl::InvalidArgumentError("attention_mask must have the shape of input_ids");
-    }
-    at::Tensor positions = at::arange(t, at::TensorOptions().dtype(at::kLong).device(ids.device()));
-    at::Tensor x = net_->wte.Forward(ids) + net_->wpe.Forward(positions).unsqueeze(0);
-    for (const Block* block : net_->blocks) x = block->Forward(x, mask);
-    x = net_->ln_f->Forward(x);
-    return NamedTensors{{"logits", at::matmul(x, net_->wte.weight().t())}};
+  at::Tensor Logits(const at::Tensor& ids, const at::Tensor& mask) const override {
+    at::Tensor positions =
+        at::arange(ids.size(1), at::TensorOptions().dtype(at::kLong).device(ids.device()));
+    at::Tensor x = net_.wte.Forward(ids) + net_.wpe.Forward(positions).unsqueeze(0);
+    for (const Block* block : net_.blocks) x = block->Forward(x, mask);
+    x = net_.ln_f->Forward(x);
+    return at::matmul(x, net_.wte.weight().t());
   }
 
  private:
-  Gpt2Config c_;
-  Gpt2Module* net_;
+  const Gpt2Module& net_;
 };
 
 }  // namespace

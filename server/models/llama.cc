@@ -5,9 +5,8 @@
 #include <cmath>
 
 #include "absl/strings/str_cat.h"
-#include "server/core/init_context.h"
 #include "server/core/layers.h"
-#include "server/models/module_model.h"
+#include "server/models/causal_lm.h"
 
 namespace metaload::models {
 namespace {
@@ -72,39 +71,19 @@ at::Tensor RotateHalf(const at::Tensor& x) {
   return at::cat({-x.narrow(-1, half, half), x.narrow(-1, 0, half)}, -1);
 }
 
-class Llama : public ModuleModel {
+class Llama : public CausalLm {
  public:
-  explicit Llama(const LlamaConfig& c) : c_(c) {
-    core::InitializeOnMeta meta;
-    auto module = std::make_unique<LlamaModule>(c);
-    net_ = module.get();
-    SetModule(std::move(module));
-  }
+  explicit Llama(const LlamaConfig& c)
+      : CausalLm({c.vocab, c.max_positions, "max_position_embeddings"}),
+        c_(c),
+        net_(BuildModule<LlamaModule>(c)) {}
 
   std::string architecture() const override { return "llama"; }
-  std::vector<EntrySpec> Entries() const override {
-    return {{"forward",
-             {{"input_ids", core::DType::kInt64, {-1, -1}},
-              {"attention_mask", core::DType::kInt64, {-1, -1}, /*optional=*/true}},
-             {{"logits", std::nullopt, {-1, -1, c_.vocab}}}}};
-  }
 
  protected:
-  absl::StatusOr<NamedTensors> Forward(
-      const std::string&, const std::map<std::string, at::Tensor>& inputs) const override {
-    const at::Tensor& ids = inputs.at("input_ids");
-    const int64_t t = ids.size(1);
-    if (t > c_.max_positions) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "input_ids: ", t, " tokens, more than max_position_embeddings ", c_.max_positions));
-    }
-    auto mask_it = inputs.find("attention_mask");
-    at::Tensor mask = mask_it == inputs.end() ? at::Tensor() : mask_it->second;
-    if (mask.defined() && !mask.sizes().equals(ids.sizes())) {
-      return absl::InvalidArgumentError("attention_mask must have the shape of input_ids");
-    }
+  at::Tensor Logits(const at::Tensor& ids, const at::Tensor& mask) const override {
     // Rotary tables for positions 0..t-1, computed in float32.
-    const int64_t hd = c_.hidden / c_.heads;
+    const int64_t t = ids.size(1), hd = c_.hidden / c_.heads;
     const auto f32 = at::TensorOptions().dtype(at::kFloat).device(ids.device());
     at::Tensor inv_freq =
         1.0 / at::pow(c_.rope_theta, at::arange(0, hd, 2, f32) / static_cast<double>(hd));
@@ -117,17 +96,15 @@ class Llama : public ModuleModel {
       q = (q32 * cos + RotateHalf(q32) * sin).to(type);
       k = (k32 * cos + RotateHalf(k32) * sin).to(type);
     };
-    at::Tensor x = net_->embed.Forward(ids);
-    for (const Layer* layer : net_->layers) x = layer->Forward(x, mask, rope);
-    x = net_->norm->Forward(x);
-    at::Tensor logits =
-        c_.tie ? at::matmul(x, net_->embed.weight().t()) : net_->lm_head->Forward(x);
-    return NamedTensors{{"logits", logits}};
+    at::Tensor x = net_.embed.Forward(ids);
+    for (const Layer* layer : net_.layers) x = layer->Forward(x, mask, rope);
+    x = net_.norm->Forward(x);
+    return c_.tie ? at::matmul(x, net_.embed.weight().t()) : net_.lm_head->Forward(x);
   }
 
  private:
   LlamaConfig c_;
-  LlamaModule* net_;
+  const LlamaModule& net_;
 };
 
 }  // namespace

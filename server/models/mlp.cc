@@ -3,9 +3,8 @@
 #include <ATen/ATen.h>
 
 #include "absl/strings/str_cat.h"
-#include "server/core/init_context.h"
 #include "server/core/layers.h"
-#include "server/models/module_model.h"
+#include "server/models/meta_module_model.h"
 
 namespace metaload::models {
 namespace {
@@ -21,15 +20,12 @@ class MlpModule : public core::Module {
   std::vector<core::Linear*> layers;
 };
 
-class Mlp : public ModuleModel {
+class Mlp : public MetaModuleModel {
  public:
   Mlp(std::vector<int64_t> sizes, std::string activation)
-      : sizes_(std::move(sizes)), activation_(std::move(activation)) {
-    core::InitializeOnMeta meta;
-    auto module = std::make_unique<MlpModule>(sizes_);
-    layers_ = module->layers;
-    SetModule(std::move(module));
-  }
+      : sizes_(std::move(sizes)),
+        activation_(std::move(activation)),
+        layers_(BuildModule<MlpModule>(sizes_).layers) {}
 
   std::string architecture() const override { return "mlp"; }
   std::vector<EntrySpec> Entries() const override {

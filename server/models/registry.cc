@@ -1,14 +1,43 @@
 #include "server/models/registry.h"
 
+#include <map>
+
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "server/models/architecture_detector.h"
-#include "server/models/module_model.h"
 
 namespace metaload::models {
 
-std::vector<std::string> ArchitectureNames() {
-  return {"gpt2", "llama", "mlp", "sd1", "sd1-inpainting", "sd1-instruct-pix2pix", "torchscript"};
+// One per file (mlp.cc, gpt2.cc, ...), called only from here.
+absl::StatusOr<std::unique_ptr<Model>> BuildMlp(const core::CheckpointIndex& index);
+absl::StatusOr<std::unique_ptr<Model>> BuildGpt2(const core::CheckpointIndex& index);
+absl::StatusOr<std::unique_ptr<Model>> BuildLlama(const core::CheckpointIndex& index);
+absl::StatusOr<std::unique_ptr<Model>> BuildSd1(const core::CheckpointIndex& index);
+absl::StatusOr<std::unique_ptr<Model>> BuildTorchScript(const core::CheckpointIndex& index);
+
+namespace {
+
+using Builder = absl::StatusOr<std::unique_ptr<Model>> (*)(const core::CheckpointIndex&);
+
+// The builder column of the architecture table, by row name (architectures.h says why it is
+// kept here). A row's builder also builds its variants.
+const std::map<std::string, Builder>& Builders() {
+  static const auto* builders = new std::map<std::string, Builder>{
+      {"gpt2", BuildGpt2},
+      {"llama", BuildLlama},
+      {"mlp", BuildMlp},
+      {"sd1", BuildSd1},
+      {"torchscript", BuildTorchScript},
+  };
+  return *builders;
+}
+
+}  // namespace
+
+std::vector<std::string> BuiltArchitectures() {
+  std::vector<std::string> names;
+  for (const auto& [name, builder] : Builders()) names.push_back(name);
+  return names;
 }
 
 absl::StatusOr<std::unique_ptr<Model>> BuildModel(const std::string& architecture,
@@ -29,20 +58,21 @@ absl::StatusOr<std::unique_ptr<Model>> BuildModel(const std::string& architectur
     return absl::FailedPreconditionError(
         absl::StrCat(index.path, ": a TorchScript archive cannot be loaded as ", name));
   }
-  if (name == "mlp") return BuildMlp(index);
-  if (name == "gpt2") return BuildGpt2(index);
-  if (name == "llama") return BuildLlama(index);
-  if (name == "torchscript") return BuildTorchScript(index);
-  // The variants differ only in the UNet's input channels, which the builder reads.
-  if (name == "sd1" || name == "sd1-inpainting" || name == "sd1-instruct-pix2pix") {
-    return BuildSd1(index);
+  const ArchitectureInfo* row = FindArchitecture(name);
+  if (row == nullptr) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "unknown architecture '", name, "' (", absl::StrJoin(ArchitectureNames(), ", "), ")"));
   }
-  if (name.rfind("sd", 0) == 0) {
+  if (!row->loadable) {
     return absl::FailedPreconditionError(
         absl::StrCat(index.path, ": detected ", name, "; not supported yet"));
   }
-  return absl::FailedPreconditionError(absl::StrCat("unknown architecture '", name, "' (",
-                                                    absl::StrJoin(ArchitectureNames(), ", "), ")"));
+  auto builder = Builders().find(row->name);
+  if (builder == Builders().end()) {
+    return absl::InternalError(absl::StrCat("architecture '", row->name,
+                                            "' is in the table but has no builder (registry.cc)"));
+  }
+  return builder->second(index);
 }
 
 }  // namespace metaload::models

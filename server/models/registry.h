@@ -1,13 +1,8 @@
-// The architecture registry: name -> builder. A builder reads the architecture's config
-// (config.json of a Hugging Face directory, or what the checkpoint's keys and shapes imply) and
-// builds the model's skeleton on meta, ready for the loader.
-//
-//   mlp          configurable layer sizes and activation; entry "forward": input -> output
-//   gpt2         GPT2LMHeadModel layout; entry "forward": input_ids [, attention_mask] -> logits
-//   llama        LlamaForCausalLM layout; same entry
-//   sd1          Stable Diffusion 1.x single-file checkpoint (LDM keys; also -inpainting and
-//                -instruct-pix2pix); entries unet, text_encoder, vae_decode, vae_encode
-//   torchscript  any torch.jit.save archive; entry "forward" from its schema, inputs by position
+// The architecture registry: builds a model's skeleton for a checkpoint. A builder reads the
+// architecture's config (config.json of a Hugging Face directory, or what the checkpoint's keys
+// and shapes imply) and builds the model on meta (meta_module_model.h), ready for the loader.
+// Which architectures there are, their variants and entries: the architecture table
+// (architectures.h), from which every name list here derives.
 //
 // Stateless and thread-safe.
 #ifndef METALOAD_SERVER_MODELS_REGISTRY_H_
@@ -19,12 +14,10 @@
 
 #include "absl/status/statusor.h"
 #include "server/core/checkpoint.h"
+#include "server/models/architectures.h"  // ArchitectureNames()
 #include "server/models/model.h"
 
 namespace metaload::models {
-
-// Known architecture names, sorted.
-std::vector<std::string> ArchitectureNames();
 
 // Builds the skeleton of `architecture` ("" = detect, see architecture_detector.h) for the
 // checkpoint described by `index`. FAILED_PRECONDITION naming what was seen for an unknown,
@@ -32,6 +25,9 @@ std::vector<std::string> ArchitectureNames();
 // that does not fit the checkpoint.
 absl::StatusOr<std::unique_ptr<Model>> BuildModel(const std::string& architecture,
                                                   const core::CheckpointIndex& index);
+
+// The table rows that have a builder, sorted (RegistryTest: exactly the loadable rows).
+std::vector<std::string> BuiltArchitectures();
 
 }  // namespace metaload::models
 

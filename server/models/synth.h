@@ -14,13 +14,14 @@
 namespace metaload::models {
 
 struct SynthOptions {
-  // Architecture to synthesize: "mlp", "gpt2" (GPT2LMHeadModel layout), "llama", or "sd1" (a
-  // single-file Stable Diffusion 1.x checkpoint in the LDM layout, no config.json).
+  // Architecture to synthesize: a name or variant of a row of the architecture table that has
+  // synth presets (SynthArchitectureNames() in architectures.h). Single-file layouts (sd1) get
+  // no config.json.
   std::string architecture = "mlp";
-  // Size preset. mlp: "tiny" (7 KB), "small" (~10 MB), "medium" (~200 MB at float32);
-  // gpt2: tiny, small, medium (GPT-2 medium's shapes, ~1.4 GB at float32); llama: tiny, small,
-  // medium (~1.3 GB at float32); sd1: "tiny" (~21 MB), "full" (the v1 shapes and key set,
-  // 1.07 G parameters: 4.3 GB at float32, 2.1 GB at float16).
+  // Size preset, one of the row's synth_presets; "tiny" (every row has it) is kilobytes to a
+  // few tens of megabytes. Larger ones: mlp "small" (~10 MB), "medium" (~200 MB at float32);
+  // gpt2 "medium" (GPT-2 medium's shapes, ~1.4 GB at float32); llama "medium" (~1.3 GB); sd1
+  // "full" (the v1 shapes and key set, 1.07 G parameters: 4.3 GB at float32).
   std::string preset = "tiny";
   // Stored dtype of floating-point tensors: "float32", "float16", "bfloat16", "float8_e4m3fn"
   // or "float8_e5m2" (float8: the tensors of two or more dimensions; the others float16).

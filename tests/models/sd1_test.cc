@@ -14,6 +14,7 @@
 #include <memory>
 #include <nlohmann/json.hpp>
 
+#include "absl/strings/str_cat.h"
 #include "server/core/checkpoint.h"
 #include "server/models/registry.h"
 #include "tests/test_util.h"
@@ -180,6 +181,36 @@ INSTANTIATE_TEST_SUITE_P(
              3e-4,
              "sd1-instruct-pix2pix"}),
     [](const ::testing::TestParamInfo<Case>& info) { return std::string(info.param.name); });
+
+// Every UNet size comes from the keys: SD1-layout UNets with 1, 2 and 3 res blocks per level
+// (ref_sd1.py's UNET["res_blocks"], set from here) load with every key used and match Python.
+// Before the fix only 2 loaded ("UNet levels with different numbers of res blocks").
+class Sd1ResBlocksTest : public ::testing::TestWithParam<int> {};
+
+TEST_P(Sd1ResBlocksTest, UnetMatchesPython) {
+  testing::TempDir dir;
+  const std::string script = absl::StrCat(
+      "import sys; sys.path.insert(0, sys.argv[1]); import ref_sd1; "
+      "ref_sd1.UNET['res_blocks'] = ",
+      GetParam(), "; sys.argv = ['ref_sd1.py', sys.argv[2]]; ref_sd1.main()");
+  testing::CommandResult r = testing::RunCommand(
+      {METALOAD_PYTHON, "-c", script, METALOAD_SOURCE_DIR "/tests/tools", dir / "sd"}, dir / "py");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  Loaded l = Load(dir / "sd/model.safetensors", "float32");
+  ASSERT_NE(l.model, nullptr);
+  EXPECT_TRUE(l.report.missing_keys.empty());
+  EXPECT_TRUE(l.report.unexpected_keys.empty());
+  // The file has what was asked: one input block per res block and level (4 levels), 3
+  // downsamplers and the stem, so blocks 0 .. 4R+3.
+  const std::string last = absl::StrCat("model.diffusion_model.input_blocks.", 4 * GetParam() + 3);
+  EXPECT_NE(l.source->index().Find(last + ".0.in_layers.0.weight"), nullptr);
+  EXPECT_EQ(l.source->index().Find(absl::StrCat("model.diffusion_model.input_blocks.",
+                                                4 * GetParam() + 4, ".0.in_layers.0.weight")),
+            nullptr);
+  EXPECT_LE(RelativeError(*l.model, dir / "sd", "unet"), 1e-4);
+}
+
+INSTANTIATE_TEST_SUITE_P(PerLevel, Sd1ResBlocksTest, ::testing::Values(1, 2, 3));
 
 TEST(Sd1Test, KeysOutsideTheNetworksAreReportedNotErrors) {
   const std::string dir = Reference({"--ckpt", "--short-clip", "--ema"}) / "sd";

@@ -1,0 +1,124 @@
+#include "server/models/architectures.h"
+
+#include <algorithm>
+
+#include "server/models/ldm_layout.h"
+
+namespace metaload::models {
+
+// The synth generators (synth_presets.cc), one per row that has presets.
+absl::StatusOr<SynthPlan> MlpSynthPlan(const std::string& name, const std::string& preset);
+// GPT2LMHeadModel layout, "transformer." prefix, no lm_head (tied).
+absl::StatusOr<SynthPlan> Gpt2SynthPlan(const std::string& name, const std::string& preset);
+// LlamaForCausalLM layout with grouped-query attention and an untied lm_head.
+absl::StatusOr<SynthPlan> LlamaSynthPlan(const std::string& name, const std::string& preset);
+// Stable Diffusion 1.x in the LDM layout, one file (ldm_layout.h); a variant's name gives the
+// UNet its input channels.
+absl::StatusOr<SynthPlan> Sd1SynthPlan(const std::string& name, const std::string& preset);
+
+namespace {
+
+std::vector<ArchitectureVariant> Sd1Variants() {
+  std::vector<ArchitectureVariant> variants;
+  for (const Sd1Variant& v : kSd1Variants) variants.push_back({v.name, v.description});
+  return variants;
+}
+
+std::vector<ArchitectureInfo> Table() {
+  std::vector<ArchitectureInfo> rows;
+  {
+    ArchitectureInfo& a = rows.emplace_back();
+    a.name = "mlp";
+    a.description = "Linear layers with an activation between them; forward: input -> output";
+    a.config_model_types = {"mlp"};
+    a.synth_presets = {"tiny", "small", "medium"};
+    a.synth = MlpSynthPlan;
+  }
+  {
+    ArchitectureInfo& a = rows.emplace_back();
+    a.name = "gpt2";
+    a.description = "Hugging Face GPT2LMHeadModel; forward: input_ids [, attention_mask] -> logits";
+    a.config_model_types = {"gpt2"};
+    a.config_architectures = {"GPT2LMHeadModel"};
+    a.synth_presets = {"tiny", "small", "medium"};
+    a.synth = Gpt2SynthPlan;
+  }
+  {
+    ArchitectureInfo& a = rows.emplace_back();
+    a.name = "llama";
+    a.description =
+        "Hugging Face LlamaForCausalLM; forward: input_ids [, attention_mask] -> logits";
+    a.config_model_types = {"llama"};
+    a.config_architectures = {"LlamaForCausalLM"};
+    a.synth_presets = {"tiny", "small", "medium"};
+    a.synth = LlamaSynthPlan;
+  }
+  {
+    ArchitectureInfo& a = rows.emplace_back();
+    a.name = "sd1";
+    a.description =
+        "Stable Diffusion 1.x single file in the LDM layout; unet, text_encoder, vae_decode, "
+        "vae_encode";
+    a.variants = Sd1Variants();
+    a.synth_presets = {"tiny", "full"};
+    a.synth = Sd1SynthPlan;
+  }
+  {
+    ArchitectureInfo& a = rows.emplace_back();
+    a.name = "sd2";
+    a.description = "Stable Diffusion 2.x (OpenCLIP text encoder): detected, not built yet";
+    a.loadable = false;
+  }
+  {
+    ArchitectureInfo& a = rows.emplace_back();
+    a.name = "sdxl";
+    a.description = "Stable Diffusion XL (conditioner.embedders.): detected, not built yet";
+    a.loadable = false;
+  }
+  {
+    ArchitectureInfo& a = rows.emplace_back();
+    a.name = "torchscript";
+    a.description = "any torch.jit.save archive (runs its code); forward from its schema";
+  }
+  return rows;
+}
+
+}  // namespace
+
+const std::vector<ArchitectureInfo>& Architectures() {
+  static const auto* table = new std::vector<ArchitectureInfo>(Table());
+  return *table;
+}
+
+const ArchitectureInfo* FindArchitecture(absl::string_view name) {
+  for (const ArchitectureInfo& a : Architectures()) {
+    if (a.name == name) return &a;
+    for (const ArchitectureVariant& v : a.variants) {
+      if (v.name == name) return &a;
+    }
+  }
+  return nullptr;
+}
+
+std::vector<std::string> ArchitectureNames() {
+  std::vector<std::string> names;
+  for (const ArchitectureInfo& a : Architectures()) {
+    if (!a.loadable) continue;
+    names.push_back(a.name);
+    for (const ArchitectureVariant& v : a.variants) names.push_back(v.name);
+  }
+  std::sort(names.begin(), names.end());
+  return names;
+}
+
+std::vector<std::string> SynthArchitectureNames() {
+  std::vector<std::string> names;
+  for (const ArchitectureInfo& a : Architectures()) {
+    if (a.synth == nullptr) continue;
+    names.push_back(a.name);
+    for (const ArchitectureVariant& v : a.variants) names.push_back(v.name);
+  }
+  return names;
+}
+
+}  // namespace metaload::models

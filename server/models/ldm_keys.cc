@@ -1,0 +1,146 @@
+#include "server/models/ldm_keys.h"
+
+#include <algorithm>
+#include <optional>
+#include <vector>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+
+namespace metaload::models {
+
+bool HasKeyPrefix(const core::CheckpointIndex& index, const std::string& prefix) {
+  auto it = index.by_name.lower_bound(prefix);
+  return it != index.by_name.end() && absl::StartsWith(it->first, prefix);
+}
+
+absl::Status NotLdmLayout(const LdmKeys& keys, const std::string& what) {
+  return absl::FailedPreconditionError(absl::StrCat(
+      keys.index.path, ": not an ", absl::AsciiStrToUpper(keys.family), " layout: ", what));
+}
+
+namespace {
+
+// The shape of `key`, FAILED_PRECONDITION naming it when missing or of another rank.
+absl::StatusOr<std::vector<int64_t>> Shape(const LdmKeys& keys, const std::string& key,
+                                           size_t rank) {
+  const core::CheckpointIndex& index = keys.index;
+  const core::TensorInfo* t = index.Find(key);
+  if (t == nullptr) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(index.path, ": ", keys.family, " checkpoint lacks ", key));
+  }
+  if (t->shape.size() != rank) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(index.path, ": ", key, " has rank ", t->shape.size(), ", expected ", rank));
+  }
+  return t->shape;
+}
+
+#define ML_ASSIGN_SHAPE(var, expr)              \
+  auto var##_or = (expr);                       \
+  if (!var##_or.ok()) return var##_or.status(); \
+  const std::vector<int64_t>& var = *var##_or
+
+}  // namespace
+
+absl::StatusOr<UnetConfig> ReadUnet(const LdmKeys& keys, const std::string& p) {
+  const core::CheckpointIndex& index = keys.index;
+  UnetConfig c;
+  ML_ASSIGN_SHAPE(conv_in, Shape(keys, p + "input_blocks.0.0.weight", 4));
+  ML_ASSIGN_SHAPE(conv_out, Shape(keys, p + "out.2.weight", 4));
+  c.model_channels = conv_in[0];
+  c.in_channels = conv_in[1];
+  c.out_channels = conv_out[0];
+  if (c.model_channels % 32 != 0) return NotLdmLayout(keys, "UNet channels not a multiple of 32");
+  // Walk input_blocks: res blocks (with attention or not), then a downsampler per level but the
+  // last. The first level's count (at its downsampler, or at the end when it is the only level)
+  // fixes the res blocks per level; every other level must have as many.
+  std::optional<int64_t> res_blocks;
+  int64_t in_level = 0;
+  auto level_done = [&]() -> absl::Status {
+    if (in_level == 0) return NotLdmLayout(keys, "a UNet level without res blocks");
+    if (res_blocks && in_level != *res_blocks) {
+      return NotLdmLayout(keys, "UNet levels with different numbers of res blocks");
+    }
+    res_blocks = in_level;
+    in_level = 0;
+    return absl::OkStatus();
+  };
+  for (int64_t i = 1; HasKeyPrefix(index, absl::StrCat(p, "input_blocks.", i, ".")); ++i) {
+    const std::string b = absl::StrCat(p, "input_blocks.", i, ".");
+    if (index.Find(b + "0.op.weight") != nullptr) {
+      if (absl::Status s = level_done(); !s.ok()) return s;
+      continue;
+    }
+    ML_ASSIGN_SHAPE(out, Shape(keys, b + "0.out_layers.3.weight", 4));
+    const bool attention = index.Find(b + "1.proj_in.weight") != nullptr;
+    if (in_level == 0) {
+      if (out[0] % c.model_channels != 0) return NotLdmLayout(keys, "UNet width not a multiple");
+      c.mult.push_back(out[0] / c.model_channels);
+      c.attention.push_back(attention);
+    } else if (attention != c.attention.back()) {
+      return NotLdmLayout(keys, "UNet attention differs within a level");
+    }
+    ++in_level;
+  }
+  if (c.mult.empty()) return NotLdmLayout(keys, "no UNet input blocks");
+  if (absl::Status s = level_done(); !s.ok()) return s;  // the last level
+  c.res_blocks = *res_blocks;
+  c.heads = 8;  // SD1's; no shape tells the head count
+  while (HasKeyPrefix(index, absl::StrCat(p, "middle_block.1.transformer_blocks.", c.depth, "."))) {
+    ++c.depth;
+  }
+  ML_ASSIGN_SHAPE(to_k,
+                  Shape(keys, p + "middle_block.1.transformer_blocks.0.attn2.to_k.weight", 2));
+  c.context_dim = to_k[1];
+  return c;
+}
+
+absl::StatusOr<VaeConfig> ReadVae(const LdmKeys& keys, const std::string& p) {
+  const core::CheckpointIndex& index = keys.index;
+  VaeConfig c;
+  ML_ASSIGN_SHAPE(conv_in, Shape(keys, p + "encoder.conv_in.weight", 4));
+  ML_ASSIGN_SHAPE(dec_in, Shape(keys, p + "decoder.conv_in.weight", 4));
+  ML_ASSIGN_SHAPE(dec_out, Shape(keys, p + "decoder.conv_out.weight", 4));
+  ML_ASSIGN_SHAPE(post_quant, Shape(keys, p + "post_quant_conv.weight", 4));
+  c.ch = conv_in[0];
+  c.in_channels = conv_in[1];
+  c.z_channels = dec_in[1];
+  c.out_channels = dec_out[0];
+  c.embed_dim = post_quant[1];
+  for (size_t level = 0;
+       index.Find(absl::StrCat(p, "encoder.down.", level, ".block.0.conv1.weight")) != nullptr;
+       ++level) {
+    ML_ASSIGN_SHAPE(
+        out, Shape(keys, absl::StrCat(p, "encoder.down.", level, ".block.0.conv2.weight"), 4));
+    if (out[0] % c.ch != 0) return NotLdmLayout(keys, "VAE width not a multiple of its base");
+    c.mult.push_back(out[0] / c.ch);
+  }
+  if (c.mult.empty()) return NotLdmLayout(keys, "no VAE encoder levels");
+  while (HasKeyPrefix(index, absl::StrCat(p, "encoder.down.0.block.", c.res_blocks, "."))) {
+    ++c.res_blocks;
+  }
+  return c;
+}
+
+absl::StatusOr<ClipConfig> ReadClip(const LdmKeys& keys, const std::string& p) {
+  const core::CheckpointIndex& index = keys.index;
+  ClipConfig c;
+  ML_ASSIGN_SHAPE(tokens, Shape(keys, p + "embeddings.token_embedding.weight", 2));
+  ML_ASSIGN_SHAPE(positions, Shape(keys, p + "embeddings.position_embedding.weight", 2));
+  ML_ASSIGN_SHAPE(fc1, Shape(keys, p + "encoder.layers.0.mlp.fc1.weight", 2));
+  c.vocab = tokens[0];
+  c.width = tokens[1];
+  c.positions = positions[0];
+  c.ffn = fc1[0];
+  c.heads = std::max<int64_t>(1, c.width / 64);  // ViT-L/14: 768 wide, 12 heads of 64
+  if (c.width % c.heads != 0) return NotLdmLayout(keys, "CLIP width not a multiple of 64");
+  while (HasKeyPrefix(index, absl::StrCat(p, "encoder.layers.", c.layers, "."))) ++c.layers;
+  return c;
+}
+
+#undef ML_ASSIGN_SHAPE
+
+}  // namespace metaload::models

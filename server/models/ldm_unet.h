@@ -1,0 +1,73 @@
+// The LDM UNet (ldm's openaimodel.UNetModel) as a layer-kit module tree whose tensor names are
+// ldm's, so a checkpoint's "model.diffusion_model." keys map onto it directly:
+//
+//   time_embed.{0,2}                 timestep MLP
+//   input_blocks.0.0                 stem convolution
+//   input_blocks.N.{0,1}             per level: res_blocks x (ResBlock [+ SpatialTransformer]),
+//                                    then a Downsample (N.0.op) below every level but the last
+//   middle_block.{0,1,2}             ResBlock, SpatialTransformer, ResBlock
+//   output_blocks.N.{0,1,2}          per level, lowest first: res_blocks + 1 x (ResBlock on the
+//                                    skip concatenation [+ SpatialTransformer] [+ Upsample])
+//   out.{0,2}                        GroupNorm, convolution
+//
+// Every size is a UnetConfig field, read from the checkpoint's keys (ldm_keys.h). Built on meta
+// like any module (meta_module_model.h); the model that holds it owns it. Forward is const:
+// concurrent forwards on a loaded UNet are safe.
+#ifndef METALOAD_SERVER_MODELS_LDM_UNET_H_
+#define METALOAD_SERVER_MODELS_LDM_UNET_H_
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "server/core/layers.h"
+
+namespace metaload::models {
+
+// SD1's UNet in ldm's terms. SD2 and SDXL reuse this UNet with fields still to be added, each
+// defaulting to SD1's behaviour: a fixed head width instead of a head count (num_head_channels
+// 64), linear proj_in/proj_out instead of 1x1 convolutions (use_linear_in_transformer), a
+// transformer depth per level, and SDXL's label_emb (adm_in_channels).
+struct UnetConfig {
+  int64_t in_channels = 0;      // of x: 4 latents (9 inpainting, 8 instruct-pix2pix)
+  int64_t out_channels = 0;     // of eps
+  int64_t model_channels = 0;   // width of the first level; a multiple of 32 (GroupNorm groups)
+  int64_t res_blocks = 0;       // ResBlocks per level on the way down (one more on the way up)
+  int64_t heads = 0;            // attention heads of every SpatialTransformer (SD1: 8)
+  int64_t context_dim = 0;      // width of the cross-attention context (SD1: CLIP's 768)
+  int64_t depth = 0;            // transformer blocks per SpatialTransformer (SD1: 1)
+  std::vector<int64_t> mult;    // per level: width / model_channels
+  std::vector<bool> attention;  // per level: whether its blocks have a SpatialTransformer
+
+  // Height and width of x must be multiples of this: one halving per level below the first.
+  int64_t Downscale() const { return int64_t{1} << (mult.size() - 1); }
+};
+
+class UnetBlock;  // input_blocks.N, middle_block, output_blocks.N (ldm_unet.cc)
+
+class Unet : public core::Module {
+ public:
+  explicit Unet(const UnetConfig& config);
+
+  // x [B, in_channels, H, W] (H, W multiples of Downscale()), timesteps [B] (any integer or
+  // floating type), context [B, T, context_dim] -> eps [B, out_channels, H, W].
+  at::Tensor Forward(const at::Tensor& x, const at::Tensor& timesteps,
+                     const at::Tensor& context) const;
+
+  const UnetConfig& config() const { return c_; }
+
+ private:
+  UnetConfig c_;
+  core::Linear& time_in_;
+  core::Linear& time_out_;
+  std::vector<const UnetBlock*> inputs_;
+  const UnetBlock* middle_ = nullptr;
+  std::vector<const UnetBlock*> outputs_;
+  core::GroupNorm* out_norm_ = nullptr;
+  core::Conv2d* out_conv_ = nullptr;
+};
+
+}  // namespace metaload::models
+
+#endif  // METALOAD_SERVER_MODELS_LDM_UNET_H_
