@@ -80,7 +80,7 @@ class Model {
                                      const core::DtypePolicy& policy,
                                      bool allow_missing_keys) const = 0;
 
-  // Parameters and buffers, after loading.
+  // Values in the model's parameters after loading (buffers are not counted).
   virtual int64_t ParameterCount() const = 0;
   // Bytes the loaded model holds on its device: every distinct storage it references.
   virtual uint64_t ResidentBytes() const = 0;

@@ -70,14 +70,6 @@ absl::StatusOr<std::string> ConfigString(const nlohmann::json& config, const cha
 absl::StatusOr<bool> ConfigBool(const nlohmann::json& config, const char* key,
                                 const std::string& arch, bool fallback);
 
-// Builders (one file each).
-absl::StatusOr<std::unique_ptr<Model>> BuildMlp(const core::CheckpointIndex& index);
-absl::StatusOr<std::unique_ptr<Model>> BuildGpt2(const core::CheckpointIndex& index);
-absl::StatusOr<std::unique_ptr<Model>> BuildLlama(const core::CheckpointIndex& index);
-absl::StatusOr<std::unique_ptr<Model>> BuildTorchScript(const core::CheckpointIndex& index);
-// Stable Diffusion 1.x (and its inpainting / instruct-pix2pix variants), sizes from the keys.
-absl::StatusOr<std::unique_ptr<Model>> BuildSd1(const core::CheckpointIndex& index);
-
 }  // namespace metaload::models
 
 #endif  // METALOAD_SERVER_MODELS_MODULE_MODEL_H_
