@@ -278,7 +278,7 @@ int main(int argc, char** argv) {
   const absl::Time start = absl::Now();
   // The drain ends by the grace plus kDrainStopSeconds whatever a load or forward does: one that
   // cannot be interrupted (TorchScript code, a read that never returns) must not keep the
-  // process alive (issue 17: 34 s and 66 s, until the attacker let go).
+  // process alive (without the deadline, a hostile caller kept it alive 34 s and 66 s).
   std::mutex drain_mu;
   std::condition_variable drain_cv;
   bool drained = false;

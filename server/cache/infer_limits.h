@@ -1,5 +1,5 @@
-// What an Infer may cost, decided before it computes (issue 17: an 8 MiB GPT-2 request peaked
-// at 3 GB and computed for 24 s, only to fail on the reply's size).
+// What an Infer may cost, decided before it computes: without it an 8 MiB GPT-2 request can peak
+// at 3 GB and compute for 24 s, only to fail on the reply's size.
 //
 // The rule, in order, each RESOURCE_EXHAUSTED naming the limit:
 //   1. inputs: the sum of the input tensors' bytes is at most `max_input_bytes`;

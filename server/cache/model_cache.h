@@ -1,7 +1,7 @@
 // ModelCache: the loaded models, by model_id, as ref-counted handles.
 //
 // - Single flight: loads are keyed by (resolved path, file identity, architecture, device,
-//   dtype policy, zero_copy). The identity is the device, inode, size, mtime and ctime of the
+//   requested dtypes, compute dtypes, zero_copy, allow_missing_keys; load_key.h). The identity is the device, inode, size, mtime and ctime of the
 //   file, or of every file of a directory (two levels deep): a shard rewritten in place is a
 //   new key. Identical concurrent loads share one; each caller holds a LoadWaiter, and the
 //   load is aborted only when every waiter has cancelled.

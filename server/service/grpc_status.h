@@ -1,5 +1,6 @@
 // The one place where absl::Status becomes grpc::Status. Handlers return absl::Status from the
-// layers below and convert here, so the mapping of API.md's error table lives in one function.
+// layers below and convert here, so the mapping of the error table
+// (proto/README.md, "Errors") lives in one function.
 #ifndef METALOAD_SERVER_SERVICE_GRPC_STATUS_H_
 #define METALOAD_SERVER_SERVICE_GRPC_STATUS_H_
 

@@ -12,7 +12,7 @@
 namespace metaload::service {
 
 // The bounds on a LoadModelRequest, all checked before anything else is parsed, resolved or
-// copied (issue 17: 100,000 dtype_overrides of 1 KiB kept 1.5 GB per load, and made every
+// copied (unbounded, 100,000 dtype_overrides of 1 KiB keep 1.5 GB per load and make every
 // ListModels reply too large). Over a bound: INVALID_ARGUMENT naming the field and the limit.
 // Fixed, not flags: a real request is far inside each (SD's web UI sends a handful of overrides;
 // the largest prefix list we know, a per-layer policy of a 70B llama, is ~700 entries).

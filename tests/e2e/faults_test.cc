@@ -1,7 +1,7 @@
 // Faults and hostile input against the real daemon: a caller that leaves mid-load, SIGTERM
 // during a load, a budget smaller than the model, a full disk under --state_dir, oversize and
-// lying tensors, and ten thousand model ids. Each case checks the code from API.md, that no
-// memory was taken beyond the request, and that the daemon still answers.
+// lying tensors, and ten thousand model ids. Each case checks the code from proto/README.md's error
+// table, that no memory was taken beyond the request, and that the daemon still answers.
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
 

@@ -1,5 +1,6 @@
 // metaload.v1.ModelLoader end to end: the real daemon on loopback, real checkpoints written by
-// the synthesizer and by Python, every RPC's happy path and every row of API.md's error table.
+// the synthesizer and by Python, every RPC's happy path and every row of proto/README.md's error
+// table.
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
 #include <sys/stat.h>
