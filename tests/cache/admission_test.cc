@@ -130,7 +130,9 @@ TEST(AdmissionTest, EveryRule) {
     int64_t freed = 0;
     for (size_t i : a.evict) freed += row.request.residents[i].bytes;
     EXPECT_EQ(a.used, row.request.held + row.request.reserved - freed);
-    if (a.admitted) EXPECT_LE(a.used + row.request.need, a.limit);
+    if (a.admitted) {
+      EXPECT_LE(a.used + row.request.need, a.limit);
+    }
   }
 }
 
