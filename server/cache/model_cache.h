@@ -1,10 +1,10 @@
 // ModelCache: the loaded models, by model_id, as ref-counted handles.
 //
 // - Single flight: loads are keyed by (resolved path, file identity, architecture, device,
-//   requested dtypes, compute dtypes, zero_copy, allow_missing_keys; load_key.h). The identity is the device, inode, size, mtime and ctime of the
-//   file, or of every file of a directory (two levels deep): a shard rewritten in place is a
-//   new key. Identical concurrent loads share one; each caller holds a LoadWaiter, and the
-//   load is aborted only when every waiter has cancelled.
+//   requested dtypes, compute dtypes, zero_copy, allow_missing_keys; load_key.h). The identity is
+//   the device, inode, size, mtime and ctime of the file, or of every file of a directory (two
+//   levels deep): a shard rewritten in place is a new key. Identical concurrent loads share one;
+//   each caller holds a LoadWaiter, and the load is aborted only when every waiter has cancelled.
 // - A model_id names one key. Loading a different key under a used id is ALREADY_EXISTS unless
 //   `replace`: then the new load runs in the background and is swapped in atomically once READY
 //   (the old model serves until then, and is freed when its last user is done).
