@@ -69,7 +69,7 @@ sanitize: asan tsan
 asan: deps
 	cmake -S . -B $(ASAN_DIR) $(SANITIZER_CMAKE) -DMETALOAD_SANITIZE=address -DMETALOAD_BUILD_SERVICE=$(ASAN_SERVICE) > $(ASAN_DIR).configure.log
 	cmake --build $(ASAN_DIR) -j $(JOBS) --target $(ASAN_TARGETS)
-	cd $(ASAN_DIR) && ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	cd $(ASAN_DIR) && ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:allocator_may_return_null=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 	  ctest --output-on-failure -j $(JOBS) -L '$(ASAN_LABELS)'
 
 tsan: deps
