@@ -332,7 +332,7 @@ void ModelCache::Infer(const std::string& model_id, const std::string& entry,
   }
   infer_pool_->Submit([this, held, entry, inputs = std::move(inputs), typed_outputs,
                        done = std::move(done), model_id]() mutable {
-    const std::shared_ptr<Loaded> loaded = held->get();
+    std::shared_ptr<Loaded> loaded = held->get();
     const auto start = Clock::now();
     infers_running_.fetch_add(1);
     struct Running {
@@ -355,6 +355,9 @@ void ModelCache::Infer(const std::string& model_id, const std::string& entry,
                                    std::chrono::duration<double>(Clock::now() - start).count());
       }
     }
+    // Every reference goes before the callback: a caller that loads from it, or right after
+    // it returns, must find an unloaded model's bytes freed.
+    loaded.reset();
     held->Release();
     done(std::move(result));
   });
