@@ -143,6 +143,10 @@ TEST(StagingRingTest, NeverRefillsASlotTheDeviceStillReads) {
 }
 
 TEST(StagingRingTest, ADeviceThatDoesNotWaitIsCaught) {
+#if defined(__SANITIZE_THREAD__)
+  GTEST_SKIP() << "the broken device races with the ring on purpose; TSan rightly reports it, "
+                  "and the other tests here show TSan the ring's ordering with a correct device";
+#endif
   const std::string source = RandomBytes(2 << 20);
   FakeDevice device(/*waits=*/false);
   std::string dst(source.size(), '\0');
