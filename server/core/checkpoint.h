@@ -31,13 +31,13 @@
 #include <cstdint>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "server/core/dtype.h"
+#include "server/core/mutex.h"
 
 namespace metaload::core {
 
@@ -139,8 +139,8 @@ class CheckpointSource {
   CheckpointIndex index_;
   Options options_;
   std::vector<int> fds_;  // one per index_.files, opened and checked while indexing
-  mutable std::mutex map_mu_;
-  mutable std::vector<std::shared_ptr<const MappedFile>> maps_;  // guarded by map_mu_
+  mutable Mutex map_mu_;
+  mutable std::vector<std::shared_ptr<const MappedFile>> maps_ ABSL_GUARDED_BY(map_mu_);
 };
 
 // The torch.save / TorchScript zip indexer (checkpoint_torch_zip.cc), on a file or on bytes in

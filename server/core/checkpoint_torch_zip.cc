@@ -1,11 +1,6 @@
 // torch.save zip archives and TorchScript archives, indexed without LibTorch: the zip directory
 // says where each storage record lies, the restricted unpickler (pickle_reader.h) says which
 // tensor views which storage. Tensor bytes are then read in place like safetensors data.
-#include <fcntl.h>
-#include <sys/stat.h>
-#include <unistd.h>
-
-#include <cerrno>
 #include <cstring>
 #include <map>
 
@@ -13,6 +8,9 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "server/core/checkpoint.h"
+#include "server/core/checkpoint_formats.h"
+#include "server/core/file_io.h"
+#include "server/core/model_roots.h"
 #include "server/core/pickle_reader.h"
 #include "server/core/zip_directory.h"
 
@@ -241,36 +239,15 @@ class ZipIndexer {
 }  // namespace
 
 absl::StatusOr<CheckpointIndex> IndexTorchZip(const std::string& path) {
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
-  if (fd < 0) {
-    if (errno == ENOENT) return absl::NotFoundError(absl::StrCat(path, ": no such file"));
-    return absl::FailedPreconditionError(absl::StrCat(path, ": ", std::strerror(errno)));
-  }
-  struct stat st;
-  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-    ::close(fd);
-    return absl::FailedPreconditionError(absl::StrCat(path, ": not a regular file"));
-  }
-  CheckpointFile file;
-  file.path = path;
-  file.size = static_cast<uint64_t>(st.st_size);
-  file.mtime_ns = static_cast<int64_t>(st.st_mtim.tv_sec) * 1'000'000'000 + st.st_mtim.tv_nsec;
-  absl::StatusOr<CheckpointIndex> index = IndexTorchZipFd(fd, file);
-  ::close(fd);
-  return index;
+  absl::StatusOr<CheckedFile> opened = OpenChecked(path, ModelRoots());
+  if (!opened.ok()) return opened.status();
+  return IndexTorchZipFd(opened->fd(), DescribeFile(path, *opened));
 }
 
 absl::StatusOr<CheckpointIndex> IndexTorchZipFd(int fd, const CheckpointFile& file) {
   auto read = [fd](uint64_t offset, uint64_t length, std::string* out) {
     out->resize(length);
-    uint64_t done = 0;
-    while (done < length) {
-      ssize_t r = ::pread(fd, out->data() + done, length - done, static_cast<off_t>(offset + done));
-      if (r < 0 && errno == EINTR) continue;
-      if (r <= 0) return false;
-      done += static_cast<uint64_t>(r);
-    }
-    return true;
+    return PreadFully(fd, out->data(), length, offset) == 0;
   };
   return ZipIndexer(file.path, read, file).Run();
 }

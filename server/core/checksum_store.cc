@@ -13,7 +13,9 @@
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
+#include "server/core/file_io.h"
 #include "server/core/log.h"
+#include "server/core/model_roots.h"
 
 namespace metaload::core {
 namespace {
@@ -67,7 +69,7 @@ void ChecksumStore::Load() {
         .Kv("reason", "not a JSON object");
     return;
   }
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(&mu_);
   for (auto it = j.begin(); it != j.end(); ++it) {
     if (it.value().is_string()) hashes_[it.key()] = it.value().get<std::string>();
   }
@@ -81,16 +83,8 @@ void ChecksumStore::Persist() {
   // A fresh file, never a planted symlink or FIFO: unlink what is there, create exclusively.
   ::unlink(tmp.c_str());
   int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644);
-  bool ok = fd >= 0;
-  int saved_errno = ok ? 0 : errno;
-  size_t done = 0;
-  while (ok && done < text.size()) {
-    ssize_t n = ::write(fd, text.data() + done, text.size() - done);
-    if (n < 0 && errno == EINTR) continue;
-    ok = n > 0;
-    if (ok) done += static_cast<size_t>(n);
-    if (!ok) saved_errno = n < 0 ? errno : ENOSPC;
-  }
+  int saved_errno = fd >= 0 ? WriteFully(fd, text.data(), text.size()) : errno;
+  bool ok = saved_errno == 0;
   if (fd >= 0 && ::close(fd) != 0 && ok) {
     ok = false;
     saved_errno = errno;
@@ -106,7 +100,7 @@ void ChecksumStore::Persist() {
 }
 
 std::optional<std::string> ChecksumStore::Lookup(const std::vector<CheckpointFile>& files) const {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(&mu_);
   auto it = hashes_.find(Key(files));
   if (it == hashes_.end()) return std::nullopt;
   return it->second;
@@ -120,41 +114,35 @@ absl::StatusOr<std::string> ChecksumStore::Compute(const std::vector<CheckpointF
   }
   std::vector<char> buffer(kChunk);
   for (const CheckpointFile& f : files) {
-    int fd = ::open(f.path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
-    if (fd < 0) {
-      return absl::FailedPreconditionError(absl::StrCat(f.path, ": ", std::strerror(errno)));
-    }
-    // The file the load checked and read, not whatever the path names now (a swapped symlink).
-    struct stat st;
-    if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) ||
-        (f.inode != 0 && (static_cast<uint64_t>(st.st_dev) != f.device ||
-                          static_cast<uint64_t>(st.st_ino) != f.inode))) {
-      ::close(fd);
+    absl::StatusOr<CheckedFile> file = OpenChecked(f.path, ModelRoots());
+    if (absl::IsNotFound(file.status()) || (file.ok() && f.inode != 0 &&
+                                            (static_cast<uint64_t>(file->device) != f.device ||
+                                             static_cast<uint64_t>(file->inode) != f.inode))) {
+      // The file the load checked and read, not whatever the path names now (a swapped symlink).
       return absl::DataLossError(absl::StrCat(f.path, ": not the file that was loaded any more"));
     }
+    if (!file.ok()) return file.status();
+    const int fd = file->fd();
     ::posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL);
     uint64_t done = 0;
     while (done < f.size) {
       if (cancel != nullptr && cancel->load(std::memory_order_relaxed)) {
-        ::close(fd);
         return absl::CancelledError(absl::StrCat("sha256 of ", f.path, " cancelled"));
       }
       ssize_t n = ::read(fd, buffer.data(), std::min<uint64_t>(kChunk, f.size - done));
       if (n < 0 && errno == EINTR) continue;
       if (n <= 0) {
-        ::close(fd);
         return absl::DataLossError(absl::StrCat(f.path, ": file ended while hashing"));
       }
       EVP_DigestUpdate(ctx.get(), buffer.data(), static_cast<size_t>(n));
       done += static_cast<uint64_t>(n);
     }
-    ::close(fd);
   }
   unsigned char digest[EVP_MAX_MD_SIZE];
   unsigned int length = 0;
   EVP_DigestFinal_ex(ctx.get(), digest, &length);
   std::string hex = Hex(digest, length);
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(&mu_);
   hashes_[Key(files)] = hex;
   Persist();
   return hex;

@@ -22,6 +22,7 @@
 
 #include "absl/status/statusor.h"
 #include "server/core/checkpoint.h"
+#include "server/core/mutex.h"
 
 namespace metaload::core {
 
@@ -49,11 +50,11 @@ class ChecksumStore {
   explicit ChecksumStore(Options options) : options_(std::move(options)) {}
   static std::string Key(const std::vector<CheckpointFile>& files);
   void Load();
-  void Persist();  // called with mu_ held
+  void Persist() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   Options options_;
-  mutable std::mutex mu_;
-  std::map<std::string, std::string> hashes_;  // guarded by mu_
+  mutable Mutex mu_;
+  std::map<std::string, std::string> hashes_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace metaload::core

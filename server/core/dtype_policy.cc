@@ -80,18 +80,6 @@ DType DtypePolicy::Resolve(absl::string_view name, DType stored, TensorUse use) 
   return target;
 }
 
-uint64_t DtypePolicy::LoadedBytes(const CheckpointIndex& index) const {
-  uint64_t total = 0;
-  for (const TensorInfo& t : index.tensors) {
-    int size = 0;
-    for (TensorUse u : {TensorUse::kDirect, TensorUse::kWeight, TensorUse::kMatmulWeight}) {
-      size = std::max(size, DTypeSize(Resolve(t.name, t.dtype, u)));
-    }
-    total += static_cast<uint64_t>(t.numel()) * static_cast<uint64_t>(size);
-  }
-  return total;
-}
-
 std::string DtypePolicy::Describe() const {
   std::string out = absl::StrCat("default=", default_ ? DTypeName(*default_) : "keep");
   for (const auto& [prefix, target] : overrides_) {

@@ -58,11 +58,6 @@ class DtypePolicy {
   // The dtype tensor `name`, stored as `stored` and read as `use`, is loaded as.
   DType Resolve(absl::string_view name, DType stored, TensorUse use) const;
 
-  // An upper bound of the bytes the tensors of `index` occupy once loaded under this policy
-  // (each tensor's largest size over the uses), for models that cannot say how they read each
-  // tensor (models::Model::PlannedBytes is exact).
-  uint64_t LoadedBytes(const CheckpointIndex& index) const;
-
   // A stable description for cache keys: "default=float16;a.=keep;b.=bfloat16".
   std::string Describe() const;
   // What ModelInfo.dtype says: "keep" or the dtype's name when no prefix has a rule of its own,

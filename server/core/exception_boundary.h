@@ -1,8 +1,8 @@
-// The one place where exceptions become absl::Status (STYLE.md). LibTorch, nlohmann::json and
-// the standard library throw; metaload's own code returns Status. Every call into them that can
-// throw on untrusted input (a checkpoint's shapes and config.json, a request's tensors) runs
-// inside CatchExceptions, named by the model, file or key it works on, so no exception crosses
-// a thread or reaches a gRPC callback.
+// The one place where exceptions become absl::Status (server/README.md, "Exceptions"). LibTorch,
+// nlohmann::json and the standard library throw; metaload's own code returns Status. Every call
+// into them that can throw on untrusted input (a checkpoint's shapes and config.json, a request's
+// tensors) runs inside CatchExceptions, named by the model, file or key it works on, so no
+// exception crosses a thread or reaches a gRPC callback.
 //
 // Mapping (CurrentExceptionToStatus):
 //   c10::OutOfMemoryError (CUDA), std::bad_alloc, LibTorch's CPU allocator failure

@@ -40,14 +40,9 @@
 #include "server/core/checkpoint.h"
 #include "server/core/dtype_policy.h"
 #include "server/core/module.h"
+#include "server/core/progress_reporter.h"
 
 namespace metaload::core {
-
-struct LoadProgress {
-  std::string phase;  // "read" while loading, "done" at the end
-  uint64_t bytes_done = 0;
-  uint64_t bytes_total = 0;
-};
 
 struct LoadOptions {
   // Where the tensors go (parsed once, where the request is: core::ParseDevice).

@@ -33,6 +33,8 @@ class ABSL_LOCKABLE Mutex {
 
   void lock() ABSL_EXCLUSIVE_LOCK_FUNCTION() { mu_.lock(); }
   void unlock() ABSL_UNLOCK_FUNCTION() { mu_.unlock(); }
+  // Takes the lock only if nobody holds it; then adopt it with MutexLock(mu, kAdoptLock).
+  bool TryLock() ABSL_EXCLUSIVE_TRYLOCK_FUNCTION(true) { return mu_.try_lock(); }
   // Tells the analysis the caller holds the lock where it cannot see it (a callback the
   // caller documents as running under it). Checks nothing at run time.
   void AssertHeld() const ABSL_ASSERT_EXCLUSIVE_LOCK() {}
@@ -42,10 +44,16 @@ class ABSL_LOCKABLE Mutex {
   std::mutex mu_;
 };
 
+struct AdoptLock {};
+inline constexpr AdoptLock kAdoptLock{};
+
 // Holds a Mutex for its scope (or until Unlock).
 class ABSL_SCOPED_LOCKABLE MutexLock {
  public:
   explicit MutexLock(Mutex* mu) ABSL_EXCLUSIVE_LOCK_FUNCTION(mu) : lock_(mu->mu_) {}
+  // Takes over a lock the caller already holds (after a successful TryLock).
+  MutexLock(Mutex* mu, AdoptLock) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu)
+      : lock_(mu->mu_, std::adopt_lock) {}
   ~MutexLock() ABSL_UNLOCK_FUNCTION() {}
   MutexLock(const MutexLock&) = delete;
   MutexLock& operator=(const MutexLock&) = delete;

@@ -1,16 +1,13 @@
 #include "server/core/safetensors_header.h"
 
-#include <fcntl.h>
-#include <sys/stat.h>
-#include <unistd.h>
-
 #include <algorithm>
-#include <cerrno>
 #include <cstring>
 #include <limits>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "server/core/file_io.h"
+#include "server/core/model_roots.h"
 #include "server/core/strict_json.h"
 
 namespace metaload::core {
@@ -247,39 +244,23 @@ absl::StatusOr<SafetensorsHeader> ParseSafetensorsBytes(absl::string_view bytes,
 }
 
 absl::StatusOr<SafetensorsHeader> ReadSafetensorsHeader(const std::string& path) {
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
-  if (fd < 0) {
-    if (errno == ENOENT) return absl::NotFoundError(absl::StrCat(path, ": no such file"));
-    return absl::FailedPreconditionError(absl::StrCat(path, ": ", std::strerror(errno)));
-  }
-  struct stat st;
-  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-    ::close(fd);
-    return absl::FailedPreconditionError(absl::StrCat(path, ": not a regular file"));
-  }
-  absl::StatusOr<SafetensorsHeader> header =
-      ReadSafetensorsHeader(fd, static_cast<uint64_t>(st.st_size), path);
-  ::close(fd);
-  return header;
+  absl::StatusOr<CheckedFile> file = OpenChecked(path, ModelRoots());
+  if (!file.ok()) return file.status();
+  return ReadSafetensorsHeader(file->fd(), file->size, path);
 }
 
 absl::StatusOr<SafetensorsHeader> ReadSafetensorsHeader(int fd, uint64_t size,
                                                         const std::string& path) {
   std::string buffer(8, '\0');
-  if (size >= 8 && ::pread(fd, buffer.data(), 8, 0) != 8) {
+  if (size >= 8 && PreadFully(fd, buffer.data(), 8, 0) != 0) {
     return Corrupt(path, "cannot read the length prefix");
   }
   absl::StatusOr<uint64_t> n = HeaderLength(buffer, size, path);
   if (!n.ok()) return n.status();
   // Zeroed padding after the header, so simdjson parses it in place rather than copying it.
   buffer.assign(*n + simdjson::SIMDJSON_PADDING, '\0');
-  uint64_t done = 0;
-  while (done < *n) {
-    ssize_t r = ::pread(fd, buffer.data() + done, *n - done, static_cast<off_t>(8 + done));
-    if (r < 0 && errno == EINTR) continue;
-    if (r <= 0) return Corrupt(path, "file ended inside the header");
-    done += static_cast<uint64_t>(r);
-  }
+  if (PreadFully(fd, buffer.data(), *n, 8) != 0)
+    return Corrupt(path, "file ended inside the header");
   return ParseHeader(absl::string_view(buffer.data(), *n), /*padded=*/true, size - 8 - *n, path);
 }
 

@@ -11,6 +11,7 @@
 #include <set>
 
 #include "absl/strings/str_cat.h"
+#include "server/core/file_io.h"
 
 namespace metaload::core {
 namespace {
@@ -18,14 +19,8 @@ namespace {
 constexpr int64_t kChunkBytes = 16 << 20;
 
 absl::Status WriteAll(int fd, const char* data, size_t size, const std::string& path) {
-  while (size > 0) {
-    ssize_t n = ::write(fd, data, size);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return absl::InternalError(absl::StrCat("write ", path, ": ", std::strerror(errno)));
-    }
-    data += n;
-    size -= static_cast<size_t>(n);
+  if (const int error = WriteFully(fd, data, size); error != 0) {
+    return absl::InternalError(absl::StrCat("write ", path, ": ", IoErrorMessage(error)));
   }
   return absl::OkStatus();
 }

@@ -16,9 +16,9 @@ StagingRing::~StagingRing() {
 StagingRing::Lease StagingRing::Acquire() {
   int slot = -1;
   {
-    std::unique_lock<std::mutex> lock(mu_);
+    MutexLock lock(&mu_);
     const int n = static_cast<int>(held_.size());
-    freed_.wait(lock, [&] {
+    lock.Wait(freed_, [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
       for (int i = 0; i < n; ++i) {
         const int candidate = (next_ + i) % n;
         if (!held_[static_cast<size_t>(candidate)]) {
@@ -38,7 +38,7 @@ StagingRing::Lease StagingRing::Acquire() {
 
 void StagingRing::Release(const Lease& lease) {
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    MutexLock lock(&mu_);
     held_[static_cast<size_t>(lease.slot)] = false;
   }
   freed_.notify_one();

@@ -6,8 +6,8 @@
 //
 // The ordering lives here, with no LibTorch or CUDA in sight, so it is tested on CPU with a fake
 // device whose copies finish late and out of order (tests/core/staging_ring_test.cc); the CUDA
-// device is in loader.cc. Thread-safe: any number of workers may lease at once (a worker with
-// no free slot waits).
+// device is in staging_copier.cc. Thread-safe: any number of workers may lease at once (a worker
+// with no free slot waits).
 #ifndef METALOAD_SERVER_CORE_STAGING_RING_H_
 #define METALOAD_SERVER_CORE_STAGING_RING_H_
 
@@ -15,6 +15,8 @@
 #include <cstddef>
 #include <mutex>
 #include <vector>
+
+#include "server/core/mutex.h"
 
 namespace metaload::core {
 
@@ -57,10 +59,10 @@ class StagingRing {
   Device* device_;
   const size_t slot_bytes_;
   std::vector<char*> data_;
-  std::mutex mu_;
+  Mutex mu_;
   std::condition_variable freed_;
-  std::vector<bool> held_;  // guarded by mu_
-  int next_ = 0;            // guarded by mu_: where the round-robin search starts
+  std::vector<bool> held_ ABSL_GUARDED_BY(mu_);
+  int next_ ABSL_GUARDED_BY(mu_) = 0;  // where the round-robin search starts
 };
 
 }  // namespace metaload::core

@@ -5,8 +5,8 @@
 //
 // A StrictJsonParser holds one document's buffers: simdjson's structural index (4 bytes per
 // structural character), tape (8 bytes per value, 16 per number) and unescaped strings. Keep it
-// for one document and let it go: kept across documents (a thread_local did until 2026-12), it
-// held ~6 bytes per byte of the largest header it had parsed, for the thread's life. Not
+// for one document and let it go: kept across documents (in a thread_local, say), it holds
+// ~6 bytes per byte of the largest header it has parsed, for the thread's life. Not
 // thread-safe. Elements it returns are valid until its next Parse or its destruction.
 #ifndef METALOAD_SERVER_CORE_STRICT_JSON_H_
 #define METALOAD_SERVER_CORE_STRICT_JSON_H_

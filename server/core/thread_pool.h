@@ -12,6 +12,8 @@
 #include <thread>
 #include <vector>
 
+#include "server/core/mutex.h"
+
 namespace metaload::core {
 
 class ThreadPool {
@@ -29,10 +31,10 @@ class ThreadPool {
  private:
   void Work();
 
-  mutable std::mutex mu_;
+  mutable Mutex mu_;
   std::condition_variable wake_;
-  std::deque<std::function<void()>> tasks_;  // guarded by mu_
-  bool stopping_ = false;                    // guarded by mu_
+  std::deque<std::function<void()>> tasks_ ABSL_GUARDED_BY(mu_);
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   std::vector<std::thread> workers_;
 };
 

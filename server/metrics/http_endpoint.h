@@ -4,9 +4,8 @@
 // build gives its threads fixed 100 KiB stacks; glibc puts every library's static TLS on each
 // thread's stack, and with OpenBLAS (60 KiB of it) beside LibTorch's libraries civetweb cannot
 // start a thread. libmicrohttpd lets the stack be set (MHD_OPTION_THREAD_STACK_SIZE; 1 MiB here).
-// Until 2026-12 this was a hand-written server that answered one connection at a time, so 10
-// silent connections delayed an honest scrape by 50 s; libmicrohttpd polls every connection
-// (epoll), so a silent or slow client delays no one.
+// libmicrohttpd polls every connection (epoll), so a silent or slow client delays no one (a
+// server that answers one connection at a time lets 10 silent ones delay a scrape by 50 s).
 //
 // Threads: `Options::threads` polling threads (each with its own epoll set) accept, read and
 // answer connections; BodyFn runs on them. GET and HEAD of the path get the body; other paths
