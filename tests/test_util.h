@@ -46,6 +46,29 @@ class TempDir {
   std::string path_;
 };
 
+// Which sanitizer this build runs under (GCC defines __SANITIZE_*, clang has __has_feature).
+inline bool UnderAddressSanitizer() {
+#if defined(__SANITIZE_ADDRESS__)
+  return true;
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+  return true;
+#endif
+#endif
+  return false;
+}
+inline bool UnderThreadSanitizer() {
+#if defined(__SANITIZE_THREAD__)
+  return true;
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+  return true;
+#endif
+#endif
+  return false;
+}
+inline bool UnderSanitizer() { return UnderAddressSanitizer() || UnderThreadSanitizer(); }
+
 inline std::string ReadFileOrEmpty(const std::string& path) {
   std::ifstream f(path, std::ios::binary);
   std::stringstream ss;

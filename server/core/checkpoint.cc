@@ -22,7 +22,7 @@ MappedFile::~MappedFile() {
 }
 
 CheckpointSource::CheckpointSource(CheckpointIndex index, Options options)
-    : index_(std::move(index)), options_(options) {}
+    : index_(std::move(index)), options_(options), maps_(index_.files.size()) {}
 
 CheckpointSource::~CheckpointSource() {
   for (int fd : fds_) ::close(fd);
@@ -45,10 +45,6 @@ absl::StatusOr<std::unique_ptr<CheckpointSource>> CheckpointSource::Open(const s
   std::unique_ptr<CheckpointSource> source(new CheckpointSource(*std::move(index), options));
   source->fds_ = std::move(fds);
   close_unless_kept.fds = nullptr;
-  {
-    MutexLock lock(&source->map_mu_);  // nobody else sees it yet; for the analysis
-    source->maps_.resize(source->index_.files.size());
-  }
   return source;
 }
 

@@ -43,28 +43,8 @@ bool RssFallsTo(int64_t target, int64_t slack) {
   return false;
 }
 
-// ASan keeps freed memory in its quarantine, so RSS does not fall when a model is freed.
-bool UnderAddressSanitizer() {
-#if defined(__SANITIZE_ADDRESS__)
-  return true;
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
-  return true;
-#endif
-#endif
-  return false;
-}
-
-bool UnderThreadSanitizer() {
-#if defined(__SANITIZE_THREAD__)
-  return true;
-#elif defined(__has_feature)
-#if __has_feature(thread_sanitizer)
-  return true;
-#endif
-#endif
-  return false;
-}
+using testing::UnderAddressSanitizer;
+using testing::UnderThreadSanitizer;
 
 class CacheBudgetTest : public ::testing::Test {
  protected:
@@ -181,7 +161,7 @@ TEST_F(CacheBudgetTest, TorchScriptIsMeasuredAfterLoadingAndRefusedOverTheBudget
     EXPECT_TRUE(absl::IsNotFound(cache.Get("hog").status()));
     EXPECT_EQ(cache.ResidentBytes()["cpu"], 0);
     // ... and the 64 MiB its code allocated went back.
-    if (!UnderAddressSanitizer()) {
+    if (!UnderAddressSanitizer()) {  // ASan's quarantine keeps freed memory resident
       EXPECT_TRUE(RssFallsTo(before, 16 << 20)) << (Rss() - before) / (1 << 20) << " MiB held";
     }
   }

@@ -423,16 +423,7 @@ absl::StatusOr<std::vector<WireTensor>> InferNow(ModelCache& cache, const std::s
 }
 
 // Sanitizers reserve terabytes of address space and refuse huge allocations themselves.
-bool UnderSanitizer() {
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
-  return true;
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
-  return true;
-#endif
-#endif
-  return false;
-}
+using testing::UnderSanitizer;
 
 // Hostile: config.json values of the wrong type. Before the fix nlohmann::json threw
 // type_error on a load thread (std::terminate); now each is FAILED_PRECONDITION naming the key,
