@@ -155,6 +155,11 @@ void PrintModel(const metaload::v1::ModelInfo& m) {
     }
     std::printf("\n");
   }
+  if (m.has_diffusion()) {
+    std::printf("diffusion:     predicts %s (%s), VAE scale %g\n",
+                m.diffusion().prediction().c_str(), m.diffusion().prediction_source().c_str(),
+                m.diffusion().vae_scale_factor());
+  }
   std::printf("infers:        %lld, last used %s\n", static_cast<long long>(m.infer_count()),
               Ago(m.last_used_unix_ms()).c_str());
 }
@@ -162,10 +167,11 @@ void PrintModel(const metaload::v1::ModelInfo& m) {
 }  // namespace
 
 int RunLoad(const std::vector<std::string>& argv) {
-  absl::StatusOr<Args> args = Args::Parse(
-      argv,
-      With({"id", "arch", "device", "dtype", "compute_dtype", "override", "compute_override"}),
-      {"json", "allow_missing_keys", "zero_copy", "replace", "pin", "quiet"});
+  absl::StatusOr<Args> args =
+      Args::Parse(argv,
+                  With({"id", "arch", "device", "dtype", "compute_dtype", "override",
+                        "compute_override", "prediction"}),
+                  {"json", "allow_missing_keys", "zero_copy", "replace", "pin", "quiet"});
   if (!args.ok()) return Usage("load", std::string(args.status().message()));
   if (args->positionals().size() != 1)
     return Usage("load", "needs exactly one PATH (relative to a model root)");
@@ -178,6 +184,7 @@ int RunLoad(const std::vector<std::string>& argv) {
   request.set_device(args->Get("device"));
   request.set_dtype(args->Get("dtype"));
   request.set_compute_dtype(args->Get("compute_dtype"));
+  request.set_prediction(args->Get("prediction"));
   // --override=prefix=dtype,... and --compute_override=entry=dtype,...
   for (auto [flag, map] :
        {std::make_pair("override", request.mutable_dtype_overrides()),

@@ -102,7 +102,8 @@ std::string LoadKey(const LoadSpec& spec, const std::string& device,
   return absl::StrCat(spec.path, "|", FileIdentityKey(spec.path, st), "|", spec.architecture, "|",
                       device, "|", requested ? requested->Describe() : "default", "|",
                       ComputeKey(spec.compute), "|", spec.zero_copy ? "zero_copy" : "copy",
-                      spec.allow_missing_keys ? "|allow_missing" : "");
+                      spec.allow_missing_keys ? "|allow_missing" : "",
+                      spec.prediction.empty() ? "" : "|prediction=", spec.prediction);
 }
 
 }  // namespace metaload::cache

@@ -65,6 +65,7 @@ struct Loaded {
   std::vector<core::CheckpointFile> files;
   int64_t parameter_count = 0, resident_bytes = 0, loaded_at_ms = 0;
   std::vector<models::EntrySpec> entries;
+  std::optional<models::DiffusionInfo> diffusion;  // the request's prediction applied
   LoadStats stats;
   bool pinned = false;
   std::atomic<int64_t> last_used_ms{0};

@@ -224,6 +224,7 @@ ModelInfo ModelCache::InfoLocked(const std::string& id, const Loaded& l,
   info.sha256 = l.Sha256();
   info.short_hash = info.sha256.substr(0, std::min<size_t>(10, info.sha256.size()));
   info.entries = l.entries;
+  info.diffusion = l.diffusion;
   info.loaded_at_unix_ms = l.loaded_at_ms;
   info.last_used_unix_ms = l.last_used_ms.load();
   info.infer_count = l.infer_count.load();

@@ -46,6 +46,7 @@
 #include "server/cache/infer_limits.h"
 #include "server/cache/wire_tensor.h"
 #include "server/core/mutex.h"
+#include "server/models/diffusion_info.h"
 #include "server/models/entry_spec.h"
 
 namespace metaload::core {
@@ -73,6 +74,9 @@ struct LoadSpec {
   // How each network computes (see models::Model::Load); default: the device's default for its
   // storage dtype.
   models::ComputeChoice compute;
+  // Diffusion models: "epsilon" or "v" over the model's own (models::DiffusionInfo); "" keeps
+  // it. Validated by the service; FAILED_PRECONDITION for a model that is not a diffusion one.
+  std::string prediction;
   bool allow_missing_keys = false;
   bool zero_copy = false;
   bool replace = false;
@@ -86,6 +90,7 @@ struct ModelInfo {
   std::string sha256, short_hash;
   std::vector<models::EntrySpec> entries;
   int64_t loaded_at_unix_ms = 0, last_used_unix_ms = 0, infer_count = 0;
+  std::optional<models::DiffusionInfo> diffusion;  // the request's prediction applied
 };
 
 struct LoadStats {

@@ -146,6 +146,11 @@ absl::StatusOr<ModelCache::Prepared> ModelCache::Prepare(const Flight& flight) {
   if (!model.ok()) return model.status();
   p.model = *std::move(model);
   p.build_seconds = SecondsSince(start);
+  if (!spec.prediction.empty() && !p.model->Diffusion()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("prediction '", spec.prediction, "' applies to diffusion models; '",
+                     spec.display_path, "' is ", p.model->architecture()));
+  }
   absl::StatusOr<core::DtypePolicy> policy = models::EffectivePolicy(*p.model, flight.requested);
   if (!policy.ok()) return policy.status();
   p.policy = *std::move(policy);
@@ -269,6 +274,11 @@ absl::StatusOr<std::shared_ptr<Loaded>> ModelCache::Execute(Flight& flight, Prep
   loaded->parameter_count = model->ParameterCount();
   loaded->resident_bytes = holds;
   loaded->entries = model->LoadedEntries();
+  loaded->diffusion = model->Diffusion();
+  if (loaded->diffusion && !spec.prediction.empty()) {
+    loaded->diffusion->prediction = spec.prediction;
+    loaded->diffusion->prediction_source = "request";
+  }
   loaded->pinned = spec.pin;
   loaded->loaded_at_ms = NowMs();
   loaded->last_used_ms = loaded->loaded_at_ms;

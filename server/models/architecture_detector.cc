@@ -45,18 +45,27 @@ std::string FromConfig(const std::string& config_json) {
 }
 
 std::string FromKeys(const core::CheckpointIndex& index) {
+  for (const NewerDiffusionFamily& f : kNewerDiffusionFamilies) {
+    if (HasPrefix(index, f.marker) || HasPrefix(index, std::string(kLdmUnet) + f.marker)) {
+      return f.name;
+    }
+  }
   if (HasPrefix(index, "conditioner.embedders.")) return "sdxl";
   if (HasPrefix(index, kLdmUnet)) {
-    if (HasPrefix(index, "cond_stage_model.model.")) return "sd2";
     const core::TensorInfo* in = index.Find(std::string(kLdmUnet) + "input_blocks.0.0.weight");
-    if (in != nullptr && in->shape.size() == 4) {
-      const std::string variant = Sd1VariantName(in->shape[1]);
-      if (variant != "sd1") return variant;
-    }
+    const int64_t in_channels =
+        in != nullptr && in->shape.size() == 4 ? in->shape[1] : kLdmUnetInChannels;
+    // SD2: the OpenCLIP text encoder, or (a file without one) the UNet's 1024-wide context.
     const core::TensorInfo* ctx = index.Find(
         std::string(kLdmUnet) + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight");
-    if (ctx != nullptr && ctx->shape.size() == 2 && ctx->shape[1] == 1024) return "sd2";
-    return "sd1";
+    if (HasPrefix(index, kLdmOpenClip) ||
+        (ctx != nullptr && ctx->shape.size() == 2 && ctx->shape[1] == 1024)) {
+      if (HasPrefix(index, kSd2DepthModel) || in_channels == kSd2DepthUnetInChannels) {
+        return kSd2Depth;
+      }
+      return LdmVariantName("sd2", kSd2Variants, in_channels);
+    }
+    return LdmVariantName("sd1", kSd1Variants, in_channels);
   }
   if (HasKey(index, "transformer.h.0.attn.c_attn.weight") ||
       HasKey(index, "h.0.attn.c_attn.weight")) {

@@ -12,15 +12,17 @@ absl::StatusOr<SynthPlan> MlpSynthPlan(const std::string& name, const std::strin
 absl::StatusOr<SynthPlan> Gpt2SynthPlan(const std::string& name, const std::string& preset);
 // LlamaForCausalLM layout with grouped-query attention and an untied lm_head.
 absl::StatusOr<SynthPlan> LlamaSynthPlan(const std::string& name, const std::string& preset);
-// Stable Diffusion 1.x in the LDM layout, one file (ldm_layout.h); a variant's name gives the
-// UNet its input channels.
+// Stable Diffusion 1.x and 2.x in the LDM layout, one file (ldm_layout.h); a variant's name
+// gives the UNet its input channels.
 absl::StatusOr<SynthPlan> Sd1SynthPlan(const std::string& name, const std::string& preset);
+absl::StatusOr<SynthPlan> Sd2SynthPlan(const std::string& name, const std::string& preset);
 
 namespace {
 
-std::vector<ArchitectureVariant> Sd1Variants() {
+template <size_t N>
+std::vector<ArchitectureVariant> Variants(const LdmVariant (&table)[N]) {
   std::vector<ArchitectureVariant> variants;
-  for (const Sd1Variant& v : kSd1Variants) variants.push_back({v.name, v.description});
+  for (const LdmVariant& v : table) variants.push_back({v.name, v.description});
   return variants;
 }
 
@@ -59,20 +61,38 @@ std::vector<ArchitectureInfo> Table() {
     a.description =
         "Stable Diffusion 1.x single file in the LDM layout; unet, text_encoder, vae_decode, "
         "vae_encode";
-    a.variants = Sd1Variants();
+    a.variants = Variants(kSd1Variants);
     a.synth_presets = {"tiny", "full"};
     a.synth = Sd1SynthPlan;
   }
   {
     ArchitectureInfo& a = rows.emplace_back();
     a.name = "sd2";
-    a.description = "Stable Diffusion 2.x (OpenCLIP text encoder): detected, not built yet";
+    a.description =
+        "Stable Diffusion 2.x single file in the LDM layout (OpenCLIP text encoder, 512-base and "
+        "768-v); unet, text_encoder, vae_decode, vae_encode";
+    a.variants = Variants(kSd2Variants);
+    a.synth_presets = {"tiny", "full"};
+    a.synth = Sd2SynthPlan;
+  }
+  {
+    ArchitectureInfo& a = rows.emplace_back();
+    a.name = kSd2Depth;
+    a.description = "Stable Diffusion 2 depth-to-image (MiDaS depth_model.): detected, not built";
     a.loadable = false;
   }
   {
     ArchitectureInfo& a = rows.emplace_back();
     a.name = "sdxl";
     a.description = "Stable Diffusion XL (conditioner.embedders.): detected, not built yet";
+    a.loadable = false;
+  }
+  for (const char* name : {"sd3", "flux", "stable-cascade"}) {
+    ArchitectureInfo& a = rows.emplace_back();
+    a.name = name;
+    a.description =
+        "a diffusion transformer family after SDXL (ldm_layout.h's markers): "
+        "detected, not built";
     a.loadable = false;
   }
   {

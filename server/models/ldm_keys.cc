@@ -88,7 +88,17 @@ absl::StatusOr<UnetConfig> ReadUnet(const LdmKeys& keys, const std::string& p) {
   if (c.mult.empty()) return NotLdmLayout(keys, "no UNet input blocks");
   if (absl::Status s = level_done(); !s.ok()) return s;  // the last level
   c.res_blocks = *res_blocks;
-  c.heads = 8;  // SD1's; no shape tells the head count
+  // The middle block always has a SpatialTransformer: its proj_in's rank tells convolution (4)
+  // from Linear (2). Heads are the assembler's to state: no shape tells them.
+  const core::TensorInfo* proj_in = index.Find(p + "middle_block.1.proj_in.weight");
+  if (proj_in == nullptr) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        index.path, ": ", keys.family, " checkpoint lacks ", p, "middle_block.1.proj_in.weight"));
+  }
+  if (proj_in->shape.size() != 2 && proj_in->shape.size() != 4) {
+    return NotLdmLayout(keys, "UNet proj_in.weight neither a Linear nor a 1x1 convolution");
+  }
+  c.linear_proj = proj_in->shape.size() == 2;
   while (HasKeyPrefix(index, absl::StrCat(p, "middle_block.1.transformer_blocks.", c.depth, "."))) {
     ++c.depth;
   }
@@ -138,6 +148,43 @@ absl::StatusOr<ClipConfig> ReadClip(const LdmKeys& keys, const std::string& p) {
   c.heads = std::max<int64_t>(1, c.width / 64);  // ViT-L/14: 768 wide, 12 heads of 64
   if (c.width % c.heads != 0) return NotLdmLayout(keys, "CLIP width not a multiple of 64");
   while (HasKeyPrefix(index, absl::StrCat(p, "encoder.layers.", c.layers, "."))) ++c.layers;
+  return c;
+}
+
+absl::StatusOr<OpenClipConfig> ReadOpenClip(const LdmKeys& keys, const std::string& p) {
+  const core::CheckpointIndex& index = keys.index;
+  OpenClipConfig c;
+  ML_ASSIGN_SHAPE(tokens, Shape(keys, p + "token_embedding.weight", 2));
+  ML_ASSIGN_SHAPE(positions, Shape(keys, p + "positional_embedding", 2));
+  ML_ASSIGN_SHAPE(fc, Shape(keys, p + "transformer.resblocks.0.mlp.c_fc.weight", 2));
+  c.vocab = tokens[0];
+  c.width = tokens[1];
+  c.positions = positions[0];
+  c.ffn = fc[0];
+  if (positions[1] != c.width) return NotLdmLayout(keys, "OpenCLIP embeddings of two widths");
+  c.heads = std::max<int64_t>(1, c.width / 64);  // open_clip's head width
+  if (c.width % c.heads != 0) return NotLdmLayout(keys, "OpenCLIP width not a multiple of 64");
+  while (HasKeyPrefix(index, absl::StrCat(p, "transformer.resblocks.", c.layers, "."))) {
+    ++c.layers;
+  }
+  const int64_t full_depth = c.width == 1024 ? 24 : c.width == 1280 ? 32 : c.layers;
+  if (c.layers + 1 == full_depth) {
+    c.output_layer = c.layers;  // the last resblock left out: what is here is the penultimate
+  } else if (c.layers >= 2) {
+    c.output_layer = c.layers - 1;
+  } else {
+    return NotLdmLayout(keys, "an OpenCLIP text encoder needs two resblocks for its penultimate");
+  }
+  if (const core::TensorInfo* proj = index.Find(p + "text_projection"); proj != nullptr) {
+    if (proj->shape.size() != 2 || proj->shape[0] != c.width) {
+      return NotLdmLayout(keys, "OpenCLIP text_projection is not [width, N]");
+    }
+    c.projection = proj->shape[1];
+  }
+  if (const core::TensorInfo* scale = index.Find(p + "logit_scale"); scale != nullptr) {
+    if (!scale->shape.empty()) return NotLdmLayout(keys, "OpenCLIP logit_scale is not a scalar");
+    c.logit_scale = true;
+  }
   return c;
 }
 

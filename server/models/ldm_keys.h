@@ -1,9 +1,9 @@
 // Reading the sizes of the LDM networks from a checkpoint's keys and shapes, the way the web UI
 // guesses a config: every UnetConfig, VaeConfig and ClipConfig field comes from the keys found
-// under a prefix, except what no shape tells (SD1's 8 UNet heads, CLIP's 64-wide heads), which
-// the reader states. A checkpoint that does not fit is FAILED_PRECONDITION naming the first
-// missing key ("<path>: sd1 checkpoint lacks KEY") or what does not fit ("<path>: not an SD1
-// layout: UNet levels with different numbers of res blocks").
+// under a prefix, except what no shape tells (the UNet's heads, CLIP's 64-wide heads, OpenCLIP's
+// full depth), which the reader or the assembler states. A checkpoint that does not fit is
+// FAILED_PRECONDITION naming the first missing key ("<path>: sd1 checkpoint lacks KEY") or what
+// does not fit ("<path>: not an SD1 layout: UNet levels with different numbers of res blocks").
 //
 // Reads only the index (no tensor data). Stateless and thread-safe.
 #ifndef METALOAD_SERVER_MODELS_LDM_KEYS_H_
@@ -17,6 +17,7 @@
 #include "server/models/clip_text_encoder.h"
 #include "server/models/ldm_unet.h"
 #include "server/models/ldm_vae.h"
+#include "server/models/open_clip_text_encoder.h"
 
 namespace metaload::models {
 
@@ -40,6 +41,12 @@ absl::StatusOr<UnetConfig> ReadUnet(const LdmKeys& keys, const std::string& pref
 absl::StatusOr<VaeConfig> ReadVae(const LdmKeys& keys, const std::string& prefix);
 // The CLIP text encoder under `prefix` (".../text_model."), heads of 64 channels.
 absl::StatusOr<ClipConfig> ReadClip(const LdmKeys& keys, const std::string& prefix);
+// The OpenCLIP text encoder under `prefix` ("cond_stage_model.model."), heads of 64 channels.
+// Its output layer is the penultimate one, counted in the architecture's full depth: open_clip's
+// configs give ViT-H/14 (width 1024) 24 layers and ViT-bigG/14 (1280) 32, so a file of that
+// width with one fewer resblock has left out the unused last one and runs all it holds. Any
+// other width: the resblocks in the file are the full depth.
+absl::StatusOr<OpenClipConfig> ReadOpenClip(const LdmKeys& keys, const std::string& prefix);
 
 }  // namespace metaload::models
 

@@ -118,30 +118,50 @@ class TransformerBlock : public core::Module {
   LayerNorm& norm3_;
 };
 
+// proj_in / proj_out: 1x1 convolutions on the image (SD1) or Linear layers on the flattened
+// tokens (SD2, SDXL: use_linear_in_transformer); the same weights either way but for their rank.
 class SpatialTransformer : public UnetLayer {
  public:
   SpatialTransformer(int64_t channels, const UnetConfig& c)
-      : norm_(AddChild("norm", std::make_unique<GroupNorm>(32, channels, 1e-6))),
-        proj_in_(AddChild("proj_in", std::make_unique<Conv2d>(channels, channels, 1))),
-        proj_out_(AddChild("proj_out", std::make_unique<Conv2d>(channels, channels, 1))) {
+      : linear_(c.linear_proj),
+        norm_(AddChild("norm", std::make_unique<GroupNorm>(32, channels, 1e-6))) {
+    if (linear_) {
+      linear_in_ = &AddChild("proj_in", std::make_unique<Linear>(channels, channels));
+    } else {
+      conv_in_ = &AddChild("proj_in", std::make_unique<Conv2d>(channels, channels, 1));
+    }
     for (int64_t d = 0; d < c.depth; ++d) {
-      blocks_.push_back(
-          &AddChild(absl::StrCat("transformer_blocks.", d),
-                    std::make_unique<TransformerBlock>(channels, c.context_dim, c.heads)));
+      blocks_.push_back(&AddChild(
+          absl::StrCat("transformer_blocks.", d),
+          std::make_unique<TransformerBlock>(channels, c.context_dim, c.HeadsAt(channels))));
+    }
+    if (linear_) {
+      linear_out_ = &AddChild("proj_out", std::make_unique<Linear>(channels, channels));
+    } else {
+      conv_out_ = &AddChild("proj_out", std::make_unique<Conv2d>(channels, channels, 1));
     }
   }
   at::Tensor Forward(const at::Tensor& x, const at::Tensor&,
                      const at::Tensor& context) const override {
     const int64_t b = x.size(0), ch = x.size(1), h = x.size(2), w = x.size(3);
-    at::Tensor y = proj_in_.Forward(norm_.Forward(x)).permute({0, 2, 3, 1}).reshape({b, h * w, ch});
+    auto tokens = [&](const at::Tensor& image) {
+      return image.permute({0, 2, 3, 1}).reshape({b, h * w, ch});
+    };
+    at::Tensor y = norm_.Forward(x);
+    y = linear_ ? linear_in_->Forward(tokens(y)) : tokens(conv_in_->Forward(y));
     for (const TransformerBlock* block : blocks_) y = block->Forward(y, context);
-    return x + proj_out_.Forward(y.reshape({b, h, w, ch}).permute({0, 3, 1, 2}));
+    if (linear_) y = linear_out_->Forward(y);
+    y = y.reshape({b, h, w, ch}).permute({0, 3, 1, 2});
+    return x + (linear_ ? y : conv_out_->Forward(y));
   }
 
  private:
+  bool linear_;
   GroupNorm& norm_;
-  Conv2d& proj_in_;
-  Conv2d& proj_out_;
+  Conv2d* conv_in_ = nullptr;
+  Conv2d* conv_out_ = nullptr;
+  Linear* linear_in_ = nullptr;
+  Linear* linear_out_ = nullptr;
   std::vector<const TransformerBlock*> blocks_;
 };
 

@@ -25,16 +25,23 @@
 
 namespace metaload::models {
 
-// SD1's UNet in ldm's terms. SD2 and SDXL reuse this UNet with fields still to be added, each
-// defaulting to SD1's behaviour: a fixed head width instead of a head count (num_head_channels
-// 64), linear proj_in/proj_out instead of 1x1 convolutions (use_linear_in_transformer), a
-// transformer depth per level, and SDXL's label_emb (adm_in_channels).
+// ldm's UNetModel arguments as SD1 and SD2 use them. SDXL's will add a transformer depth per
+// level and its label_emb (adm_in_channels), each defaulting to the behaviour of the others.
 struct UnetConfig {
-  int64_t in_channels = 0;      // of x: 4 latents (9 inpainting, 8 instruct-pix2pix)
-  int64_t out_channels = 0;     // of eps
-  int64_t model_channels = 0;   // width of the first level; a multiple of 32 (GroupNorm groups)
-  int64_t res_blocks = 0;       // ResBlocks per level on the way down (one more on the way up)
-  int64_t heads = 0;            // attention heads of every SpatialTransformer (SD1: 8)
+  int64_t in_channels = 0;     // of x: 4 latents (9 inpainting, 8 instruct-pix2pix)
+  int64_t out_channels = 0;    // of eps
+  int64_t model_channels = 0;  // width of the first level; a multiple of 32 (GroupNorm groups)
+  int64_t res_blocks = 0;      // ResBlocks per level on the way down (one more on the way up)
+  // Attention heads: a fixed count in every SpatialTransformer (ldm's num_heads; SD1: 8), or,
+  // when head_channels is set, as many heads of that width as the block's channels hold
+  // (num_head_channels; SD2: 64, so 5, 10 and 20 heads at 320, 640 and 1280 channels). No shape
+  // tells either: the assembler states it (ldm_keys.h).
+  int64_t heads = 0;
+  int64_t head_channels = 0;
+  // proj_in / proj_out of the SpatialTransformers as Linear layers on the flattened tokens
+  // (use_linear_in_transformer, SD2 and SDXL) instead of 1x1 convolutions (SD1): read from the
+  // rank of proj_in.weight.
+  bool linear_proj = false;
   int64_t context_dim = 0;      // width of the cross-attention context (SD1: CLIP's 768)
   int64_t depth = 0;            // transformer blocks per SpatialTransformer (SD1: 1)
   std::vector<int64_t> mult;    // per level: width / model_channels
@@ -42,6 +49,10 @@ struct UnetConfig {
 
   // Height and width of x must be multiples of this: one halving per level below the first.
   int64_t Downscale() const { return int64_t{1} << (mult.size() - 1); }
+  // The heads of a SpatialTransformer with `channels` channels.
+  int64_t HeadsAt(int64_t channels) const {
+    return head_channels > 0 ? channels / head_channels : heads;
+  }
 };
 
 class UnetBlock;  // input_blocks.N, middle_block, output_blocks.N (ldm_unet.cc)

@@ -19,6 +19,7 @@
 #include "server/core/dtype.h"
 #include "server/core/dtype_policy.h"
 #include "server/core/loader.h"
+#include "server/models/diffusion_info.h"
 #include "server/models/entry_spec.h"
 
 namespace metaload::models {
@@ -79,6 +80,10 @@ class Model {
   virtual ByteEstimate EstimateBytes(const core::CheckpointIndex& index,
                                      const core::DtypePolicy& policy,
                                      bool allow_missing_keys) const = 0;
+
+  // Diffusion models: what the UNet predicts and the VAE's scale, once loaded (the prediction
+  // may be read from the weights). nullopt for every other model.
+  virtual std::optional<DiffusionInfo> Diffusion() const { return std::nullopt; }
 
   // Values in the model's parameters after loading (buffers are not counted).
   virtual int64_t ParameterCount() const = 0;

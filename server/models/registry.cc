@@ -8,11 +8,12 @@
 
 namespace metaload::models {
 
-// One per file (mlp.cc, gpt2.cc, ...), called only from here.
+// One per architecture (mlp.cc, gpt2.cc, stable_diffusion.cc, ...), called only from here.
 absl::StatusOr<std::unique_ptr<Model>> BuildMlp(const core::CheckpointIndex& index);
 absl::StatusOr<std::unique_ptr<Model>> BuildGpt2(const core::CheckpointIndex& index);
 absl::StatusOr<std::unique_ptr<Model>> BuildLlama(const core::CheckpointIndex& index);
 absl::StatusOr<std::unique_ptr<Model>> BuildSd1(const core::CheckpointIndex& index);
+absl::StatusOr<std::unique_ptr<Model>> BuildSd2(const core::CheckpointIndex& index);
 absl::StatusOr<std::unique_ptr<Model>> BuildTorchScript(const core::CheckpointIndex& index);
 
 namespace {
@@ -23,11 +24,8 @@ using Builder = absl::StatusOr<std::unique_ptr<Model>> (*)(const core::Checkpoin
 // kept here). A row's builder also builds its variants.
 const std::map<std::string, Builder>& Builders() {
   static const auto* builders = new std::map<std::string, Builder>{
-      {"gpt2", BuildGpt2},
-      {"llama", BuildLlama},
-      {"mlp", BuildMlp},
-      {"sd1", BuildSd1},
-      {"torchscript", BuildTorchScript},
+      {"gpt2", BuildGpt2}, {"llama", BuildLlama}, {"mlp", BuildMlp},
+      {"sd1", BuildSd1},   {"sd2", BuildSd2},     {"torchscript", BuildTorchScript},
   };
   return *builders;
 }

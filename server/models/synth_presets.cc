@@ -129,87 +129,103 @@ absl::StatusOr<SynthPlan> LlamaSynthPlan(const std::string& name, const std::str
   return p;
 }
 
-// Stable Diffusion 1.x in the original LDM layout, one file: UNet, AutoencoderKL, CLIP text
-// encoder and the DDPM schedule. "full" has the v1 inference config's shapes (1.07 G
-// parameters); "tiny" keeps the topology (4 levels, attention on the first three, 8 heads) at
-// 32 channels, as tests/tools/ref_sd1.py does.
-absl::StatusOr<SynthPlan> Sd1SynthPlan(const std::string& name, const std::string& preset) {
-  struct {
-    int64_t mc, res, ctx;  // UNet
-    int64_t vae_ch, vae_res;
-    int64_t vocab, width, layers, ffn;  // CLIP
-    std::vector<int64_t> mult, vae_mult;
-  } c;
-  if (preset == "tiny") {
-    c = {32, 2, 128, 32, 1, 1000, 128, 2, 512, {1, 2, 2, 2}, {1, 2, 2, 2}};
-  } else if (preset == "full") {
-    c = {320, 2, 768, 128, 2, 49408, 768, 12, 3072, {1, 2, 4, 4}, {1, 2, 4, 4}};
-  } else {
-    return NoSuchPreset(name, preset);
-  }
-  int64_t in_channels = kSd1UnetInChannels;
-  for (const Sd1Variant& variant : kSd1Variants) {
-    if (name == variant.name) in_channels = variant.unet_in_channels;
-  }
-  SynthPlan p;
-  std::vector<TensorPlan>& t = p.tensors;
-  auto linear = [&t](const std::string& name, int64_t in, int64_t out, bool bias = true) {
-    t.push_back({name + ".weight", {out, in}, InvSqrt(in)});
-    if (bias) t.push_back({name + ".bias", {out}, 0.1});
+namespace {
+
+// The LDM single-file networks' tensors, in the names ldm_layout.h and the parts' headers give.
+class LdmSynth {
+ public:
+  struct UnetShape {
+    int64_t in_channels, model_channels, res_blocks, context;
+    std::vector<int64_t> mult;  // attention on every level but the last
+    bool linear_proj;
   };
-  auto conv = [&t](const std::string& name, int64_t in, int64_t out, int64_t k) {
-    t.push_back({name + ".weight", {out, in, k, k}, InvSqrt(in * k * k)});
-    t.push_back({name + ".bias", {out}, 0.1});
+  struct VaeShape {
+    int64_t ch, res_blocks;
+    std::vector<int64_t> mult;
   };
-  auto norm = [&t](const std::string& name, int64_t n) {
-    t.push_back({name + ".weight", {n}, 0.1, 1.0});
-    t.push_back({name + ".bias", {n}, 0.1});
+  struct TextShape {
+    int64_t vocab, width, layers, ffn;
   };
 
-  // UNet.
+  explicit LdmSynth(std::vector<TensorPlan>* t) : t_(*t) {}
+
+  void Unet(const UnetShape& c);
+  void Vae(const VaeShape& c);
+  void Clip(const TextShape& c);      // CLIP ViT-L/14's layout under kLdmClip
+  void OpenClip(const TextShape& c);  // OpenCLIP's under kLdmOpenClip
+  // The DDPM schedule (values in (0, 1), not the real curve).
+  void Schedule() {
+    for (const char* buffer : kLdmScheduleBuffers) t_.push_back({buffer, {1000}, 0.5, 0.5});
+  }
+
+ private:
+  void Linear(const std::string& name, int64_t in, int64_t out, bool bias = true) {
+    t_.push_back({name + ".weight", {out, in}, InvSqrt(in)});
+    if (bias) t_.push_back({name + ".bias", {out}, 0.1});
+  }
+  void Conv(const std::string& name, int64_t in, int64_t out, int64_t k) {
+    t_.push_back({name + ".weight", {out, in, k, k}, InvSqrt(in * k * k)});
+    t_.push_back({name + ".bias", {out}, 0.1});
+  }
+  void Norm(const std::string& name, int64_t n) {
+    t_.push_back({name + ".weight", {n}, 0.1, 1.0});
+    t_.push_back({name + ".bias", {n}, 0.1});
+  }
+
+  std::vector<TensorPlan>& t_;
+};
+
+void LdmSynth::Unet(const UnetShape& c) {
   const std::string u = kLdmUnet;
-  const int64_t emb = 4 * c.mc;
-  linear(u + "time_embed.0", c.mc, emb);
-  linear(u + "time_embed.2", emb, emb);
+  const int64_t emb = 4 * c.model_channels;
+  Linear(u + "time_embed.0", c.model_channels, emb);
+  Linear(u + "time_embed.2", emb, emb);
   auto res_block = [&](const std::string& b, int64_t in, int64_t out) {
-    norm(b + "in_layers.0", in);
-    conv(b + "in_layers.2", in, out, 3);
-    linear(b + "emb_layers.1", emb, out);
-    norm(b + "out_layers.0", out);
-    conv(b + "out_layers.3", out, out, 3);
-    if (in != out) conv(b + "skip_connection", in, out, 1);
+    Norm(b + "in_layers.0", in);
+    Conv(b + "in_layers.2", in, out, 3);
+    Linear(b + "emb_layers.1", emb, out);
+    Norm(b + "out_layers.0", out);
+    Conv(b + "out_layers.3", out, out, 3);
+    if (in != out) Conv(b + "skip_connection", in, out, 1);
+  };
+  auto projection = [&](const std::string& name, int64_t ch) {
+    if (c.linear_proj) {
+      Linear(name, ch, ch);
+    } else {
+      Conv(name, ch, ch, 1);
+    }
   };
   auto transformer = [&](const std::string& b, int64_t ch) {
-    norm(b + "norm", ch);
-    conv(b + "proj_in", ch, ch, 1);
+    Norm(b + "norm", ch);
+    projection(b + "proj_in", ch);
     const std::string tb = b + "transformer_blocks.0.";
     for (const char* attn : {"attn1", "attn2"}) {
-      const int64_t kv = std::string(attn) == "attn1" ? ch : c.ctx;
-      linear(tb + attn + ".to_q", ch, ch, false);
-      linear(tb + attn + ".to_k", kv, ch, false);
-      linear(tb + attn + ".to_v", kv, ch, false);
-      linear(tb + attn + ".to_out.0", ch, ch);
+      const int64_t kv = std::string(attn) == "attn1" ? ch : c.context;
+      Linear(tb + attn + ".to_q", ch, ch, false);
+      Linear(tb + attn + ".to_k", kv, ch, false);
+      Linear(tb + attn + ".to_v", kv, ch, false);
+      Linear(tb + attn + ".to_out.0", ch, ch);
     }
-    linear(tb + "ff.net.0.proj", ch, 8 * ch);
-    linear(tb + "ff.net.2", 4 * ch, ch);
-    for (const char* n : {"norm1", "norm2", "norm3"}) norm(tb + n, ch);
-    conv(b + "proj_out", ch, ch, 1);
+    Linear(tb + "ff.net.0.proj", ch, 8 * ch);
+    Linear(tb + "ff.net.2", 4 * ch, ch);
+    for (const char* n : {"norm1", "norm2", "norm3"}) Norm(tb + n, ch);
+    projection(b + "proj_out", ch);
   };
   const size_t levels = c.mult.size();
   auto attention = [levels](size_t level) { return level + 1 < levels; };
-  conv(u + "input_blocks.0.0", in_channels, c.mc, 3);
-  int64_t ch = c.mc, block = 1;
+  Conv(u + "input_blocks.0.0", c.in_channels, c.model_channels, 3);
+  int64_t ch = c.model_channels, block = 1;
   std::vector<int64_t> skips = {ch};
   for (size_t level = 0; level < levels; ++level) {
-    for (int64_t r = 0; r < c.res; ++r, ++block) {
+    for (int64_t r = 0; r < c.res_blocks; ++r, ++block) {
       const std::string b = absl::StrCat(u, "input_blocks.", block, ".");
-      res_block(b + "0.", ch, c.mult[level] * c.mc);
-      ch = c.mult[level] * c.mc;
+      res_block(b + "0.", ch, c.mult[level] * c.model_channels);
+      ch = c.mult[level] * c.model_channels;
       if (attention(level)) transformer(b + "1.", ch);
       skips.push_back(ch);
     }
     if (level + 1 < levels) {
-      conv(absl::StrCat(u, "input_blocks.", block++, ".0.op"), ch, ch, 3);
+      Conv(absl::StrCat(u, "input_blocks.", block++, ".0.op"), ch, ch, 3);
       skips.push_back(ch);
     }
   }
@@ -218,83 +234,156 @@ absl::StatusOr<SynthPlan> Sd1SynthPlan(const std::string& name, const std::strin
   res_block(u + "middle_block.2.", ch, ch);
   block = 0;
   for (size_t level = levels; level-- > 0;) {
-    for (int64_t r = 0; r <= c.res; ++r, ++block) {
+    for (int64_t r = 0; r <= c.res_blocks; ++r, ++block) {
       const std::string b = absl::StrCat(u, "output_blocks.", block, ".");
-      res_block(b + "0.", ch + skips.back(), c.mult[level] * c.mc);
+      res_block(b + "0.", ch + skips.back(), c.mult[level] * c.model_channels);
       skips.pop_back();
-      ch = c.mult[level] * c.mc;
+      ch = c.mult[level] * c.model_channels;
       int64_t layer = 1;
       if (attention(level)) transformer(absl::StrCat(b, layer++, "."), ch);
-      if (level > 0 && r == c.res) conv(absl::StrCat(b, layer, ".conv"), ch, ch, 3);
+      if (level > 0 && r == c.res_blocks) Conv(absl::StrCat(b, layer, ".conv"), ch, ch, 3);
     }
   }
-  norm(u + "out.0", ch);
-  conv(u + "out.2", ch, 4, 3);
+  Norm(u + "out.0", ch);
+  Conv(u + "out.2", ch, 4, 3);
+}
 
-  // AutoencoderKL.
+void LdmSynth::Vae(const VaeShape& c) {
   const std::string v = kLdmVae;
   auto vae_res = [&](const std::string& b, int64_t in, int64_t out) {
-    norm(b + "norm1", in);
-    conv(b + "conv1", in, out, 3);
-    norm(b + "norm2", out);
-    conv(b + "conv2", out, out, 3);
-    if (in != out) conv(b + "nin_shortcut", in, out, 1);
+    Norm(b + "norm1", in);
+    Conv(b + "conv1", in, out, 3);
+    Norm(b + "norm2", out);
+    Conv(b + "conv2", out, out, 3);
+    if (in != out) Conv(b + "nin_shortcut", in, out, 1);
   };
   auto vae_mid = [&](const std::string& m, int64_t n) {
     vae_res(m + "block_1.", n, n);
-    norm(m + "attn_1.norm", n);
-    for (const char* x : {"q", "k", "v", "proj_out"}) conv(m + "attn_1." + x, n, n, 1);
+    Norm(m + "attn_1.norm", n);
+    for (const char* x : {"q", "k", "v", "proj_out"}) Conv(m + "attn_1." + x, n, n, 1);
     vae_res(m + "block_2.", n, n);
   };
-  conv(v + "encoder.conv_in", 3, c.vae_ch, 3);
-  ch = c.vae_ch;
-  for (size_t level = 0; level < c.vae_mult.size(); ++level) {
-    for (int64_t r = 0; r < c.vae_res; ++r) {
-      vae_res(absl::StrCat(v, "encoder.down.", level, ".block.", r, "."), ch,
-              c.vae_ch * c.vae_mult[level]);
-      ch = c.vae_ch * c.vae_mult[level];
+  Conv(v + "encoder.conv_in", 3, c.ch, 3);
+  int64_t ch = c.ch;
+  for (size_t level = 0; level < c.mult.size(); ++level) {
+    for (int64_t r = 0; r < c.res_blocks; ++r) {
+      vae_res(absl::StrCat(v, "encoder.down.", level, ".block.", r, "."), ch, c.ch * c.mult[level]);
+      ch = c.ch * c.mult[level];
     }
-    if (level + 1 < c.vae_mult.size()) {
-      conv(absl::StrCat(v, "encoder.down.", level, ".downsample.conv"), ch, ch, 3);
+    if (level + 1 < c.mult.size()) {
+      Conv(absl::StrCat(v, "encoder.down.", level, ".downsample.conv"), ch, ch, 3);
     }
   }
   vae_mid(v + "encoder.mid.", ch);
-  norm(v + "encoder.norm_out", ch);
-  conv(v + "encoder.conv_out", ch, 8, 3);
-  conv(v + "decoder.conv_in", 4, ch, 3);
+  Norm(v + "encoder.norm_out", ch);
+  Conv(v + "encoder.conv_out", ch, 8, 3);
+  Conv(v + "decoder.conv_in", 4, ch, 3);
   vae_mid(v + "decoder.mid.", ch);
-  for (size_t level = c.vae_mult.size(); level-- > 0;) {
-    for (int64_t r = 0; r <= c.vae_res; ++r) {
-      vae_res(absl::StrCat(v, "decoder.up.", level, ".block.", r, "."), ch,
-              c.vae_ch * c.vae_mult[level]);
-      ch = c.vae_ch * c.vae_mult[level];
+  for (size_t level = c.mult.size(); level-- > 0;) {
+    for (int64_t r = 0; r <= c.res_blocks; ++r) {
+      vae_res(absl::StrCat(v, "decoder.up.", level, ".block.", r, "."), ch, c.ch * c.mult[level]);
+      ch = c.ch * c.mult[level];
     }
-    if (level > 0) conv(absl::StrCat(v, "decoder.up.", level, ".upsample.conv"), ch, ch, 3);
+    if (level > 0) Conv(absl::StrCat(v, "decoder.up.", level, ".upsample.conv"), ch, ch, 3);
   }
-  norm(v + "decoder.norm_out", ch);
-  conv(v + "decoder.conv_out", ch, 3, 3);
-  conv(v + "quant_conv", 8, 8, 1);
-  conv(v + "post_quant_conv", 4, 4, 1);
+  Norm(v + "decoder.norm_out", ch);
+  Conv(v + "decoder.conv_out", ch, 3, 3);
+  Conv(v + "quant_conv", 8, 8, 1);
+  Conv(v + "post_quant_conv", 4, 4, 1);
+}
 
-  // CLIP text encoder.
+void LdmSynth::Clip(const TextShape& c) {
   const std::string e = kLdmClip;
-  t.push_back({e + "embeddings.token_embedding.weight", {c.vocab, c.width}, 0.5});
-  t.push_back({e + "embeddings.position_embedding.weight", {77, c.width}, 0.1});
-  t.push_back({e + "embeddings.position_ids", {1, 77}, 0, 0, /*positions=*/true});
+  t_.push_back({e + "embeddings.token_embedding.weight", {c.vocab, c.width}, 0.5});
+  t_.push_back({e + "embeddings.position_embedding.weight", {77, c.width}, 0.1});
+  t_.push_back({e + "embeddings.position_ids", {1, 77}, 0, 0, /*positions=*/true});
   for (int64_t i = 0; i < c.layers; ++i) {
     const std::string l = absl::StrCat(e, "encoder.layers.", i, ".");
     for (const char* x : {"q_proj", "k_proj", "v_proj", "out_proj"}) {
-      linear(l + "self_attn." + x, c.width, c.width);
+      Linear(l + "self_attn." + x, c.width, c.width);
     }
-    norm(l + "layer_norm1", c.width);
-    linear(l + "mlp.fc1", c.width, c.ffn);
-    linear(l + "mlp.fc2", c.ffn, c.width);
-    norm(l + "layer_norm2", c.width);
+    Norm(l + "layer_norm1", c.width);
+    Linear(l + "mlp.fc1", c.width, c.ffn);
+    Linear(l + "mlp.fc2", c.ffn, c.width);
+    Norm(l + "layer_norm2", c.width);
   }
-  norm(e + "final_layer_norm", c.width);
+  Norm(e + "final_layer_norm", c.width);
+}
 
-  // The DDPM schedule (values in (0, 1), not the real curve).
-  for (const char* buffer : kLdmScheduleBuffers) t.push_back({buffer, {1000}, 0.5, 0.5});
+void LdmSynth::OpenClip(const TextShape& c) {
+  const std::string e = kLdmOpenClip;
+  t_.push_back({e + "token_embedding.weight", {c.vocab, c.width}, 0.5});
+  t_.push_back({e + "positional_embedding", {77, c.width}, 0.1});
+  for (int64_t i = 0; i < c.layers; ++i) {
+    const std::string l = absl::StrCat(e, "transformer.resblocks.", i, ".");
+    Norm(l + "ln_1", c.width);
+    t_.push_back({l + "attn.in_proj_weight", {3 * c.width, c.width}, InvSqrt(c.width)});
+    t_.push_back({l + "attn.in_proj_bias", {3 * c.width}, 0.1});
+    Linear(l + "attn.out_proj", c.width, c.width);
+    Norm(l + "ln_2", c.width);
+    Linear(l + "mlp.c_fc", c.width, c.ffn);
+    Linear(l + "mlp.c_proj", c.ffn, c.width);
+  }
+  Norm(e + "ln_final", c.width);
+  t_.push_back({e + "text_projection", {c.width, c.width}, InvSqrt(c.width)});
+  t_.push_back({e + "logit_scale", {}, 0.1, 4.6});  // ln(100), as trained CLIPs end
+}
+
+// A variant's UNet input channels, or the plain model's.
+template <size_t N>
+int64_t UnetInChannels(const std::string& name, const LdmVariant (&variants)[N]) {
+  for (const LdmVariant& variant : variants) {
+    if (name == variant.name) return variant.unet_in_channels;
+  }
+  return kLdmUnetInChannels;
+}
+
+}  // namespace
+
+// Stable Diffusion 1.x in the original LDM layout, one file: UNet, AutoencoderKL, CLIP text
+// encoder and the DDPM schedule. "full" has the v1 inference config's shapes (1.07 G
+// parameters); "tiny" keeps the topology (4 levels, attention on the first three, 8 heads) at
+// 32 channels, as tests/tools/ref_sd1.py does.
+absl::StatusOr<SynthPlan> Sd1SynthPlan(const std::string& name, const std::string& preset) {
+  const int64_t in = UnetInChannels(name, kSd1Variants);
+  SynthPlan p;
+  LdmSynth synth(&p.tensors);
+  if (preset == "tiny") {
+    synth.Unet({in, 32, 2, 128, {1, 2, 2, 2}, false});
+    synth.Vae({32, 1, {1, 2, 2, 2}});
+    synth.Clip({1000, 128, 2, 512});
+  } else if (preset == "full") {
+    synth.Unet({in, 320, 2, 768, {1, 2, 4, 4}, false});
+    synth.Vae({128, 2, {1, 2, 4, 4}});
+    synth.Clip({49408, 768, 12, 3072});
+  } else {
+    return NoSuchPreset(name, preset);
+  }
+  synth.Schedule();
+  return p;
+}
+
+// Stable Diffusion 2.x, one file: SD1's networks with linear transformer projections and a
+// 1024-wide context, and the OpenCLIP ViT-H/14 text encoder. "full" has v2-inference-v.yaml's
+// shapes (1.30 G parameters); "tiny" keeps the topology at 64 channels, so its 64-channel heads
+// number 1 and 2 (tests/tools/ref_sd2.py). The weights say neither eps nor v clearly: the
+// prediction read from them is "epsilon".
+absl::StatusOr<SynthPlan> Sd2SynthPlan(const std::string& name, const std::string& preset) {
+  const int64_t in = UnetInChannels(name, kSd2Variants);
+  SynthPlan p;
+  LdmSynth synth(&p.tensors);
+  if (preset == "tiny") {
+    synth.Unet({in, 64, 2, 128, {1, 2, 2, 2}, true});
+    synth.Vae({32, 1, {1, 2, 2, 2}});
+    synth.OpenClip({1000, 128, 2, 512});
+  } else if (preset == "full") {
+    synth.Unet({in, 320, 2, 1024, {1, 2, 4, 4}, true});
+    synth.Vae({128, 2, {1, 2, 4, 4}});
+    synth.OpenClip({49408, 1024, 24, 4096});
+  } else {
+    return NoSuchPreset(name, preset);
+  }
+  synth.Schedule();
   return p;
 }
 

@@ -6,6 +6,7 @@
 #include "server/core/device_name.h"
 #include "server/core/dtype.h"
 #include "server/core/dtype_policy.h"
+#include "server/models/diffusion_info.h"
 
 namespace metaload::service {
 namespace {
@@ -144,6 +145,11 @@ absl::StatusOr<cache::LoadSpec> MakeLoadSpec(const metaload::v1::LoadModelReques
     if (!compute.ok()) return compute.status();
     spec.compute.by_entry[entry] = *compute;
   }
+  if (!request.prediction().empty() && !models::IsPredictionName(request.prediction())) {
+    return absl::InvalidArgumentError(
+        "prediction must be empty (the model's own), \"epsilon\" or \"v\"");
+  }
+  spec.prediction = request.prediction();
   const std::string device = request.device().empty() ? "cpu" : request.device();
   if (absl::Status named = core::ParseDeviceName(device).status(); !named.ok()) return named;
   absl::StatusOr<std::string> path = resolver.Resolve(request.path());
@@ -194,6 +200,12 @@ void ToProto(const cache::ModelInfo& info, metaload::v1::ModelInfo* out) {
   out->set_loaded_at_unix_ms(info.loaded_at_unix_ms);
   out->set_last_used_unix_ms(info.last_used_unix_ms);
   out->set_infer_count(info.infer_count);
+  if (info.diffusion) {
+    metaload::v1::Diffusion* d = out->mutable_diffusion();
+    d->set_prediction(info.diffusion->prediction);
+    d->set_prediction_source(info.diffusion->prediction_source);
+    d->set_vae_scale_factor(info.diffusion->vae_scale_factor);
+  }
 }
 
 void ToProto(const cache::LoadResult& result, metaload::v1::LoadModelResponse* out) {

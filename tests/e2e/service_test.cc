@@ -313,6 +313,56 @@ TEST_F(ServiceTest, Sd1WithTheWebUiDtypesThroughGrpc) {
   ASSERT_TRUE(Unload("sd32").ok());
 }
 
+// SD2 through gRPC: ModelInfo says what the UNet predicts and how that was told; a request's
+// prediction wins and is another model; a bad or misplaced prediction is refused.
+TEST_F(ServiceTest, Sd2PredictionThroughGrpc) {
+  testing::CommandResult sd = testing::RunCommand(
+      {METALOAD_PYTHON, METALOAD_SOURCE_DIR "/tests/tools/ref_sd2.py", *dir_ / "models/sd2", "--v"},
+      *dir_ / "py_sd2");
+  ASSERT_EQ(sd.exit_code, 0) << sd.err;
+  metaload::v1::LoadModelResponse read;
+  grpc::Status s = Load("sd2/model.safetensors", &read, [](auto* r) { r->set_model_id("v"); });
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  EXPECT_EQ(read.model().architecture(), "sd2");
+  EXPECT_EQ(read.model().diffusion().prediction(), "v");
+  EXPECT_NE(read.model().diffusion().prediction_source().find("weights: std of"),
+            std::string::npos);
+  EXPECT_DOUBLE_EQ(read.model().diffusion().vae_scale_factor(), 0.18215);
+  EXPECT_EQ(read.model().entries(0).outputs(0).name(), "model_output");
+
+  metaload::v1::LoadModelResponse told;
+  s = Load("sd2/model.safetensors", &told, [](auto* r) {
+    r->set_model_id("eps");
+    r->set_prediction("epsilon");
+  });
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  EXPECT_FALSE(told.cache_hit());
+  EXPECT_EQ(told.model().diffusion().prediction(), "epsilon");
+  EXPECT_EQ(told.model().diffusion().prediction_source(), "request");
+  metaload::v1::GetModelRequest get;
+  get.set_model_id("eps");
+  metaload::v1::ModelInfo info;
+  grpc::ClientContext context;
+  ASSERT_TRUE(stub_->GetModel(&context, get, &info).ok());
+  EXPECT_EQ(info.diffusion().prediction_source(), "request");
+
+  metaload::v1::LoadModelResponse refused;
+  s = Load("sd2/model.safetensors", &refused, [](auto* r) {
+    r->set_model_id("bad");
+    r->set_prediction(std::string(1 << 20, 'v'));
+  });
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_LT(s.error_message().size(), 200u);  // the 1 MiB value is not echoed
+  s = Load("mlp_small", &refused, [](auto* r) {
+    r->set_model_id("mlp_v");
+    r->set_prediction("v");
+  });
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << s.error_message();
+  EXPECT_NE(s.error_message().find("applies to diffusion models"), std::string::npos);
+  ASSERT_TRUE(Unload("v").ok());
+  ASSERT_TRUE(Unload("eps").ok());
+}
+
 TEST_F(ServiceTest, StreamReportsProgressThenTheResult) {
   metaload::v1::LoadModelRequest request;
   request.set_path("mlp_small");

@@ -17,6 +17,7 @@
 #include "absl/strings/str_cat.h"
 #include "server/core/checkpoint.h"
 #include "server/models/registry.h"
+#include "tests/models/ldm_reference.h"
 #include "tests/test_util.h"
 
 namespace metaload::models {
@@ -24,77 +25,8 @@ namespace {
 
 const char* const kEntries[] = {"unet", "text_encoder", "vae_decode", "vae_encode"};
 
-// One reference checkpoint per set of ref_sd1.py flags, written once per test binary run.
 const testing::TempDir& Reference(const std::vector<std::string>& flags) {
-  static auto* made = new std::map<std::vector<std::string>, std::unique_ptr<testing::TempDir>>();
-  std::unique_ptr<testing::TempDir>& dir = (*made)[flags];
-  if (!dir) {
-    dir = std::make_unique<testing::TempDir>();
-    std::vector<std::string> argv = {METALOAD_PYTHON, METALOAD_SOURCE_DIR "/tests/tools/ref_sd1.py",
-                                     *dir / "sd"};
-    argv.insert(argv.end(), flags.begin(), flags.end());
-    testing::CommandResult r = testing::RunCommand(argv, *dir / "py");
-    EXPECT_EQ(r.exit_code, 0) << r.err;
-  }
-  return *dir;
-}
-
-at::Tensor ReadTensor(const std::string& path, const nlohmann::json& spec) {
-  std::string bytes = testing::ReadFileOrEmpty(path);
-  const at::ScalarType type = spec["dtype"] == "int64" ? at::kLong : at::kFloat;
-  return at::from_blob(bytes.data(), spec["shape"].get<std::vector<int64_t>>(), type).clone();
-}
-
-struct Loaded {
-  std::unique_ptr<core::CheckpointSource> source;
-  std::unique_ptr<Model> model;
-  core::LoadReport report;
-};
-
-Loaded Load(const std::string& path, const std::string& dtype, const ComputeChoice& compute = {}) {
-  Loaded l;
-  absl::StatusOr<std::unique_ptr<core::CheckpointSource>> source =
-      core::CheckpointSource::Open(path);
-  EXPECT_TRUE(source.ok()) << source.status();
-  if (!source.ok()) return l;
-  l.source = *std::move(source);
-  absl::StatusOr<std::unique_ptr<Model>> model = BuildModel("", l.source->index());
-  EXPECT_TRUE(model.ok()) << model.status();
-  if (!model.ok()) return l;
-  core::LoadOptions options;
-  absl::StatusOr<core::DtypePolicy> policy = EffectivePolicy(**model, dtype);
-  EXPECT_TRUE(policy.ok()) << policy.status();
-  if (!policy.ok()) return l;
-  options.policy = *policy;
-  absl::StatusOr<core::LoadReport> report = (*model)->Load(*l.source, options, compute);
-  EXPECT_TRUE(report.ok()) << report.status();
-  if (!report.ok()) return l;
-  l.model = *std::move(model);
-  l.report = *report;
-  return l;
-}
-
-// max |got - expected| / max |expected| for `entry` of the reference in `dir`.
-double RelativeError(const Model& model, const std::string& dir, const std::string& entry) {
-  nlohmann::json cases = nlohmann::json::parse(testing::ReadFileOrEmpty(dir + "/cases.json"));
-  const nlohmann::json& c = cases[entry];
-  std::map<std::string, at::Tensor> feed;
-  for (auto it = c["inputs"].begin(); it != c["inputs"].end(); ++it) {
-    feed[it.key()] = ReadTensor(dir + "/" + entry + "." + it.key() + ".bin", it.value());
-  }
-  absl::StatusOr<NamedTensors> out = model.Run(entry, feed);
-  EXPECT_TRUE(out.ok()) << entry << ": " << out.status();
-  if (!out.ok()) return 1e9;
-  at::Tensor expected =
-      ReadTensor(dir + "/" + entry + ".out.bin", {{"shape", c["output"]}, {"dtype", "float32"}});
-  at::Tensor got = out->front().second.to(at::kFloat);
-  EXPECT_TRUE(got.sizes().equals(expected.sizes())) << entry << ": " << got.sizes();
-  if (!got.sizes().equals(expected.sizes())) return 1e9;
-  const double max_abs = expected.abs().max().item<double>();
-  const double err = (got - expected).abs().max().item<double>() / max_abs;
-  std::printf("%s: max abs error / max |output| = %.3g (max |output| %.3g)\n", entry.c_str(), err,
-              max_abs);
-  return err;
+  return LdmReference("ref_sd1.py", flags);
 }
 
 struct Case {
@@ -113,7 +45,7 @@ class Sd1ReferenceTest : public ::testing::TestWithParam<Case> {};
 TEST_P(Sd1ReferenceTest, EveryEntryMatchesPython) {
   const Case& c = GetParam();
   const std::string dir = Reference(c.flags) / "sd";
-  Loaded l = Load(dir + "/" + c.file, c.dtype);
+  LoadedReference l = LoadReference(dir + "/" + c.file, c.dtype);
   ASSERT_NE(l.model, nullptr);
   EXPECT_EQ(l.model->architecture(), c.architecture);
   EXPECT_TRUE(l.report.missing_keys.empty());
@@ -122,7 +54,7 @@ TEST_P(Sd1ReferenceTest, EveryEntryMatchesPython) {
     const bool variant =
         std::find(c.flags.begin(), c.flags.end(), "--in-channels") != c.flags.end();
     if (variant && std::string(entry) != "unet") continue;
-    EXPECT_LE(RelativeError(*l.model, dir, entry), c.tolerance) << c.name << " " << entry;
+    EXPECT_LE(ReferenceError(*l.model, dir, entry), c.tolerance) << c.name << " " << entry;
   }
 }
 
@@ -196,7 +128,7 @@ TEST_P(Sd1ResBlocksTest, UnetMatchesPython) {
   testing::CommandResult r = testing::RunCommand(
       {METALOAD_PYTHON, "-c", script, METALOAD_SOURCE_DIR "/tests/tools", dir / "sd"}, dir / "py");
   ASSERT_EQ(r.exit_code, 0) << r.err;
-  Loaded l = Load(dir / "sd/model.safetensors", "float32");
+  LoadedReference l = LoadReference(dir / "sd/model.safetensors", "float32");
   ASSERT_NE(l.model, nullptr);
   EXPECT_TRUE(l.report.missing_keys.empty());
   EXPECT_TRUE(l.report.unexpected_keys.empty());
@@ -207,14 +139,14 @@ TEST_P(Sd1ResBlocksTest, UnetMatchesPython) {
   EXPECT_EQ(l.source->index().Find(absl::StrCat("model.diffusion_model.input_blocks.",
                                                 4 * GetParam() + 4, ".0.in_layers.0.weight")),
             nullptr);
-  EXPECT_LE(RelativeError(*l.model, dir / "sd", "unet"), 1e-4);
+  EXPECT_LE(ReferenceError(*l.model, dir / "sd", "unet"), 1e-4);
 }
 
 INSTANTIATE_TEST_SUITE_P(PerLevel, Sd1ResBlocksTest, ::testing::Values(1, 2, 3));
 
 TEST(Sd1Test, KeysOutsideTheNetworksAreReportedNotErrors) {
   const std::string dir = Reference({"--ckpt", "--short-clip", "--ema"}) / "sd";
-  Loaded l = Load(dir + "/model.ckpt", "float32");
+  LoadedReference l = LoadReference(dir + "/model.ckpt", "float32");
   ASSERT_NE(l.model, nullptr);
   std::vector<std::string> unexpected = l.report.unexpected_keys;
   std::sort(unexpected.begin(), unexpected.end());
@@ -234,7 +166,7 @@ TEST(Sd1Test, KeysOutsideTheNetworksAreReportedNotErrors) {
 TEST(Sd1Test, DefaultDtypesAreTheWebUis) {
   const std::string dir = Reference({}) / "sd";
   const core::CheckpointIndex* index = nullptr;
-  Loaded def = Load(dir + "/model.safetensors", "");
+  LoadedReference def = LoadReference(dir + "/model.safetensors", "");
   ASSERT_NE(def.model, nullptr);
   index = &def.source->index();
   uint64_t expected = 0;
@@ -246,7 +178,7 @@ TEST(Sd1Test, DefaultDtypesAreTheWebUis) {
   }
   EXPECT_EQ(def.model->ResidentBytes(), expected);
   // The VAE ran in float32, as stored: same values as the reference.
-  EXPECT_LE(RelativeError(*def.model, dir, "vae_decode"), 1e-4);
+  EXPECT_LE(ReferenceError(*def.model, dir, "vae_decode"), 1e-4);
   // The float16 UNet runs on a CPU, in float32 (webui_policy_rounded_reference checks values).
   absl::StatusOr<NamedTensors> unet =
       def.model->Run("unet", {{"x", at::zeros({1, 4, 8, 8})},
@@ -255,7 +187,7 @@ TEST(Sd1Test, DefaultDtypesAreTheWebUis) {
   ASSERT_TRUE(unet.ok()) << unet.status();
   EXPECT_EQ(unet->front().second.scalar_type(), at::kFloat);
 
-  Loaded keep = Load(dir + "/model.safetensors", "keep");
+  LoadedReference keep = LoadReference(dir + "/model.safetensors", "keep");
   ASSERT_NE(keep.model, nullptr);
   uint64_t stored = 0;
   for (const core::TensorInfo& t : index->tensors) stored += t.nbytes;
@@ -268,14 +200,15 @@ TEST(Sd1Test, DefaultDtypesAreTheWebUis) {
 // kept as stored, and embeddings).
 TEST(Sd1Test, Float8UNetIsAdmittedAtItsStoredBytes) {
   const std::string dir = Reference({}) / "sd";
-  auto admitted = [&](const Loaded& l, const std::map<std::string, std::string>& overrides) {
+  auto admitted = [&](const LoadedReference& l,
+                      const std::map<std::string, std::string>& overrides) {
     return l.model
         ->EstimateBytes(l.source->index(), *EffectivePolicy(*l.model, "", overrides), false)
         .bytes;
   };
   const std::map<std::string, std::string> fp8 = {{"model.diffusion_model.", "float8_e4m3fn"}};
   const std::map<std::string, std::string> fp16 = {{"model.diffusion_model.", "float16"}};
-  Loaded l;
+  LoadedReference l;
   absl::StatusOr<std::unique_ptr<core::CheckpointSource>> source =
       core::CheckpointSource::Open(dir + "/model.safetensors");
   ASSERT_TRUE(source.ok()) << source.status();
@@ -306,8 +239,8 @@ TEST(Sd1Test, Float8UNetIsAdmittedAtItsStoredBytes) {
 // it together; what cannot run is refused before loading.
 TEST(Sd1Test, ComputeDtypePerNetwork) {
   const std::string dir = Reference({}) / "sd";
-  Loaded l = Load(dir + "/model.safetensors", "float32",
-                  {std::nullopt, {{"vae_decode", core::DType::kFloat64}}});
+  LoadedReference l = LoadReference(dir + "/model.safetensors", "float32",
+                                    {std::nullopt, {{"vae_decode", core::DType::kFloat64}}});
   ASSERT_NE(l.model, nullptr);
   std::map<std::string, std::optional<core::DType>> compute;
   for (const EntrySpec& e : l.model->LoadedEntries()) {
@@ -318,7 +251,7 @@ TEST(Sd1Test, ComputeDtypePerNetwork) {
   EXPECT_EQ(compute["vae_encode"], core::DType::kFloat64);
   EXPECT_EQ(compute["unet"], core::DType::kFloat32);
   EXPECT_EQ(compute["text_encoder"], core::DType::kFloat32);
-  EXPECT_LE(RelativeError(*l.model, dir, "vae_decode"), 1e-4);
+  EXPECT_LE(ReferenceError(*l.model, dir, "vae_decode"), 1e-4);
   absl::StatusOr<NamedTensors> image =
       l.model->Run("vae_decode", {{"latents", at::zeros({1, 4, 8, 8})}});
   ASSERT_TRUE(image.ok()) << image.status();
@@ -345,7 +278,7 @@ TEST(Sd1Test, ComputeDtypePerNetwork) {
 
 TEST(Sd1Test, BadInputsNameWhatIsWrong) {
   const std::string dir = Reference({}) / "sd";
-  Loaded l = Load(dir + "/model.safetensors", "float32");
+  LoadedReference l = LoadReference(dir + "/model.safetensors", "float32");
   ASSERT_NE(l.model, nullptr);
   auto message = [&](const std::string& entry, std::map<std::string, at::Tensor> in) {
     absl::Status s = l.model->Run(entry, in).status();
@@ -374,28 +307,6 @@ TEST(Sd1Test, BadInputsNameWhatIsWrong) {
             std::string::npos);
   EXPECT_NE(message("vae_decode", {{"latents", at::zeros({1, 3, 8, 8})}}).find("latents"),
             std::string::npos);
-}
-
-TEST(Sd1Test, OtherStableDiffusionGenerationsAreNamed) {
-  core::CheckpointIndex index;
-  index.path = "models/x.safetensors";
-  auto add = [&](const std::string& name, std::vector<int64_t> shape) {
-    core::TensorInfo t;
-    t.name = name;
-    t.shape = std::move(shape);
-    index.by_name[name] = index.tensors.size();
-    index.tensors.push_back(t);
-  };
-  add("model.diffusion_model.input_blocks.0.0.weight", {320, 4, 3, 3});
-  add("cond_stage_model.model.token_embedding.weight", {49408, 1024});
-  absl::Status sd2 = BuildModel("", index).status();
-  EXPECT_TRUE(absl::IsFailedPrecondition(sd2));
-  EXPECT_NE(sd2.message().find("detected sd2; not supported yet"), std::string::npos) << sd2;
-  // Asked for sd1 on something that is not: the first missing key is named.
-  absl::Status forced = BuildModel("sd1", index).status();
-  EXPECT_TRUE(absl::IsFailedPrecondition(forced));
-  EXPECT_NE(forced.message().find("lacks model.diffusion_model.out.2.weight"), std::string::npos)
-      << forced;
 }
 
 }  // namespace

@@ -151,8 +151,11 @@ class TimestepEmbedSequential(nn.Sequential):
 
 
 class UNetModel(nn.Module):
-    def __init__(self, in_channels, model_channels, mult, res_blocks, attention, heads, context):
+    # `transformer(ch, context)`: the attention layer of a level (SD1's SpatialTransformer with
+    # `heads` heads by default; ref_sd2.py passes SD2's).
+    def __init__(self, in_channels, model_channels, mult, res_blocks, attention, heads, context, transformer=None):
         super().__init__()
+        transformer = transformer or (lambda ch, ctx: SpatialTransformer(ch, heads, ctx))
         self.model_channels = model_channels
         emb = 4 * model_channels
         self.time_embed = nn.Sequential(nn.Linear(model_channels, emb), nn.SiLU(), nn.Linear(emb, emb))
@@ -163,13 +166,13 @@ class UNetModel(nn.Module):
                 layers = [ResBlock(ch, m * model_channels, emb)]
                 ch = m * model_channels
                 if attention[level]:
-                    layers.append(SpatialTransformer(ch, heads, context))
+                    layers.append(transformer(ch, context))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 chans.append(ch)
             if level != len(mult) - 1:
                 self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
                 chans.append(ch)
-        self.middle_block = TimestepEmbedSequential(ResBlock(ch, ch, emb), SpatialTransformer(ch, heads, context),
+        self.middle_block = TimestepEmbedSequential(ResBlock(ch, ch, emb), transformer(ch, context),
                                                     ResBlock(ch, ch, emb))
         self.output_blocks = nn.ModuleList([])
         for level, m in list(enumerate(mult))[::-1]:
@@ -177,7 +180,7 @@ class UNetModel(nn.Module):
                 layers = [ResBlock(ch + chans.pop(), model_channels * m, emb)]
                 ch = model_channels * m
                 if attention[level]:
-                    layers.append(SpatialTransformer(ch, heads, context))
+                    layers.append(transformer(ch, context))
                 if level and i == res_blocks:
                     layers.append(Upsample(ch))
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
@@ -415,25 +418,40 @@ def main():
                      UNET["heads"], UNET["context"])
     vae = AutoencoderKL(VAE["ch"], VAE["mult"], VAE["res_blocks"], VAE["z"])
     clip = CLIPTextTransformer(**CLIP)
-    for m in (unet, vae, clip):
+    clip_prefix = "cond_stage_model.transformer." + ("" if "--short-clip" in flags else "text_model.")
+    extra = {}
+    if "--ema" in flags:
+        extra["model_ema.decay"] = torch.tensor(0.9999)
+        extra["model_ema.num_updates"] = torch.tensor(1000, dtype=torch.int64)
+    write_reference(out, flags, g, unet, vae, (clip_prefix, clip), in_channels, UNET["context"], CLIP["vocab"],
+                    extra)
+
+
+def write_reference(out, flags, g, unet, vae, text, in_channels, context, vocab, extra=None, tweak=None):
+    """Randomizes the networks, writes the checkpoint (with the schedule and `extra` keys; `tweak(sd)` may
+    change it before the networks take the values back), the inputs, the outputs and cases.json.
+    `text`: (key prefix, text encoder module)."""
+    text_prefix, text_encoder = text
+    for m in (unet, vae, text_encoder):
         randomize(m, g)
         m.eval()
     sd = {}
     sd.update({"model.diffusion_model." + k: v for k, v in unet.state_dict().items()})
     sd.update({"first_stage_model." + k: v for k, v in vae.state_dict().items()})
-    clip_prefix = "cond_stage_model.transformer." + ("" if "--short-clip" in flags else "text_model.")
-    sd.update({clip_prefix + k: v for k, v in clip.state_dict().items()})
+    sd.update({text_prefix + k: v for k, v in text_encoder.state_dict().items()})
     sd.update(schedule())
-    if "--ema" in flags:
-        sd["model_ema.decay"] = torch.tensor(0.9999)
-        sd["model_ema.num_updates"] = torch.tensor(1000, dtype=torch.int64)
-        sd["model_ema.diffusion_modelout2weight"] = sd["model.diffusion_model.out.2.weight"].clone()
+    if extra:
+        sd.update(extra)
+        if "--ema" in flags:
+            sd["model_ema.diffusion_modelout2weight"] = sd["model.diffusion_model.out.2.weight"].clone()
+    if tweak:
+        tweak(sd)
     sd = {k: v.contiguous() for k, v in sd.items()}
     rounded = round_weights(sd, flags)
     if "--store" in flags:
         store = getattr(torch, flags[flags.index("--store") + 1])
         sd = {k: v.to(store) if v.is_floating_point() else v for k, v in rounded.items()}
-    for prefix, m in (("model.diffusion_model.", unet), ("first_stage_model.", vae), (clip_prefix, clip)):
+    for prefix, m in (("model.diffusion_model.", unet), ("first_stage_model.", vae), (text_prefix, text_encoder)):
         m.load_state_dict({k[len(prefix):]: v for k, v in rounded.items() if k.startswith(prefix)})
     if "--ckpt" in flags:
         torch.save({"epoch": 1, "global_step": 1000, "state_dict": sd}, os.path.join(out, "model.ckpt"))
@@ -444,15 +462,15 @@ def main():
     inputs = {
         "unet": {"x": torch.randn(b, in_channels, hw, hw, generator=g),
                  "timesteps": torch.tensor([999, 17]),
-                 "context": torch.randn(b, 77, UNET["context"], generator=g)},
-        "text_encoder": {"input_ids": torch.randint(0, CLIP["vocab"], (b, 77), generator=g)},
+                 "context": torch.randn(b, 77, context, generator=g)},
+        "text_encoder": {"input_ids": torch.randint(0, vocab, (b, 77), generator=g)},
         "vae_decode": {"latents": torch.randn(1, 4, hw, hw, generator=g)},
         "vae_encode": {"image": torch.rand(1, 3, 8 * hw, 8 * hw, generator=g) * 2 - 1},
     }
     cases = {}
     with torch.no_grad():
         outputs = {"unet": unet(**inputs["unet"]),
-                   "text_encoder": clip(inputs["text_encoder"]["input_ids"]),
+                   "text_encoder": text_encoder(inputs["text_encoder"]["input_ids"]),
                    "vae_decode": vae.decode(inputs["vae_decode"]["latents"]),
                    "vae_encode": vae.encode_mean(inputs["vae_encode"]["image"])}
     for entry, feed in inputs.items():
