@@ -155,6 +155,7 @@ void PrintModel(const metaload::v1::ModelInfo& m) {
     }
     std::printf("\n");
   }
+  if (!m.vae_path().empty()) std::printf("vae:           %s\n", m.vae_path().c_str());
   if (m.has_diffusion()) {
     std::printf("diffusion:     predicts %s (%s), VAE scale %g\n",
                 m.diffusion().prediction().c_str(), m.diffusion().prediction_source().c_str(),
@@ -170,7 +171,7 @@ int RunLoad(const std::vector<std::string>& argv) {
   absl::StatusOr<Args> args =
       Args::Parse(argv,
                   With({"id", "arch", "device", "dtype", "compute_dtype", "override",
-                        "compute_override", "prediction"}),
+                        "compute_override", "prediction", "vae"}),
                   {"json", "allow_missing_keys", "zero_copy", "replace", "pin", "quiet"});
   if (!args.ok()) return Usage("load", std::string(args.status().message()));
   if (args->positionals().size() != 1)
@@ -185,6 +186,7 @@ int RunLoad(const std::vector<std::string>& argv) {
   request.set_dtype(args->Get("dtype"));
   request.set_compute_dtype(args->Get("compute_dtype"));
   request.set_prediction(args->Get("prediction"));
+  request.set_vae_path(args->Get("vae"));
   // --override=prefix=dtype,... and --compute_override=entry=dtype,...
   for (auto [flag, map] :
        {std::make_pair("override", request.mutable_dtype_overrides()),

@@ -95,6 +95,17 @@ std::string ComputeKey(const models::ComputeChoice& compute) {
   return key;
 }
 
+// "|vae=PATH|IDENTITY", or "" without a VAE file. A VAE that cannot be stat'ed now keys apart
+// from any other; its load fails opening it.
+std::string VaeKey(const LoadSpec& spec) {
+  if (spec.vae_path.empty()) return "";
+  struct stat st;
+  if (::stat(spec.vae_path.c_str(), &st) != 0) {
+    return absl::StrCat("|vae=", spec.vae_path, "|missing:", NextUse());
+  }
+  return absl::StrCat("|vae=", spec.vae_path, "|", FileIdentityKey(spec.vae_path, st));
+}
+
 }  // namespace
 
 std::string LoadKey(const LoadSpec& spec, const std::string& device,
@@ -103,7 +114,7 @@ std::string LoadKey(const LoadSpec& spec, const std::string& device,
                       device, "|", requested ? requested->Describe() : "default", "|",
                       ComputeKey(spec.compute), "|", spec.zero_copy ? "zero_copy" : "copy",
                       spec.allow_missing_keys ? "|allow_missing" : "",
-                      spec.prediction.empty() ? "" : "|prediction=", spec.prediction);
+                      spec.prediction.empty() ? "" : "|prediction=", spec.prediction, VaeKey(spec));
 }
 
 }  // namespace metaload::cache

@@ -1,9 +1,8 @@
 // The single-flight key of a load: what makes two load requests the same load (and a loaded
 // model a cache hit): the resolved path, the identity of every file of the checkpoint, the
 // architecture, the device, the requested dtypes, compute dtypes, zero_copy,
-// allow_missing_keys and the requested prediction. Also the bounded form of a policy's
-// description ModelInfo carries.
-// Internal to server/cache; stateless.
+// allow_missing_keys, the requested prediction and the VAE file's path and identity. Also the
+// bounded form of a policy's description ModelInfo carries. Internal to server/cache; stateless.
 #ifndef METALOAD_SERVER_CACHE_LOAD_KEY_H_
 #define METALOAD_SERVER_CACHE_LOAD_KEY_H_
 

@@ -66,6 +66,7 @@ struct Loaded {
   int64_t parameter_count = 0, resident_bytes = 0, loaded_at_ms = 0;
   std::vector<models::EntrySpec> entries;
   std::optional<models::DiffusionInfo> diffusion;  // the request's prediction applied
+  std::string vae_path;                            // as the request named it
   LoadStats stats;
   bool pinned = false;
   std::atomic<int64_t> last_used_ms{0};

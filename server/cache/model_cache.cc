@@ -123,6 +123,11 @@ std::shared_ptr<LoadWaiter> ModelCache::Load(const LoadSpec& spec, ProgressFn pr
   if (early.ok() && ::stat(spec.path.c_str(), &st) != 0) {
     early = absl::NotFoundError(absl::StrCat("path '", spec.display_path, "' does not exist"));
   }
+  struct stat vae_st;
+  if (early.ok() && !spec.vae_path.empty() && ::stat(spec.vae_path.c_str(), &vae_st) != 0) {
+    early =
+        absl::NotFoundError(absl::StrCat("vae_path '", spec.vae_display_path, "' does not exist"));
+  }
   if (!early.ok()) {
     waiter->Finish(early);
     return waiter;
@@ -225,6 +230,7 @@ ModelInfo ModelCache::InfoLocked(const std::string& id, const Loaded& l,
   info.short_hash = info.sha256.substr(0, std::min<size_t>(10, info.sha256.size()));
   info.entries = l.entries;
   info.diffusion = l.diffusion;
+  info.vae_path = l.vae_path;
   info.loaded_at_unix_ms = l.loaded_at_ms;
   info.last_used_unix_ms = l.last_used_ms.load();
   info.infer_count = l.infer_count.load();

@@ -77,6 +77,10 @@ struct LoadSpec {
   // Diffusion models: "epsilon" or "v" over the model's own (models::DiffusionInfo); "" keeps
   // it. Validated by the service; FAILED_PRECONDITION for a model that is not a diffusion one.
   std::string prediction;
+  // Stable Diffusion: the VAE ("first_stage_model.") from this file instead of the checkpoint's
+  // (core::CheckpointSource::Options::overlay_path): resolved inside a model root like `path`,
+  // with the caller's form for messages. Empty: the checkpoint's own.
+  std::string vae_path, vae_display_path;
   bool allow_missing_keys = false;
   bool zero_copy = false;
   bool replace = false;
@@ -91,6 +95,7 @@ struct ModelInfo {
   std::vector<models::EntrySpec> entries;
   int64_t loaded_at_unix_ms = 0, last_used_unix_ms = 0, infer_count = 0;
   std::optional<models::DiffusionInfo> diffusion;  // the request's prediction applied
+  std::string vae_path;  // the VAE file as the request named it; empty: the checkpoint's own
 };
 
 struct LoadStats {

@@ -18,6 +18,7 @@
 #include "server/core/loader.h"
 #include "server/core/log.h"
 #include "server/core/thread_pool.h"
+#include "server/models/ldm_layout.h"
 #include "server/models/registry.h"
 
 namespace metaload::cache {
@@ -32,6 +33,17 @@ constexpr int64_t kMaxAdmittedBytes = INT64_MAX / 4;
 
 double SecondsSince(Clock::time_point start) {
   return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+// A build or load error about the VAE's keys, when they came from a VAE file: the file is named,
+// since the message names the checkpoint.
+absl::Status NameTheVae(const LoadSpec& spec, absl::Status status) {
+  if (spec.vae_path.empty() || status.message().find(models::kLdmVae) == absl::string_view::npos) {
+    return status;
+  }
+  return absl::Status(status.code(),
+                      absl::StrCat(status.message(), " (", models::kLdmVae,
+                                   " comes from the VAE file '", spec.vae_display_path, "')"));
 }
 
 }  // namespace
@@ -122,6 +134,10 @@ absl::StatusOr<ModelCache::Prepared> ModelCache::Prepare(const Flight& flight) {
   p.broadcast({"build", 0, 0});
   core::CheckpointSource::Options source_options;
   source_options.roots = options_.model_roots;
+  if (!spec.vae_path.empty()) {
+    source_options.overlay_path = spec.vae_path;
+    source_options.overlay_prefix = models::kLdmVae;
+  }
   absl::StatusOr<std::unique_ptr<core::CheckpointSource>> source = core::CatchExceptions(
       spec.path, [&] { return core::CheckpointSource::Open(spec.path, source_options); });
   if (!source.ok()) return source.status();
@@ -143,9 +159,14 @@ absl::StatusOr<ModelCache::Prepared> ModelCache::Prepare(const Flight& flight) {
         return options_.build_model ? options_.build_model(spec.architecture, index)
                                     : models::BuildModel(spec.architecture, index);
       });
-  if (!model.ok()) return model.status();
+  if (!model.ok()) return NameTheVae(spec, model.status());
   p.model = *std::move(model);
   p.build_seconds = SecondsSince(start);
+  if (!spec.vae_path.empty() && !p.model->Diffusion()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("vae_path applies to Stable Diffusion models; '", spec.display_path, "' is ",
+                     p.model->architecture()));
+  }
   if (!spec.prediction.empty() && !p.model->Diffusion()) {
     return absl::FailedPreconditionError(
         absl::StrCat("prediction '", spec.prediction, "' applies to diffusion models; '",
@@ -241,7 +262,7 @@ absl::StatusOr<std::shared_ptr<Loaded>> ModelCache::Execute(Flight& flight, Prep
   std::unique_ptr<models::Model>& model = prepared.model;
   absl::StatusOr<core::LoadReport> report = core::CatchExceptions(
       spec.path, [&] { return model->Load(*prepared.source, options, spec.compute); });
-  if (!report.ok()) return report.status();
+  if (!report.ok()) return NameTheVae(spec, report.status());
   // Counted as the model really holds it: for TorchScript this is the first time it is known
   // (its __setstate__ may allocate what the file never held). A model over the budget is
   // refused now and freed on the release thread.
@@ -270,11 +291,14 @@ absl::StatusOr<std::shared_ptr<Loaded>> ModelCache::Execute(Flight& flight, Prep
   loaded->architecture = model->architecture();
   loaded->device = spec.device;
   loaded->dtype = BoundedDtype(prepared.policy.Summary());
-  loaded->files = prepared.source->index().files;
+  // The checkpoint's own files: its hash is the web UI's, whatever VAE it is loaded with.
+  const core::CheckpointIndex& index = prepared.source->index();
+  loaded->files.assign(index.files.begin(), index.files.end() - index.overlay_files);
   loaded->parameter_count = model->ParameterCount();
   loaded->resident_bytes = holds;
   loaded->entries = model->LoadedEntries();
   loaded->diffusion = model->Diffusion();
+  loaded->vae_path = spec.vae_display_path;
   if (loaded->diffusion && !spec.prediction.empty()) {
     loaded->diffusion->prediction = spec.prediction;
     loaded->diffusion->prediction_source = "request";

@@ -11,6 +11,7 @@
 #include <cstring>
 #include <thread>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "server/core/checkpoint_formats.h"
 #include "server/core/file_io.h"
@@ -20,6 +21,52 @@ namespace metaload::core {
 MappedFile::~MappedFile() {
   if (data_ != nullptr) ::munmap(const_cast<void*>(data_), size_);
 }
+
+namespace {
+
+// Options::overlay_path merged into `index`, its descriptors appended to *fds.
+absl::Status AddOverlay(const CheckpointSource::Options& options, CheckpointIndex* index,
+                        std::vector<int>* fds) {
+  const std::string& prefix = options.overlay_prefix;
+  std::vector<int> overlay_fds;
+  absl::StatusOr<CheckpointIndex> overlay =
+      IndexCheckpoint(options.overlay_path, ModelRoots(options.roots), &overlay_fds);
+  fds->insert(fds->end(), overlay_fds.begin(), overlay_fds.end());  // closed with the rest
+  if (!overlay.ok()) return overlay.status();
+  if (overlay->format == CheckpointFormat::kTorchScript) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(options.overlay_path, ": a TorchScript archive cannot supply ", prefix));
+  }
+  const bool prefixed =
+      std::any_of(overlay->tensors.begin(), overlay->tensors.end(),
+                  [&](const TensorInfo& t) { return absl::StartsWith(t.name, prefix); });
+  std::vector<TensorInfo> tensors;
+  for (TensorInfo& t : index->tensors) {
+    if (!absl::StartsWith(t.name, prefix)) tensors.push_back(std::move(t));
+  }
+  const int first_file = static_cast<int>(index->files.size());
+  size_t taken = 0;
+  for (TensorInfo& t : overlay->tensors) {
+    if (prefixed && !absl::StartsWith(t.name, prefix)) continue;
+    if (!prefixed) t.name = prefix + t.name;
+    t.file += first_file;
+    tensors.push_back(std::move(t));
+    ++taken;
+  }
+  if (taken == 0) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(options.overlay_path, ": no tensors to take for ", prefix));
+  }
+  index->tensors = std::move(tensors);
+  index->by_name.clear();
+  for (size_t i = 0; i < index->tensors.size(); ++i) index->by_name[index->tensors[i].name] = i;
+  index->files.insert(index->files.end(), overlay->files.begin(), overlay->files.end());
+  index->overlay_path = options.overlay_path;
+  index->overlay_files = overlay->files.size();
+  return absl::OkStatus();
+}
+
+}  // namespace
 
 CheckpointSource::CheckpointSource(CheckpointIndex index, Options options)
     : index_(std::move(index)), options_(options), maps_(index_.files.size()) {}
@@ -42,6 +89,9 @@ absl::StatusOr<std::unique_ptr<CheckpointSource>> CheckpointSource::Open(const s
   } close_unless_kept{&fds};
   absl::StatusOr<CheckpointIndex> index = IndexCheckpoint(path, ModelRoots(options.roots), &fds);
   if (!index.ok()) return index.status();
+  if (!options.overlay_path.empty()) {
+    if (absl::Status s = AddOverlay(options, &*index, &fds); !s.ok()) return s;
+  }
   std::unique_ptr<CheckpointSource> source(new CheckpointSource(*std::move(index), options));
   source->fds_ = std::move(fds);
   close_unless_kept.fds = nullptr;

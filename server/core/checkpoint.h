@@ -75,6 +75,10 @@ struct CheckpointIndex {
   std::map<std::string, std::string> metadata;
   std::string config_json;                   // a directory's config.json text; empty otherwise
   std::vector<std::string> skipped_entries;  // torch.save entries that are not tensors
+  // With CheckpointSource::Options::overlay_path: that checkpoint's path, and how many of the
+  // last `files` are its (the checkpoint's own files come first; its hash leaves them out).
+  std::string overlay_path;
+  size_t overlay_files = 0;
 
   const TensorInfo* Find(absl::string_view name) const;
   uint64_t total_bytes() const;
@@ -108,6 +112,13 @@ class CheckpointSource {
     // Canonical absolute directories every opened file must lie in, symlinks resolved. Empty:
     // no restriction (local tools); the daemon passes its --model_root directories.
     std::vector<std::string> roots;
+    // A second checkpoint whose tensors take the place of every tensor under `overlay_prefix`
+    // (Stable Diffusion's VAE from its own file: "first_stage_model."). When some of its keys
+    // start with the prefix, those are taken and the rest ignored; otherwise every key is taken
+    // with the prefix put in front. Opened under the same roots; its errors name its path, and a
+    // file with nothing to take is FAILED_PRECONDITION naming it.
+    std::string overlay_path;
+    std::string overlay_prefix;
   };
 
   static absl::StatusOr<std::unique_ptr<CheckpointSource>> Open(const std::string& path,

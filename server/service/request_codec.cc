@@ -45,6 +45,12 @@ absl::Status CheckLoadRequestLimits(const metaload::v1::LoadModelRequest& r,
     return TooLong("model_id", r.model_id().size(), l.max_model_id_bytes);
   }
   if (r.path().size() > l.max_path_bytes) return TooLong("path", r.path().size(), l.max_path_bytes);
+  if (r.vae_path().size() > l.max_path_bytes) {
+    return TooLong("vae_path", r.vae_path().size(), l.max_path_bytes);
+  }
+  if (r.prediction().size() > l.max_dtype_bytes) {
+    return TooLong("prediction", r.prediction().size(), l.max_dtype_bytes);
+  }
   if (r.architecture().size() > l.max_architecture_bytes) {
     return TooLong("architecture", r.architecture().size(), l.max_architecture_bytes);
   }
@@ -167,6 +173,13 @@ absl::StatusOr<cache::LoadSpec> MakeLoadSpec(const metaload::v1::LoadModelReques
   }
   spec.path = *path;
   spec.display_path = request.path();
+  if (!request.vae_path().empty()) {
+    absl::StatusOr<std::string> vae = resolver.Resolve(request.vae_path());
+    if (!vae.ok())
+      return absl::Status(vae.status().code(), absl::StrCat("vae_path: ", vae.status().message()));
+    spec.vae_path = *vae;
+    spec.vae_display_path = request.vae_path();
+  }
   spec.architecture = request.architecture();
   spec.device = device;
   spec.dtype = request.dtype();
@@ -200,6 +213,7 @@ void ToProto(const cache::ModelInfo& info, metaload::v1::ModelInfo* out) {
   out->set_loaded_at_unix_ms(info.loaded_at_unix_ms);
   out->set_last_used_unix_ms(info.last_used_unix_ms);
   out->set_infer_count(info.infer_count);
+  out->set_vae_path(info.vae_path);
   if (info.diffusion) {
     metaload::v1::Diffusion* d = out->mutable_diffusion();
     d->set_prediction(info.diffusion->prediction);

@@ -18,10 +18,10 @@ namespace metaload::service {
 // the largest prefix list we know, a per-layer policy of a 70B llama, is ~700 entries).
 struct LoadRequestLimits {
   size_t max_model_id_bytes = 256;
-  size_t max_path_bytes = kMaxRequestPathBytes;  // 4096
+  size_t max_path_bytes = kMaxRequestPathBytes;  // 4096, path and vae_path
   size_t max_architecture_bytes = 128;
   size_t max_device_bytes = 64;
-  size_t max_dtype_bytes = 64;  // dtype and compute_dtype
+  size_t max_dtype_bytes = 64;  // dtype, compute_dtype and prediction
   size_t max_dtype_overrides = 1024;
   size_t max_dtype_override_key_bytes = 1024;
   size_t max_dtype_override_value_bytes = 32;

@@ -363,6 +363,93 @@ TEST_F(ServiceTest, Sd2PredictionThroughGrpc) {
   ASSERT_TRUE(Unload("eps").ok());
 }
 
+// The web UI's VAE swap through gRPC: the VAE from its own file is another model in the cache,
+// ModelInfo names the file and keeps the checkpoint's hash; a VAE file that does not fit, or
+// is not a VAE, or lies outside the roots, fails naming it.
+TEST_F(ServiceTest, Sd1WithAVaeFromAnotherFileThroughGrpc) {
+  for (const char* script : {"ref_sd1.py", "ref_sd2.py"}) {
+    const std::string name = std::string(script).substr(4, 3);  // "sd1", "sd2"
+    testing::CommandResult r = testing::RunCommand(
+        {METALOAD_PYTHON, METALOAD_SOURCE_DIR "/tests/tools/" + std::string(script),
+         *dir_ / ("models/vae_" + name), "--vae-files"},
+        *dir_ / ("py_vae_" + name));
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+  }
+  metaload::v1::LoadModelResponse own, swapped;
+  ASSERT_TRUE(
+      Load("vae_sd1/model.safetensors", &own, [](auto* r) { r->set_model_id("own"); }).ok());
+  grpc::Status s = Load("vae_sd1/model.safetensors", &swapped, [](auto* r) {
+    r->set_model_id("swapped");
+    r->set_vae_path("vae_sd2/vae.ckpt");
+  });
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  EXPECT_FALSE(swapped.cache_hit());
+  EXPECT_EQ(swapped.model().vae_path(), "vae_sd2/vae.ckpt");
+  EXPECT_EQ(own.model().vae_path(), "");
+  EXPECT_EQ(swapped.stats().unexpected_keys_size(), 1);  // the VAE file's loss.logvar
+  // The swapped VAE decodes as the other file's does.
+  const std::string ref = *dir_ / "models/vae_sd2/";
+  metaload::v1::InferRequest request;
+  request.set_model_id("swapped");
+  request.set_entry("vae_decode");
+  metaload::v1::Tensor* t = request.add_inputs();
+  t->set_name("latents");
+  t->set_datatype("FP32");
+  for (int64_t d : {1, 4, 8, 8}) t->add_shape(d);
+  t->set_raw_data(testing::ReadFileOrEmpty(ref + "vae_decode.latents.bin"));
+  metaload::v1::InferResponse response;
+  s = Infer(request, &response);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  EXPECT_LE(MaxRelativeError(response.outputs(0).raw_data(),
+                             testing::ReadFileOrEmpty(ref + "vae_decode.out.bin")),
+            1e-4);
+  // Both hash the checkpoint alone.
+  auto sha = [&](const std::string& id) {
+    metaload::v1::GetModelRequest get;
+    get.set_model_id(id);
+    metaload::v1::ModelInfo info;
+    for (int i = 0; i < 100 && info.sha256().empty(); ++i) {
+      std::this_thread::sleep_for(50ms);
+      grpc::ClientContext context;
+      EXPECT_TRUE(stub_->GetModel(&context, get, &info).ok());
+    }
+    return info.sha256();
+  };
+  EXPECT_EQ(sha("swapped"), sha("own"));
+  EXPECT_EQ(sha("own").size(), 64u);
+
+  auto refused = [&](const std::string& vae,
+                     const std::string& path = "vae_sd1/model.safetensors") {
+    metaload::v1::LoadModelResponse ignored;
+    return Load(path, &ignored, [&](auto* r) {
+      r->set_model_id("bad_vae");
+      r->set_vae_path(vae);
+    });
+  };
+  s = refused("mlp_small/model.safetensors");  // keys that are no VAE's
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << s.error_message();
+  EXPECT_NE(s.error_message().find("comes from the VAE file 'mlp_small/model.safetensors'"),
+            std::string::npos)
+      << s.error_message();
+  s = refused("corrupt.safetensors");
+  EXPECT_FALSE(s.ok());
+  EXPECT_NE(s.error_message().find("corrupt.safetensors"), std::string::npos) << s.error_message();
+  s = refused("../outside.safetensors");
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << s.error_message();
+  EXPECT_NE(s.error_message().find("vae_path"), std::string::npos) << s.error_message();
+  s = refused("escape.safetensors");  // a symlink out of the root
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << s.error_message();
+  s = refused("nothing.safetensors");
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::NOT_FOUND) << s.error_message();
+  EXPECT_NE(s.error_message().find("vae_path: "), std::string::npos) << s.error_message();
+  EXPECT_NE(s.error_message().find("nothing.safetensors"), std::string::npos);
+  s = refused("vae_sd2/vae.ckpt", "mlp_small");
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << s.error_message();
+  EXPECT_NE(s.error_message().find("vae_path applies to Stable Diffusion"), std::string::npos);
+  ASSERT_TRUE(Unload("own").ok());
+  ASSERT_TRUE(Unload("swapped").ok());
+}
+
 TEST_F(ServiceTest, StreamReportsProgressThenTheResult) {
   metaload::v1::LoadModelRequest request;
   request.set_path("mlp_small");

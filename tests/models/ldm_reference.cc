@@ -37,10 +37,13 @@ at::Tensor ReadTensor(const std::string& path, const nlohmann::json& spec) {
 }  // namespace
 
 LoadedReference LoadReference(const std::string& path, const std::string& dtype,
-                              const ComputeChoice& compute) {
+                              const ComputeChoice& compute, const std::string& vae_path) {
   LoadedReference l;
+  core::CheckpointSource::Options source_options;
+  source_options.overlay_path = vae_path;
+  source_options.overlay_prefix = "first_stage_model.";
   absl::StatusOr<std::unique_ptr<core::CheckpointSource>> source =
-      core::CheckpointSource::Open(path);
+      core::CheckpointSource::Open(path, source_options);
   EXPECT_TRUE(source.ok()) << source.status();
   if (!source.ok()) return l;
   l.source = *std::move(source);

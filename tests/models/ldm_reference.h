@@ -27,8 +27,9 @@ struct LoadedReference {
 
 // `path` built by detection and loaded under `dtype` (EffectivePolicy's names); a null model
 // after a failure the test has been told of.
+// With `vae_path`, the VAE comes from that file (CheckpointSource::Options::overlay_path).
 LoadedReference LoadReference(const std::string& path, const std::string& dtype,
-                              const ComputeChoice& compute = {});
+                              const ComputeChoice& compute = {}, const std::string& vae_path = "");
 
 // max |got - expected| / max |expected| for `entry` of the reference in `dir`, printed.
 double ReferenceError(const Model& model, const std::string& dir, const std::string& entry);

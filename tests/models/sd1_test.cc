@@ -10,6 +10,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <fstream>
 #include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
@@ -307,6 +308,53 @@ TEST(Sd1Test, BadInputsNameWhatIsWrong) {
             std::string::npos);
   EXPECT_NE(message("vae_decode", {{"latents", at::zeros({1, 3, 8, 8})}}).find("latents"),
             std::string::npos);
+}
+
+// The web UI's VAE swap: the VAE from another file (ref_sd2.py's, other weights of the same
+// shapes), with its keys prefixed (.safetensors) or bare with a training key (.ckpt): the VAE
+// entries give that file's outputs, the UNet and text encoder the checkpoint's.
+TEST(Sd1Test, TheVaeComesFromAnotherFile) {
+  const std::string sd1 = Reference({}) / "sd";
+  const std::string other = LdmReference("ref_sd2.py", {"--vae-files"}) / "sd";
+  for (const char* file : {"vae.safetensors", "vae.ckpt"}) {
+    LoadedReference l =
+        LoadReference(sd1 + "/model.safetensors", "float32", {}, other + "/" + file);
+    ASSERT_NE(l.model, nullptr) << file;
+    EXPECT_TRUE(l.report.missing_keys.empty());
+    EXPECT_EQ(l.source->index().overlay_files, 1u);
+    EXPECT_LE(ReferenceError(*l.model, other, "vae_decode"), 1e-4) << file;
+    EXPECT_LE(ReferenceError(*l.model, other, "vae_encode"), 1e-4) << file;
+    EXPECT_LE(ReferenceError(*l.model, sd1, "unet"), 1e-4) << file;
+    EXPECT_LE(ReferenceError(*l.model, sd1, "text_encoder"), 1e-4) << file;
+    // Not the checkpoint's own VAE any more.
+    EXPECT_GT(ReferenceError(*l.model, sd1, "vae_decode"), 1e-2) << file;
+    const std::vector<std::string> unexpected =
+        std::string(file) == "vae.ckpt" ? std::vector<std::string>{"first_stage_model.loss.logvar"}
+                                        : std::vector<std::string>{};
+    EXPECT_EQ(l.report.unexpected_keys, unexpected) << file;
+  }
+}
+
+// A VAE file that is not one fails naming itself: nothing to take, a checkpoint whose keys
+// do not fit, one that is not there.
+TEST(Sd1Test, ABadVaeFileIsNamed) {
+  const std::string sd1 = Reference({}) / "sd/model.safetensors";
+  testing::TempDir dir;
+  auto open = [&](const std::string& vae) {
+    core::CheckpointSource::Options options;
+    options.overlay_path = vae;
+    options.overlay_prefix = "first_stage_model.";
+    return core::CheckpointSource::Open(sd1, options).status();
+  };
+  const std::string missing = dir / "none.safetensors";
+  absl::Status s = open(missing);
+  EXPECT_TRUE(absl::IsNotFound(s)) << s;
+  EXPECT_NE(s.message().find(missing), std::string::npos) << s;
+  const std::string garbage = dir / "garbage.safetensors";
+  std::ofstream(garbage) << std::string(4096, '\xff');
+  s = open(garbage);
+  EXPECT_FALSE(s.ok());
+  EXPECT_NE(s.message().find(garbage), std::string::npos) << s;
 }
 
 }  // namespace

@@ -92,6 +92,10 @@ TEST_F(RequestLimitsTest, EveryFieldOverItsLimitIsInvalidArgumentNamingIt) {
        "dtype: 65 bytes; at most 64"},
       {"a 65-byte compute_dtype", [](auto* r) { r->set_compute_dtype(std::string(65, 'd')); },
        "compute_dtype: 65 bytes; at most 64"},
+      {"a 4097-byte vae_path", [](auto* r) { r->set_vae_path(std::string(4097, 'v')); },
+       "vae_path: 4097 bytes; at most 4096"},
+      {"a 1 MiB prediction", [](auto* r) { r->set_prediction(std::string(1 << 20, 'v')); },
+       "prediction: 1048576 bytes; at most 64"},
   };
   for (const Case& c : cases) {
     SCOPED_TRACE(c.what);

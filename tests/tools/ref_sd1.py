@@ -14,6 +14,8 @@ outputs (float32 or int64, row-major) with every shape in OUT_DIR/cases.json.
   --round DTYPE  outputs of the weights rounded as metaload stores them when it loads with dtype
                  DTYPE (prefixes P kept), computed in float32: ref_models.round_weights
   --store float16  writes the floating tensors as float16 (use with --round float16)
+  --vae-files    also OUT_DIR/vae.safetensors (prefixed keys) and OUT_DIR/vae.ckpt (bare keys and
+                 loss.logvar), the VAE alone as VAE files are shared
 """
 import json
 import math
@@ -457,6 +459,15 @@ def write_reference(out, flags, g, unet, vae, text, in_channels, context, vocab,
         torch.save({"epoch": 1, "global_step": 1000, "state_dict": sd}, os.path.join(out, "model.ckpt"))
     else:
         write_safetensors(os.path.join(out, "model.safetensors"), sd)
+    if "--vae-files" in flags:
+        # The VAE alone, as VAE files are shared: vae.safetensors with the keys as the checkpoint
+        # has them, vae.ckpt (a torch.save of {"state_dict": ...}) without the prefix and with the
+        # training loss's key the released VAE files keep.
+        vae_sd = {k: v for k, v in sd.items() if k.startswith("first_stage_model.")}
+        write_safetensors(os.path.join(out, "vae.safetensors"), vae_sd)
+        bare = {k[len("first_stage_model."):]: v for k, v in vae_sd.items()}
+        bare["loss.logvar"] = torch.zeros(())
+        torch.save({"state_dict": bare}, os.path.join(out, "vae.ckpt"))
 
     b, hw = 2, 8
     inputs = {

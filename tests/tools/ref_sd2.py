@@ -6,6 +6,7 @@ them, so nn.Module attributes give the real keys; random weights; the four entri
 inputs. The UNet and VAE blocks are ref_sd1.py's (ldm shares them); the output is as ref_sd1.py's.
 
   ref_sd2.py OUT_DIR [--in-channels N] [--v] [--round DTYPE [--keep P,..]] [--store float16]
+             [--vae-files]
 
   --v   the last output block's norm1 bias drawn wider (population std about 0.17, above the
         0.09 that tells a v-prediction file; the default draw has about 0.058)

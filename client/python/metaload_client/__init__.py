@@ -106,17 +106,18 @@ class Client:
 
     def load(self, path, model_id="", architecture="", device="", dtype="", dtype_overrides=None,
              allow_missing_keys=False, zero_copy=False, replace=False, pin=False, on_progress=None,
-             compute_dtype="", compute_dtype_overrides=None, prediction=""):
+             compute_dtype="", compute_dtype_overrides=None, prediction="", vae_path=""):
         """Loads `path` (relative to a model root); returns the LoadModelResponse. With
         `on_progress`, it is called with each LoadEvent (phase, bytes_done, bytes_total).
         `prediction` ("epsilon" or "v") overrides what a Stable Diffusion UNet is read to predict;
-        the response's model.diffusion says what it predicts and how that was told."""
+        the response's model.diffusion says what it predicts and how that was told. `vae_path`:
+        a Stable Diffusion model's VAE from that file (relative to a model root)."""
         request = pb.LoadModelRequest(path=path, model_id=model_id, architecture=architecture,
                                       device=device, dtype=dtype, dtype_overrides=dtype_overrides or {},
                                       allow_missing_keys=allow_missing_keys, zero_copy=zero_copy,
                                       replace=replace, pin=pin, compute_dtype=compute_dtype,
                                       compute_dtype_overrides=compute_dtype_overrides or {},
-                                      prediction=prediction)
+                                      prediction=prediction, vae_path=vae_path)
         if on_progress is None:
             return self._call(self._stub.LoadModel, request)
         try:
