@@ -50,11 +50,14 @@ std::string FromKeys(const core::CheckpointIndex& index) {
       return f.name;
     }
   }
-  if (HasPrefix(index, "conditioner.embedders.")) return "sdxl";
+  const core::TensorInfo* in = index.Find(std::string(kLdmUnet) + "input_blocks.0.0.weight");
+  const int64_t in_channels =
+      in != nullptr && in->shape.size() == 4 ? in->shape[1] : kLdmUnetInChannels;
+  if (HasPrefix(index, kSgmEmbedders)) {
+    if (HasPrefix(index, kSgmRefinerOpenClip)) return kSdxlRefiner;
+    return LdmVariantName("sdxl", kSdxlVariants, in_channels);
+  }
   if (HasPrefix(index, kLdmUnet)) {
-    const core::TensorInfo* in = index.Find(std::string(kLdmUnet) + "input_blocks.0.0.weight");
-    const int64_t in_channels =
-        in != nullptr && in->shape.size() == 4 ? in->shape[1] : kLdmUnetInChannels;
     // SD2: the OpenCLIP text encoder, or (a file without one) the UNet's 1024-wide context.
     const core::TensorInfo* ctx = index.Find(
         std::string(kLdmUnet) + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight");

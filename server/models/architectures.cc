@@ -16,6 +16,8 @@ absl::StatusOr<SynthPlan> LlamaSynthPlan(const std::string& name, const std::str
 // gives the UNet its input channels.
 absl::StatusOr<SynthPlan> Sd1SynthPlan(const std::string& name, const std::string& preset);
 absl::StatusOr<SynthPlan> Sd2SynthPlan(const std::string& name, const std::string& preset);
+// Stable Diffusion XL in sgm's layout, one file; the refiner and inpainting by name.
+absl::StatusOr<SynthPlan> SdxlSynthPlan(const std::string& name, const std::string& preset);
 
 namespace {
 
@@ -84,8 +86,13 @@ std::vector<ArchitectureInfo> Table() {
   {
     ArchitectureInfo& a = rows.emplace_back();
     a.name = "sdxl";
-    a.description = "Stable Diffusion XL (conditioner.embedders.): detected, not built yet";
-    a.loadable = false;
+    a.description =
+        "Stable Diffusion XL single file in sgm's layout (base: CLIP ViT-L and OpenCLIP bigG); "
+        "unet, text_encoder, text_encoder_2, vae_decode, vae_encode";
+    a.variants = Variants(kSdxlVariants);
+    a.variants.push_back({kSdxlRefiner, "the refiner: OpenCLIP bigG alone, 384-channel UNet"});
+    a.synth_presets = {"tiny", "full"};
+    a.synth = SdxlSynthPlan;
   }
   for (const char* name : {"sd3", "flux", "stable-cascade"}) {
     ArchitectureInfo& a = rows.emplace_back();

@@ -69,11 +69,15 @@ ClipTextEncoder::ClipTextEncoder(const ClipConfig& c,
   final_norm_ = &AddChild("final_layer_norm", std::make_unique<LayerNorm>(c.width));
 }
 
-at::Tensor ClipTextEncoder::Forward(const at::Tensor& ids) const {
+at::Tensor ClipTextEncoder::HiddenStates(const at::Tensor& ids, int64_t layers) const {
   at::Tensor positions = at::arange(ids.size(1), ids.options());
   at::Tensor x = tokens_.Forward(ids) + positions_.Forward(positions).unsqueeze(0);
-  for (const ClipLayer* l : layers_) x = l->Forward(x);
-  return final_norm_->Forward(x);
+  for (int64_t i = 0; i < layers; ++i) x = layers_[static_cast<size_t>(i)]->Forward(x);
+  return x;
+}
+
+at::Tensor ClipTextEncoder::Forward(const at::Tensor& ids) const {
+  return final_norm_->Forward(HiddenStates(ids, c_.layers));
 }
 
 }  // namespace metaload::models

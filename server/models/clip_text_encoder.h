@@ -6,8 +6,8 @@
 //   final_layer_norm
 //
 // Pre-norm layers, causal self-attention, quick_gelu. SDXL's first text encoder is this one
-// (its hidden states from the penultimate layer); SD2's OpenCLIP encoder has another layout and
-// will be a file of its own. Every size is a ClipConfig field, read from the keys
+// (its hidden states from the penultimate layer, HiddenStates); SD2's OpenCLIP encoder has
+// another layout (open_clip_text_encoder.h). Every size is a ClipConfig field, read from the keys
 // (ldm_keys.h). Built on meta like any module (meta_module_model.h); the model that holds it
 // owns it. Forward is const: concurrent forwards on a loaded encoder are safe.
 #ifndef METALOAD_SERVER_MODELS_CLIP_TEXT_ENCODER_H_
@@ -42,6 +42,9 @@ class ClipTextEncoder : public core::Module {
 
   // ids [B, T] int64, T <= positions, every id < vocab -> last_hidden_state [B, T, width].
   at::Tensor Forward(const at::Tensor& ids) const;
+  // The output of the first `layers` layers, without the final layer norm (transformers'
+  // hidden_states[layers]; SDXL conditions on hidden_states[-2], layers - 1).
+  at::Tensor HiddenStates(const at::Tensor& ids, int64_t layers) const;
 
   const ClipConfig& config() const { return c_; }
 

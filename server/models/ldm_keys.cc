@@ -38,6 +38,14 @@ absl::StatusOr<std::vector<int64_t>> Shape(const LdmKeys& keys, const std::strin
   return t->shape;
 }
 
+// Transformer blocks of the SpatialTransformer under `prefix` ("...input_blocks.4.1."); 0 when
+// there is none.
+int64_t TransformerDepth(const core::CheckpointIndex& index, const std::string& prefix) {
+  int64_t depth = 0;
+  while (HasKeyPrefix(index, absl::StrCat(prefix, "transformer_blocks.", depth, "."))) ++depth;
+  return depth;
+}
+
 #define ML_ASSIGN_SHAPE(var, expr)              \
   auto var##_or = (expr);                       \
   if (!var##_or.ok()) return var##_or.status(); \
@@ -80,6 +88,7 @@ absl::StatusOr<UnetConfig> ReadUnet(const LdmKeys& keys, const std::string& p) {
       if (out[0] % c.model_channels != 0) return NotLdmLayout(keys, "UNet width not a multiple");
       c.mult.push_back(out[0] / c.model_channels);
       c.attention.push_back(attention);
+      c.depth.push_back(TransformerDepth(index, b + "1."));
     } else if (attention != c.attention.back()) {
       return NotLdmLayout(keys, "UNet attention differs within a level");
     }
@@ -99,8 +108,10 @@ absl::StatusOr<UnetConfig> ReadUnet(const LdmKeys& keys, const std::string& p) {
     return NotLdmLayout(keys, "UNet proj_in.weight neither a Linear nor a 1x1 convolution");
   }
   c.linear_proj = proj_in->shape.size() == 2;
-  while (HasKeyPrefix(index, absl::StrCat(p, "middle_block.1.transformer_blocks.", c.depth, "."))) {
-    ++c.depth;
+  c.middle_depth = TransformerDepth(index, p + "middle_block.1.");
+  if (const core::TensorInfo* label = index.Find(p + "label_emb.0.0.weight"); label != nullptr) {
+    if (label->shape.size() != 2) return NotLdmLayout(keys, "UNet label_emb is not a Linear");
+    c.adm_in_channels = label->shape[1];
   }
   ML_ASSIGN_SHAPE(to_k,
                   Shape(keys, p + "middle_block.1.transformer_blocks.0.attn2.to_k.weight", 2));

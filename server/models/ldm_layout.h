@@ -85,9 +85,27 @@ inline constexpr NewerDiffusionFamily kNewerDiffusionFamilies[] = {
     {"stable-cascade", "effnet_mapper."}  // and stage B's EfficientNet mapper
 };
 
+// SDXL's single file (Stability's sgm DiffusionEngine): the UNet and VAE under the LDM prefixes
+// above, the text encoders under "conditioner.embedders.N.":
+//   base:    0 = CLIP ViT-L/14 (transformers' layout under ".transformer.text_model."),
+//            1 = OpenCLIP ViT-bigG/14 (open_clip's, under ".model.")
+//   refiner: 0 = OpenCLIP ViT-bigG/14 alone
+inline constexpr char kSgmEmbedders[] = "conditioner.embedders.";
+inline constexpr char kSgmClip[] = "conditioner.embedders.0.transformer.text_model.";
+inline constexpr char kSgmOpenClip[] = "conditioner.embedders.1.model.";
+inline constexpr char kSgmRefinerOpenClip[] = "conditioner.embedders.0.model.";
+inline constexpr char kSdxlRefiner[] = "sdxl-refiner";
+inline constexpr LdmVariant kSdxlVariants[] = {
+    {"sdxl-inpainting", 9, "UNet input: latents, mask and masked-image latents (9 channels)"},
+};
+// A v-prediction SDXL fine-tune says so with this key (as ComfyUI reads it); the base, the
+// refiner and their usual fine-tunes predict the noise.
+inline constexpr char kSdxlVPredictionKey[] = "v_pred";
+
 // The VAE's latent scale (ldm's and sgm's scale_factor): what a caller multiplies encoded
 // latents by and divides latents by before decoding.
 inline constexpr double kSd1VaeScaleFactor = 0.18215;  // SD1 and SD2
+inline constexpr double kSdxlVaeScaleFactor = 0.13025;
 
 }  // namespace metaload::models
 

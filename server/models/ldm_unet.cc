@@ -122,7 +122,7 @@ class TransformerBlock : public core::Module {
 // tokens (SD2, SDXL: use_linear_in_transformer); the same weights either way but for their rank.
 class SpatialTransformer : public UnetLayer {
  public:
-  SpatialTransformer(int64_t channels, const UnetConfig& c)
+  SpatialTransformer(int64_t channels, int64_t depth, const UnetConfig& c)
       : linear_(c.linear_proj),
         norm_(AddChild("norm", std::make_unique<GroupNorm>(32, channels, 1e-6))) {
     if (linear_) {
@@ -130,7 +130,7 @@ class SpatialTransformer : public UnetLayer {
     } else {
       conv_in_ = &AddChild("proj_in", std::make_unique<Conv2d>(channels, channels, 1));
     }
-    for (int64_t d = 0; d < c.depth; ++d) {
+    for (int64_t d = 0; d < depth; ++d) {
       blocks_.push_back(&AddChild(
           absl::StrCat("transformer_blocks.", d),
           std::make_unique<TransformerBlock>(channels, c.context_dim, c.HeadsAt(channels))));
@@ -220,6 +220,10 @@ Unet::Unet(const UnetConfig& c)
       time_out_(AddChild("time_embed.2",
                          std::make_unique<Linear>(4 * c.model_channels, 4 * c.model_channels))) {
   const int64_t emb = 4 * c.model_channels;
+  if (c.adm_in_channels > 0) {
+    label_in_ = &AddChild("label_emb.0.0", std::make_unique<Linear>(c.adm_in_channels, emb));
+    label_out_ = &AddChild("label_emb.0.2", std::make_unique<Linear>(emb, emb));
+  }
   auto block = [this](const std::string& name) -> UnetBlock& {
     return AddChild(name, std::make_unique<UnetBlock>());
   };
@@ -233,7 +237,9 @@ Unet::Unet(const UnetConfig& c)
       const int64_t out = c.mult[level] * c.model_channels;
       b.Add(std::make_unique<ResBlock>(ch, out, emb));
       ch = out;
-      if (c.attention[level]) b.Add(std::make_unique<SpatialTransformer>(ch, c));
+      if (c.attention[level]) {
+        b.Add(std::make_unique<SpatialTransformer>(ch, c.depth[level], c));
+      }
       inputs_.push_back(&b);
       skips.push_back(ch);
     }
@@ -245,7 +251,7 @@ Unet::Unet(const UnetConfig& c)
   }
   middle_ = &block("middle_block")
                  .Add(std::make_unique<ResBlock>(ch, ch, emb))
-                 .Add(std::make_unique<SpatialTransformer>(ch, c))
+                 .Add(std::make_unique<SpatialTransformer>(ch, c.middle_depth, c))
                  .Add(std::make_unique<ResBlock>(ch, ch, emb));
   for (size_t level = levels; level-- > 0;) {
     for (int64_t r = 0; r <= c.res_blocks; ++r) {
@@ -254,7 +260,9 @@ Unet::Unet(const UnetConfig& c)
       b.Add(std::make_unique<ResBlock>(ch + skips.back(), out, emb));
       skips.pop_back();
       ch = out;
-      if (c.attention[level]) b.Add(std::make_unique<SpatialTransformer>(ch, c));
+      if (c.attention[level]) {
+        b.Add(std::make_unique<SpatialTransformer>(ch, c.depth[level], c));
+      }
       if (level > 0 && r == c.res_blocks) b.Add(std::make_unique<Upsample>(ch));
       outputs_.push_back(&b);
     }
@@ -264,7 +272,7 @@ Unet::Unet(const UnetConfig& c)
 }
 
 at::Tensor Unet::Forward(const at::Tensor& x, const at::Tensor& timesteps,
-                         const at::Tensor& context) const {
+                         const at::Tensor& context, const at::Tensor& y) const {
   // Sinusoidal embedding of the timesteps (cos first, as ldm's timestep_embedding).
   const int64_t half = c_.model_channels / 2;
   at::Tensor freqs =
@@ -272,6 +280,7 @@ at::Tensor Unet::Forward(const at::Tensor& x, const at::Tensor& timesteps,
   at::Tensor args = timesteps.to(at::kFloat).unsqueeze(1) * freqs.unsqueeze(0);
   at::Tensor t_emb = at::cat({at::cos(args), at::sin(args)}, -1).to(x.scalar_type());
   at::Tensor emb = time_out_.Forward(Silu(time_in_.Forward(t_emb)));
+  if (label_in_ != nullptr) emb = emb + label_out_->Forward(Silu(label_in_->Forward(y)));
   std::vector<at::Tensor> skips;
   at::Tensor h = x;
   for (const UnetBlock* b : inputs_) {

@@ -25,8 +25,7 @@
 
 namespace metaload::models {
 
-// ldm's UNetModel arguments as SD1 and SD2 use them. SDXL's will add a transformer depth per
-// level and its label_emb (adm_in_channels), each defaulting to the behaviour of the others.
+// ldm's (and sgm's) UNetModel arguments as SD1, SD2 and SDXL use them.
 struct UnetConfig {
   int64_t in_channels = 0;     // of x: 4 latents (9 inpainting, 8 instruct-pix2pix)
   int64_t out_channels = 0;    // of eps
@@ -43,9 +42,15 @@ struct UnetConfig {
   // rank of proj_in.weight.
   bool linear_proj = false;
   int64_t context_dim = 0;      // width of the cross-attention context (SD1: CLIP's 768)
-  int64_t depth = 0;            // transformer blocks per SpatialTransformer (SD1: 1)
   std::vector<int64_t> mult;    // per level: width / model_channels
   std::vector<bool> attention;  // per level: whether its blocks have a SpatialTransformer
+  // Per level: transformer blocks in each of its SpatialTransformers (SD1, SD2: 1; SDXL base:
+  // 0, 2, 10), and in the middle block's.
+  std::vector<int64_t> depth;
+  int64_t middle_depth = 0;
+  // SDXL's label_emb: an MLP from the class vector y (pooled text embedding and size
+  // embeddings, 2816 wide in the base) added to the time embedding. 0: none (SD1, SD2).
+  int64_t adm_in_channels = 0;
 
   // Height and width of x must be multiples of this: one halving per level below the first.
   int64_t Downscale() const { return int64_t{1} << (mult.size() - 1); }
@@ -62,9 +67,10 @@ class Unet : public core::Module {
   explicit Unet(const UnetConfig& config);
 
   // x [B, in_channels, H, W] (H, W multiples of Downscale()), timesteps [B] (any integer or
-  // floating type), context [B, T, context_dim] -> eps [B, out_channels, H, W].
-  at::Tensor Forward(const at::Tensor& x, const at::Tensor& timesteps,
-                     const at::Tensor& context) const;
+  // floating type), context [B, T, context_dim], y [B, adm_in_channels] (undefined without a
+  // label_emb) -> the prediction [B, out_channels, H, W].
+  at::Tensor Forward(const at::Tensor& x, const at::Tensor& timesteps, const at::Tensor& context,
+                     const at::Tensor& y = at::Tensor()) const;
 
   const UnetConfig& config() const { return c_; }
 
@@ -72,6 +78,8 @@ class Unet : public core::Module {
   UnetConfig c_;
   core::Linear& time_in_;
   core::Linear& time_out_;
+  core::Linear* label_in_ = nullptr;
+  core::Linear* label_out_ = nullptr;
   std::vector<const UnetBlock*> inputs_;
   const UnetBlock* middle_ = nullptr;
   std::vector<const UnetBlock*> outputs_;

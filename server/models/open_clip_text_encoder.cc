@@ -58,7 +58,8 @@ OpenClipTextEncoder::OpenClipTextEncoder(const OpenClipConfig& c)
   }
   final_norm_ = &AddChild("ln_final", std::make_unique<LayerNorm>(c.width));
   if (c.projection > 0) {
-    AddWeight("text_projection", {c.width, c.projection}, nullptr, core::TensorUse::kMatmulWeight);
+    projection_ = &AddWeight("text_projection", {c.width, c.projection}, nullptr,
+                             core::TensorUse::kMatmulWeight);
   }
   if (c.logit_scale) AddParameter("logit_scale", {}, nullptr);
 }
@@ -67,6 +68,19 @@ at::Tensor OpenClipTextEncoder::Forward(const at::Tensor& ids) const {
   at::Tensor x = tokens_.Forward(ids) + Weight(positions_).slice(0, 0, ids.size(1)).unsqueeze(0);
   for (int64_t i = 0; i < c_.output_layer; ++i) x = blocks_[i]->Forward(x);
   return final_norm_->Forward(x);
+}
+
+OpenClipTextEncoder::SdxlOutputs OpenClipTextEncoder::ForwardSdxl(const at::Tensor& ids) const {
+  at::Tensor x = tokens_.Forward(ids) + Weight(positions_).slice(0, 0, ids.size(1)).unsqueeze(0);
+  SdxlOutputs out;
+  for (size_t i = 0; i < blocks_.size(); ++i) {
+    if (i + 1 == blocks_.size()) out.penultimate = x;
+    x = blocks_[i]->Forward(x);
+  }
+  at::Tensor last = final_norm_->Forward(x);
+  at::Tensor end = ids.argmax(-1).view({ids.size(0), 1, 1}).expand({ids.size(0), 1, c_.width});
+  out.pooled = at::matmul(last.gather(1, end).squeeze(1), Weight(*projection_));
+  return out;
 }
 
 }  // namespace metaload::models

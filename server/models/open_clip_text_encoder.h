@@ -10,7 +10,7 @@
 // Pre-norm blocks, causal self-attention in heads of 64 channels, exact GELU. Forward gives the
 // hidden states the web UI conditions SD2 on: those of the penultimate layer, through ln_final
 // (ldm's layer="penultimate"). SDXL's bigG encoder is this one with its penultimate states
-// taken without ln_final and a pooled output through text_projection; it will add those.
+// taken without ln_final and a pooled output through text_projection (ForwardSdxl).
 // Every size is an OpenClipConfig field, read from the keys (ldm_keys.h). Built on meta like
 // any module (meta_module_model.h); the model that holds it owns it. Forward is const:
 // concurrent forwards on a loaded encoder are safe.
@@ -50,6 +50,15 @@ class OpenClipTextEncoder : public core::Module {
   // output of the first output_layer resblocks.
   at::Tensor Forward(const at::Tensor& ids) const;
 
+  // SDXL's use (sgm's FrozenOpenCLIPEmbedder2, layer "penultimate", legacy off): the input of
+  // the last resblock [B, T, width], and the pooled output [B, projection]: ln_final of the last
+  // resblock's output at each row's highest token id (the end-of-text token), through
+  // text_projection. Needs every resblock and a text_projection.
+  struct SdxlOutputs {
+    at::Tensor penultimate, pooled;
+  };
+  SdxlOutputs ForwardSdxl(const at::Tensor& ids) const;
+
   const OpenClipConfig& config() const { return c_; }
 
  private:
@@ -58,6 +67,7 @@ class OpenClipTextEncoder : public core::Module {
   at::Tensor& positions_;
   std::vector<const OpenClipBlock*> blocks_;
   core::LayerNorm* final_norm_ = nullptr;
+  at::Tensor* projection_ = nullptr;
 };
 
 }  // namespace metaload::models

@@ -14,6 +14,7 @@ absl::StatusOr<std::unique_ptr<Model>> BuildGpt2(const core::CheckpointIndex& in
 absl::StatusOr<std::unique_ptr<Model>> BuildLlama(const core::CheckpointIndex& index);
 absl::StatusOr<std::unique_ptr<Model>> BuildSd1(const core::CheckpointIndex& index);
 absl::StatusOr<std::unique_ptr<Model>> BuildSd2(const core::CheckpointIndex& index);
+absl::StatusOr<std::unique_ptr<Model>> BuildSdxl(const core::CheckpointIndex& index);
 absl::StatusOr<std::unique_ptr<Model>> BuildTorchScript(const core::CheckpointIndex& index);
 
 namespace {
@@ -24,8 +25,13 @@ using Builder = absl::StatusOr<std::unique_ptr<Model>> (*)(const core::Checkpoin
 // kept here). A row's builder also builds its variants.
 const std::map<std::string, Builder>& Builders() {
   static const auto* builders = new std::map<std::string, Builder>{
-      {"gpt2", BuildGpt2}, {"llama", BuildLlama}, {"mlp", BuildMlp},
-      {"sd1", BuildSd1},   {"sd2", BuildSd2},     {"torchscript", BuildTorchScript},
+      {"gpt2", BuildGpt2},
+      {"llama", BuildLlama},
+      {"mlp", BuildMlp},
+      {"sd1", BuildSd1},
+      {"sd2", BuildSd2},
+      {"sdxl", BuildSdxl},
+      {"torchscript", BuildTorchScript},
   };
   return *builders;
 }

@@ -136,8 +136,11 @@ class LdmSynth {
  public:
   struct UnetShape {
     int64_t in_channels, model_channels, res_blocks, context;
-    std::vector<int64_t> mult;  // attention on every level but the last
+    std::vector<int64_t> mult;
+    std::vector<int64_t> depth;  // per level: transformer blocks, 0 = no attention
+    int64_t middle_depth;
     bool linear_proj;
+    int64_t adm_in_channels = 0;  // SDXL's label_emb
   };
   struct VaeShape {
     int64_t ch, res_blocks;
@@ -151,8 +154,8 @@ class LdmSynth {
 
   void Unet(const UnetShape& c);
   void Vae(const VaeShape& c);
-  void Clip(const TextShape& c);      // CLIP ViT-L/14's layout under kLdmClip
-  void OpenClip(const TextShape& c);  // OpenCLIP's under kLdmOpenClip
+  void Clip(const TextShape& c, const std::string& prefix = kLdmClip);  // transformers' layout
+  void OpenClip(const TextShape& c, const std::string& prefix = kLdmOpenClip);  // open_clip's
   // The DDPM schedule (values in (0, 1), not the real curve).
   void Schedule() {
     for (const char* buffer : kLdmScheduleBuffers) t_.push_back({buffer, {1000}, 0.5, 0.5});
@@ -180,6 +183,10 @@ void LdmSynth::Unet(const UnetShape& c) {
   const int64_t emb = 4 * c.model_channels;
   Linear(u + "time_embed.0", c.model_channels, emb);
   Linear(u + "time_embed.2", emb, emb);
+  if (c.adm_in_channels > 0) {
+    Linear(u + "label_emb.0.0", c.adm_in_channels, emb);
+    Linear(u + "label_emb.0.2", emb, emb);
+  }
   auto res_block = [&](const std::string& b, int64_t in, int64_t out) {
     Norm(b + "in_layers.0", in);
     Conv(b + "in_layers.2", in, out, 3);
@@ -195,24 +202,26 @@ void LdmSynth::Unet(const UnetShape& c) {
       Conv(name, ch, ch, 1);
     }
   };
-  auto transformer = [&](const std::string& b, int64_t ch) {
+  auto transformer = [&](const std::string& b, int64_t ch, int64_t depth) {
     Norm(b + "norm", ch);
     projection(b + "proj_in", ch);
-    const std::string tb = b + "transformer_blocks.0.";
-    for (const char* attn : {"attn1", "attn2"}) {
-      const int64_t kv = std::string(attn) == "attn1" ? ch : c.context;
-      Linear(tb + attn + ".to_q", ch, ch, false);
-      Linear(tb + attn + ".to_k", kv, ch, false);
-      Linear(tb + attn + ".to_v", kv, ch, false);
-      Linear(tb + attn + ".to_out.0", ch, ch);
+    for (int64_t d = 0; d < depth; ++d) {
+      const std::string tb = absl::StrCat(b, "transformer_blocks.", d, ".");
+      for (const char* attn : {"attn1", "attn2"}) {
+        const int64_t kv = std::string(attn) == "attn1" ? ch : c.context;
+        Linear(tb + attn + ".to_q", ch, ch, false);
+        Linear(tb + attn + ".to_k", kv, ch, false);
+        Linear(tb + attn + ".to_v", kv, ch, false);
+        Linear(tb + attn + ".to_out.0", ch, ch);
+      }
+      Linear(tb + "ff.net.0.proj", ch, 8 * ch);
+      Linear(tb + "ff.net.2", 4 * ch, ch);
+      for (const char* n : {"norm1", "norm2", "norm3"}) Norm(tb + n, ch);
     }
-    Linear(tb + "ff.net.0.proj", ch, 8 * ch);
-    Linear(tb + "ff.net.2", 4 * ch, ch);
-    for (const char* n : {"norm1", "norm2", "norm3"}) Norm(tb + n, ch);
     projection(b + "proj_out", ch);
   };
   const size_t levels = c.mult.size();
-  auto attention = [levels](size_t level) { return level + 1 < levels; };
+  auto attention = [&c](size_t level) { return c.depth[level] > 0; };
   Conv(u + "input_blocks.0.0", c.in_channels, c.model_channels, 3);
   int64_t ch = c.model_channels, block = 1;
   std::vector<int64_t> skips = {ch};
@@ -221,7 +230,7 @@ void LdmSynth::Unet(const UnetShape& c) {
       const std::string b = absl::StrCat(u, "input_blocks.", block, ".");
       res_block(b + "0.", ch, c.mult[level] * c.model_channels);
       ch = c.mult[level] * c.model_channels;
-      if (attention(level)) transformer(b + "1.", ch);
+      if (attention(level)) transformer(b + "1.", ch, c.depth[level]);
       skips.push_back(ch);
     }
     if (level + 1 < levels) {
@@ -230,7 +239,7 @@ void LdmSynth::Unet(const UnetShape& c) {
     }
   }
   res_block(u + "middle_block.0.", ch, ch);
-  transformer(u + "middle_block.1.", ch);
+  transformer(u + "middle_block.1.", ch, c.middle_depth);
   res_block(u + "middle_block.2.", ch, ch);
   block = 0;
   for (size_t level = levels; level-- > 0;) {
@@ -240,7 +249,7 @@ void LdmSynth::Unet(const UnetShape& c) {
       skips.pop_back();
       ch = c.mult[level] * c.model_channels;
       int64_t layer = 1;
-      if (attention(level)) transformer(absl::StrCat(b, layer++, "."), ch);
+      if (attention(level)) transformer(absl::StrCat(b, layer++, "."), ch, c.depth[level]);
       if (level > 0 && r == c.res_blocks) Conv(absl::StrCat(b, layer, ".conv"), ch, ch, 3);
     }
   }
@@ -292,8 +301,7 @@ void LdmSynth::Vae(const VaeShape& c) {
   Conv(v + "post_quant_conv", 4, 4, 1);
 }
 
-void LdmSynth::Clip(const TextShape& c) {
-  const std::string e = kLdmClip;
+void LdmSynth::Clip(const TextShape& c, const std::string& e) {
   t_.push_back({e + "embeddings.token_embedding.weight", {c.vocab, c.width}, 0.5});
   t_.push_back({e + "embeddings.position_embedding.weight", {77, c.width}, 0.1});
   t_.push_back({e + "embeddings.position_ids", {1, 77}, 0, 0, /*positions=*/true});
@@ -310,8 +318,7 @@ void LdmSynth::Clip(const TextShape& c) {
   Norm(e + "final_layer_norm", c.width);
 }
 
-void LdmSynth::OpenClip(const TextShape& c) {
-  const std::string e = kLdmOpenClip;
+void LdmSynth::OpenClip(const TextShape& c, const std::string& e) {
   t_.push_back({e + "token_embedding.weight", {c.vocab, c.width}, 0.5});
   t_.push_back({e + "positional_embedding", {77, c.width}, 0.1});
   for (int64_t i = 0; i < c.layers; ++i) {
@@ -349,11 +356,11 @@ absl::StatusOr<SynthPlan> Sd1SynthPlan(const std::string& name, const std::strin
   SynthPlan p;
   LdmSynth synth(&p.tensors);
   if (preset == "tiny") {
-    synth.Unet({in, 32, 2, 128, {1, 2, 2, 2}, false});
+    synth.Unet({in, 32, 2, 128, {1, 2, 2, 2}, {1, 1, 1, 0}, 1, false});
     synth.Vae({32, 1, {1, 2, 2, 2}});
     synth.Clip({1000, 128, 2, 512});
   } else if (preset == "full") {
-    synth.Unet({in, 320, 2, 768, {1, 2, 4, 4}, false});
+    synth.Unet({in, 320, 2, 768, {1, 2, 4, 4}, {1, 1, 1, 0}, 1, false});
     synth.Vae({128, 2, {1, 2, 4, 4}});
     synth.Clip({49408, 768, 12, 3072});
   } else {
@@ -373,17 +380,56 @@ absl::StatusOr<SynthPlan> Sd2SynthPlan(const std::string& name, const std::strin
   SynthPlan p;
   LdmSynth synth(&p.tensors);
   if (preset == "tiny") {
-    synth.Unet({in, 64, 2, 128, {1, 2, 2, 2}, true});
+    synth.Unet({in, 64, 2, 128, {1, 2, 2, 2}, {1, 1, 1, 0}, 1, true});
     synth.Vae({32, 1, {1, 2, 2, 2}});
     synth.OpenClip({1000, 128, 2, 512});
   } else if (preset == "full") {
-    synth.Unet({in, 320, 2, 1024, {1, 2, 4, 4}, true});
+    synth.Unet({in, 320, 2, 1024, {1, 2, 4, 4}, {1, 1, 1, 0}, 1, true});
     synth.Vae({128, 2, {1, 2, 4, 4}});
     synth.OpenClip({49408, 1024, 24, 4096});
   } else {
     return NoSuchPreset(name, preset);
   }
   synth.Schedule();
+  return p;
+}
+
+// Stable Diffusion XL, one file in sgm's layout: base (CLIP ViT-L and OpenCLIP bigG,
+// conditioner.embedders.0 and .1) or refiner (bigG alone, embedders.0). "full" has
+// sd_xl_base.yaml's and sd_xl_refiner.yaml's shapes (base: 2.57 G UNet parameters, 3.47 G in
+// all); "tiny" keeps the topology (no attention on the first level, deeper transformers below,
+// label_emb taking pooled + 6 or 5 x 256 size embeddings) at 64 channels (tests/tools/
+// ref_sdxl.py).
+absl::StatusOr<SynthPlan> SdxlSynthPlan(const std::string& name, const std::string& preset) {
+  const bool refiner = name == kSdxlRefiner;
+  const int64_t in = UnetInChannels(name, kSdxlVariants);
+  SynthPlan p;
+  LdmSynth synth(&p.tensors);
+  const bool tiny = preset == "tiny";
+  if (!tiny && preset != "full") return NoSuchPreset(name, preset);
+  const LdmSynth::TextShape clip =
+      tiny ? LdmSynth::TextShape{1000, 128, 2, 512} : LdmSynth::TextShape{49408, 768, 12, 3072};
+  const LdmSynth::TextShape big_g =
+      tiny ? LdmSynth::TextShape{1000, 128, 3, 512} : LdmSynth::TextShape{49408, 1280, 32, 5120};
+  // y: the pooled bigG embedding, then 256 Fourier features per size condition (base: original
+  // size, crop, target size = 6; refiner: original size, crop, aesthetic score = 5).
+  const int64_t adm = big_g.width + (refiner ? 5 : 6) * 256;
+  if (refiner) {
+    synth.Unet(
+        tiny ? LdmSynth::UnetShape{in, 64, 2, big_g.width, {1, 2, 2, 2}, {0, 1, 1, 0}, 1, true, adm}
+             : LdmSynth::UnetShape{
+                   in, 384, 2, big_g.width, {1, 2, 4, 4}, {0, 4, 4, 0}, 4, true, adm});
+    synth.OpenClip(big_g, kSgmRefinerOpenClip);
+  } else {
+    const int64_t context = clip.width + big_g.width;
+    synth.Unet(
+        tiny ? LdmSynth::UnetShape{in, 64, 2, context, {1, 2, 2}, {0, 1, 2}, 2, true, adm}
+             : LdmSynth::UnetShape{in, 320, 2, context, {1, 2, 4}, {0, 2, 10}, 10, true, adm});
+    synth.Clip(clip, kSgmClip);
+    synth.OpenClip(big_g, kSgmOpenClip);
+  }
+  synth.Vae(tiny ? LdmSynth::VaeShape{32, 1, {1, 2, 2, 2}}
+                 : LdmSynth::VaeShape{128, 2, {1, 2, 4, 4}});
   return p;
 }
 

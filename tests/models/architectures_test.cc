@@ -214,12 +214,12 @@ TEST(RegistryTest, UnknownAndUnsupportedCheckpointsAreNamed) {
   core::CheckpointIndex index;
   index.path = "models/x";
   core::TensorInfo t;
-  t.name = "conditioner.embedders.0.weight";
+  t.name = "model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight";
   index.tensors.push_back(t);
   index.by_name[t.name] = 0;
-  absl::Status sdxl = BuildModel("", index).status();
-  EXPECT_TRUE(absl::IsFailedPrecondition(sdxl));
-  EXPECT_NE(sdxl.message().find("detected sdxl; not supported yet"), std::string::npos) << sdxl;
+  absl::Status sd3 = BuildModel("", index).status();
+  EXPECT_TRUE(absl::IsFailedPrecondition(sd3));
+  EXPECT_NE(sd3.message().find("detected sd3; not supported yet"), std::string::npos) << sd3;
   index.tensors[0].name = "foo.bar";
   index.by_name = {{"foo.bar", 0}};
   absl::Status unknown = BuildModel("", index).status();

@@ -63,9 +63,13 @@ LoadedReference LoadReference(const std::string& path, const std::string& dtype,
   return l;
 }
 
-double ReferenceError(const Model& model, const std::string& dir, const std::string& entry) {
+double ReferenceError(const Model& model, const std::string& dir, const std::string& name) {
   nlohmann::json cases = nlohmann::json::parse(testing::ReadFileOrEmpty(dir + "/cases.json"));
-  const nlohmann::json& c = cases[entry];
+  const nlohmann::json& c = cases[name];
+  // "entry@output": that output of the entry, whose inputs are the entry's.
+  const size_t at = name.find('@');
+  const std::string entry = name.substr(0, at);
+  const std::string output = at == std::string::npos ? "" : name.substr(at + 1);
   std::map<std::string, at::Tensor> feed;
   for (auto it = c["inputs"].begin(); it != c["inputs"].end(); ++it) {
     feed[it.key()] = ReadTensor(dir + "/" + entry + "." + it.key() + ".bin", it.value());
@@ -74,13 +78,17 @@ double ReferenceError(const Model& model, const std::string& dir, const std::str
   EXPECT_TRUE(out.ok()) << entry << ": " << out.status();
   if (!out.ok()) return 1e9;
   at::Tensor expected =
-      ReadTensor(dir + "/" + entry + ".out.bin", {{"shape", c["output"]}, {"dtype", "float32"}});
-  at::Tensor got = out->front().second.to(at::kFloat);
+      ReadTensor(dir + "/" + name + ".out.bin", {{"shape", c["output"]}, {"dtype", "float32"}});
+  at::Tensor got = out->front().second;
+  for (const auto& [out_name, tensor] : *out) {
+    if (out_name == output) got = tensor;
+  }
+  got = got.to(at::kFloat);
   EXPECT_TRUE(got.sizes().equals(expected.sizes())) << entry << ": " << got.sizes();
   if (!got.sizes().equals(expected.sizes())) return 1e9;
   const double max_abs = expected.abs().max().item<double>();
   const double err = (got - expected).abs().max().item<double>() / max_abs;
-  std::printf("%s: max abs error / max |output| = %.3g (max |output| %.3g)\n", entry.c_str(), err,
+  std::printf("%s: max abs error / max |output| = %.3g (max |output| %.3g)\n", name.c_str(), err,
               max_abs);
   return err;
 }

@@ -31,8 +31,9 @@ struct LoadedReference {
 LoadedReference LoadReference(const std::string& path, const std::string& dtype,
                               const ComputeChoice& compute = {}, const std::string& vae_path = "");
 
-// max |got - expected| / max |expected| for `entry` of the reference in `dir`, printed.
-double ReferenceError(const Model& model, const std::string& dir, const std::string& entry);
+// max |got - expected| / max |expected| for case `name` of the reference in `dir`, printed: an
+// entry's first output, or "entry@output" for another.
+double ReferenceError(const Model& model, const std::string& dir, const std::string& name);
 
 }  // namespace metaload::models
 

@@ -145,7 +145,8 @@ TEST(Sd2Test, OpenClipPenultimateCountsTheFullDepth) {
   EXPECT_EQ(OpenClip(1024, 24).index().tensors.size(), 26u);
 }
 
-// Every Stable Diffusion generation metaload does not build is named, never loaded as another.
+// Every diffusion family metaload does not build is named, never loaded as another (SDXL's
+// markers, conditioner.embedders., make an SDXL load: sdxl_test.cc).
 TEST(Sd2Test, OtherDiffusionFamiliesAreNamed) {
   const std::string unet = "model.diffusion_model.";
   struct Family {
@@ -157,9 +158,6 @@ TEST(Sd2Test, OtherDiffusionFamiliesAreNamed) {
       {"sd2-depth", OpenClip(1024, 24)
                         .Add(unet + "input_blocks.0.0.weight", {320, 5, 3, 3})
                         .Add("depth_model.model.pretrained.act_postprocess1.0", {1})});
-  families.push_back({"sdxl", FakeIndex()
-                                  .Add(unet + "input_blocks.0.0.weight", {320, 4, 3, 3})
-                                  .Add("conditioner.embedders.0.transformer.text_model.x", {1})});
   families.push_back(
       {"sd3", FakeIndex()
                   .Add(unet + "joint_blocks.0.x_block.attn.qkv.weight", {4608, 1536})

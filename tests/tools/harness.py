@@ -21,11 +21,14 @@ class Checks:
         return 0 if all(self.results) else 1
 
 
-def start_daemon(metaloadd, work, model_root, stderr=subprocess.DEVNULL):
-    """Starts metaloadd on loopback; returns (process, {"grpc_port": .., "metrics_port": ..})."""
+def start_daemon(metaloadd, work, model_root, stderr=subprocess.DEVNULL, flags=()):
+    """Starts metaloadd on loopback with `flags` added; returns (process, {"grpc_port": ..,
+    "metrics_port": ..})."""
     port_file = os.path.join(work, "ports")
+    if os.path.exists(port_file):
+        os.remove(port_file)
     daemon = subprocess.Popen([metaloadd, "--listen=127.0.0.1:0", "--metrics_listen=127.0.0.1:0",
-                               "--port_file=" + port_file, "--model_root=" + model_root],
+                               "--port_file=" + port_file, "--model_root=" + model_root, *flags],
                               stderr=stderr)
     # Up to 60 s: a daemon starting while the rest of the suite keeps both cores busy (a CI run
     # once saw more than 15 s).

@@ -153,14 +153,19 @@ class TimestepEmbedSequential(nn.Sequential):
 
 
 class UNetModel(nn.Module):
-    # `transformer(ch, context)`: the attention layer of a level (SD1's SpatialTransformer with
-    # `heads` heads by default; ref_sd2.py passes SD2's).
-    def __init__(self, in_channels, model_channels, mult, res_blocks, attention, heads, context, transformer=None):
+    # `transformer(ch, context, level)`: the attention layer of a level (None: the middle block's;
+    # SD1's SpatialTransformer with `heads` heads by default; ref_sd2.py and ref_sdxl.py pass
+    # theirs). `adm_in_channels`: sgm's label_emb for SDXL's class vector y.
+    def __init__(self, in_channels, model_channels, mult, res_blocks, attention, heads, context, transformer=None,
+                 adm_in_channels=0):
         super().__init__()
-        transformer = transformer or (lambda ch, ctx: SpatialTransformer(ch, heads, ctx))
+        transformer = transformer or (lambda ch, ctx, level: SpatialTransformer(ch, heads, ctx))
         self.model_channels = model_channels
         emb = 4 * model_channels
         self.time_embed = nn.Sequential(nn.Linear(model_channels, emb), nn.SiLU(), nn.Linear(emb, emb))
+        if adm_in_channels:
+            self.label_emb = nn.Sequential(nn.Sequential(nn.Linear(adm_in_channels, emb), nn.SiLU(),
+                                                         nn.Linear(emb, emb)))
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(Stem(in_channels, model_channels, 3, padding=1))])
         chans, ch = [model_channels], model_channels
         for level, m in enumerate(mult):
@@ -168,13 +173,13 @@ class UNetModel(nn.Module):
                 layers = [ResBlock(ch, m * model_channels, emb)]
                 ch = m * model_channels
                 if attention[level]:
-                    layers.append(transformer(ch, context))
+                    layers.append(transformer(ch, context, level))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 chans.append(ch)
             if level != len(mult) - 1:
                 self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
                 chans.append(ch)
-        self.middle_block = TimestepEmbedSequential(ResBlock(ch, ch, emb), transformer(ch, context),
+        self.middle_block = TimestepEmbedSequential(ResBlock(ch, ch, emb), transformer(ch, context, None),
                                                     ResBlock(ch, ch, emb))
         self.output_blocks = nn.ModuleList([])
         for level, m in list(enumerate(mult))[::-1]:
@@ -182,18 +187,20 @@ class UNetModel(nn.Module):
                 layers = [ResBlock(ch + chans.pop(), model_channels * m, emb)]
                 ch = model_channels * m
                 if attention[level]:
-                    layers.append(transformer(ch, context))
+                    layers.append(transformer(ch, context, level))
                 if level and i == res_blocks:
                     layers.append(Upsample(ch))
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
         self.out = nn.Sequential(GroupNorm32(32, ch), nn.SiLU(), nn.Conv2d(ch, 4, 3, padding=1))
 
-    def forward(self, x, timesteps, context):
+    def forward(self, x, timesteps, context, y=None):
         half = self.model_channels // 2
         freqs = torch.exp(-math.log(10000) * torch.arange(0, half, dtype=torch.float32) / half)
         args = timesteps[:, None].float() * freqs[None]
         t_emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         emb = self.time_embed(t_emb)
+        if y is not None:
+            emb = emb + self.label_emb(y)
         hs, h = [], x
         for module in self.input_blocks:
             h = module(h, emb, context)
@@ -478,12 +485,19 @@ def write_reference(out, flags, g, unet, vae, text, in_channels, context, vocab,
         "vae_decode": {"latents": torch.randn(1, 4, hw, hw, generator=g)},
         "vae_encode": {"image": torch.rand(1, 3, 8 * hw, 8 * hw, generator=g) * 2 - 1},
     }
-    cases = {}
     with torch.no_grad():
         outputs = {"unet": unet(**inputs["unet"]),
                    "text_encoder": text_encoder(inputs["text_encoder"]["input_ids"]),
                    "vae_decode": vae.decode(inputs["vae_decode"]["latents"]),
                    "vae_encode": vae.encode_mean(inputs["vae_encode"]["image"])}
+    write_cases(out, inputs, outputs)
+    print(json.dumps({"tensors": len(sd), "parameters": sum(v.numel() for v in sd.values())}))
+
+
+def write_cases(out, inputs, outputs):
+    """OUT/<case>.<input>.bin, OUT/<case>.out.bin and cases.json for each case: an entry's name, or
+    "entry@output" for an output other than its first (the inputs are the entry's)."""
+    cases = {}
     for entry, feed in inputs.items():
         cases[entry] = {"inputs": {}, "output": list(outputs[entry].shape)}
         for name, t in feed.items():
@@ -492,9 +506,14 @@ def write_reference(out, flags, g, unet, vae, text, in_channels, context, vocab,
             cases[entry]["inputs"][name] = {"shape": list(t.shape), "dtype": str(t.dtype).split(".")[1]}
         with open(os.path.join(out, f"{entry}.out.bin"), "wb") as f:
             f.write(outputs[entry].contiguous().float().numpy().tobytes())
+    for case in outputs:
+        if "@" in case:
+            entry = case.split("@")[0]
+            cases[case] = {"inputs": cases[entry]["inputs"], "output": list(outputs[case].shape)}
+            with open(os.path.join(out, f"{case}.out.bin"), "wb") as f:
+                f.write(outputs[case].contiguous().float().numpy().tobytes())
     with open(os.path.join(out, "cases.json"), "w") as f:
         json.dump(cases, f)
-    print(json.dumps({"tensors": len(sd), "parameters": sum(v.numel() for v in sd.values())}))
 
 
 if __name__ == "__main__":

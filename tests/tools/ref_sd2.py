@@ -33,11 +33,11 @@ TEXT = dict(vocab=1000, positions=77, width=128, layers=3, heads=2, ffn=512)
 
 # ---- SD2's SpatialTransformer (ldm.modules.attention, use_linear=True) ----
 class SpatialTransformer(nn.Module):
-    def __init__(self, ch, heads, context_dim):
+    def __init__(self, ch, heads, context_dim, depth=1):
         super().__init__()
         self.norm = nn.GroupNorm(32, ch, eps=1e-6)
         self.proj_in = nn.Linear(ch, ch)
-        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(ch, heads, context_dim)])
+        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(ch, heads, context_dim) for _ in range(depth)])
         self.proj_out = nn.Linear(ch, ch)
 
     def forward(self, x, emb, context):
@@ -106,7 +106,7 @@ def main():
     u = UNET
     unet = ref_sd1.UNetModel(in_channels, u["model_channels"], u["mult"], u["res_blocks"], u["attention"], None,
                              u["context"],
-                             transformer=lambda ch, ctx: SpatialTransformer(ch, ch // u["head_channels"], ctx))
+                             transformer=lambda ch, ctx, level: SpatialTransformer(ch, ch // u["head_channels"], ctx))
     vae = ref_sd1.AutoencoderKL(VAE["ch"], VAE["mult"], VAE["res_blocks"], VAE["z"])
     text = OpenCLIPText(**TEXT)
     last = len(unet.output_blocks) - 1
