@@ -93,6 +93,7 @@ bench: build
 	@$(BUILD_DIR)/tests/bench/parse_bench
 	@$(BUILD_DIR)/tests/bench/load_bench --dir=$(BUILD_DIR)/bench-data
 	@$(BUILD_DIR)/tests/bench/load_bench --model=sd1 --dir=$(BUILD_DIR)/bench-data
+	@$(BUILD_DIR)/tests/bench/load_bench --model=sdxl --dir=$(BUILD_DIR)/bench-data
 	@$(BUILD_DIR)/tests/bench/infer_bench --daemon=$(BUILD_DIR)/server/metaloadd --cli=$(BUILD_DIR)/client/metaload
 
 # Long fuzzing: make fuzz FUZZ_SECONDS=3600 (per target).
