@@ -59,6 +59,13 @@ INSTANTIATE_TEST_SUITE_P(
         Case{"fp32_512_base", {}, "float32", 1e-4, "sd2", "epsilon"},
         Case{"fp32_768_v", {"--v"}, "float32", 1e-4, "sd2", "v"},
         Case{"bf16", {}, "bfloat16", 5e-2, "sd2", "epsilon"},
+        Case{"bf16_768_v", {"--v"}, "bfloat16", 5e-2, "sd2", "v"},
+        Case{"inpainting_bf16",
+             {"--in-channels", "9"},
+             "bfloat16",
+             5e-2,
+             "sd2-inpainting",
+             "epsilon"},
         // The web UI's policy (no dtype named): UNet and text encoder float16.
         Case{"webui_policy_rounded_reference",
              {"--round", "float16", "--keep", "first_stage_model."},

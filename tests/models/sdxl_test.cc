@@ -60,23 +60,30 @@ TEST_P(SdxlReferenceTest, EveryEntryMatchesPython) {
 
 INSTANTIATE_TEST_SUITE_P(
     Checkpoints, SdxlReferenceTest,
-    ::testing::Values(Case{"base_fp32", {}, "float32", 1e-4, "sdxl", kBase},
-                      Case{"base_bf16", {}, "bfloat16", 5e-2, "sdxl", kBase},
-                      // The web UI's dtypes: UNet and text encoders float16, the VAE float32.
-                      Case{"base_webui_policy_rounded_reference",
-                           {"--round", "float16", "--keep", "first_stage_model."},
-                           "",
-                           1e-4,
-                           "sdxl",
-                           kBase},
-                      Case{
-                          "refiner_fp32", {"--refiner"}, "float32", 1e-4, "sdxl-refiner", kRefiner},
-                      Case{"inpainting_fp32",
-                           {"--in-channels", "9"},
-                           "float32",
-                           1e-4,
-                           "sdxl-inpainting",
-                           {"unet"}}),
+    ::testing::Values(
+        Case{"base_fp32", {}, "float32", 1e-4, "sdxl", kBase},
+        Case{"base_bf16", {}, "bfloat16", 5e-2, "sdxl", kBase},
+        // The web UI's dtypes: UNet and text encoders float16, the VAE float32.
+        Case{"base_webui_policy_rounded_reference",
+             {"--round", "float16", "--keep", "first_stage_model."},
+             "",
+             1e-4,
+             "sdxl",
+             kBase},
+        Case{"refiner_fp32", {"--refiner"}, "float32", 1e-4, "sdxl-refiner", kRefiner},
+        Case{"refiner_bf16", {"--refiner"}, "bfloat16", 5e-2, "sdxl-refiner", kRefiner},
+        Case{"inpainting_bf16",
+             {"--in-channels", "9"},
+             "bfloat16",
+             5e-2,
+             "sdxl-inpainting",
+             {"unet"}},
+        Case{"inpainting_fp32",
+             {"--in-channels", "9"},
+             "float32",
+             1e-4,
+             "sdxl-inpainting",
+             {"unet"}}),
     [](const ::testing::TestParamInfo<Case>& info) { return std::string(info.param.name); });
 
 // The web UI's policy when a load names no dtype: everything float16 but the VAE, float32 (SDXL's
