@@ -25,12 +25,29 @@ namespace metaload::cache {
 
 using Clock = std::chrono::steady_clock;
 
+namespace {
+
+// `resolved` replaced by `shown` everywhere in `message`.
+void ReplacePath(const std::string& resolved, const std::string& shown, std::string* message) {
+  if (resolved.empty() || resolved == shown) return;
+  for (size_t at = message->find(resolved); at != std::string::npos;
+       at = message->find(resolved, at + shown.size())) {
+    message->replace(at, resolved.size(), shown);
+  }
+}
+
+}  // namespace
+
 absl::Status AsCallerSees(const absl::Status& status, const LoadSpec& spec) {
-  if (status.ok() || spec.path.empty() || spec.path == spec.display_path) return status;
+  if (status.ok()) return status;
   std::string message(status.message());
-  for (size_t at = message.find(spec.path); at != std::string::npos;
-       at = message.find(spec.path, at + spec.display_path.size())) {
-    message.replace(at, spec.path.size(), spec.display_path);
+  // The longer first: one of the two may lie under the other's directory.
+  if (spec.vae_path.size() > spec.path.size()) {
+    ReplacePath(spec.vae_path, spec.vae_display_path, &message);
+    ReplacePath(spec.path, spec.display_path, &message);
+  } else {
+    ReplacePath(spec.path, spec.display_path, &message);
+    ReplacePath(spec.vae_path, spec.vae_display_path, &message);
   }
   return absl::Status(status.code(), message);
 }

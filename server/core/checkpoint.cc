@@ -28,14 +28,29 @@ namespace {
 absl::Status AddOverlay(const CheckpointSource::Options& options, CheckpointIndex* index,
                         std::vector<int>* fds) {
   const std::string& prefix = options.overlay_prefix;
+  if (index->format == CheckpointFormat::kTorchScript) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        index->path, ": a TorchScript archive takes no ", prefix, " from another file"));
+  }
+  // The overlay's descriptors, closed here unless handed to *fds (which the caller closes).
   std::vector<int> overlay_fds;
+  struct CloseUnlessKept {
+    std::vector<int>* fds;
+    ~CloseUnlessKept() {
+      for (int fd : *fds) ::close(fd);
+    }
+  } close_unless_kept{&overlay_fds};
   absl::StatusOr<CheckpointIndex> overlay =
       IndexCheckpoint(options.overlay_path, ModelRoots(options.roots), &overlay_fds);
-  fds->insert(fds->end(), overlay_fds.begin(), overlay_fds.end());  // closed with the rest
+  fds->reserve(fds->size() + overlay_fds.size());
+  fds->insert(fds->end(), overlay_fds.begin(), overlay_fds.end());  // cannot throw: reserved
+  overlay_fds.clear();
   if (!overlay.ok()) return overlay.status();
-  if (overlay->format == CheckpointFormat::kTorchScript) {
-    return absl::FailedPreconditionError(
-        absl::StrCat(options.overlay_path, ": a TorchScript archive cannot supply ", prefix));
+  if (overlay->format != CheckpointFormat::kSafetensors &&
+      overlay->format != CheckpointFormat::kTorchZip) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        options.overlay_path, ": supplies ", prefix,
+        " only as one .safetensors or .ckpt file, not ", CheckpointFormatName(overlay->format)));
   }
   const bool prefixed =
       std::any_of(overlay->tensors.begin(), overlay->tensors.end(),

@@ -22,6 +22,9 @@ absl::Status NotLdmLayout(const LdmKeys& keys, const std::string& what) {
 
 namespace {
 
+// The largest size any LDM network's tensor has in one dimension is 49408 (the vocabularies).
+constexpr int64_t kMaxLdmDim = int64_t{1} << 20;
+
 // The shape of `key`, FAILED_PRECONDITION naming it when missing or of another rank.
 absl::StatusOr<std::vector<int64_t>> Shape(const LdmKeys& keys, const std::string& key,
                                            size_t rank) {
@@ -35,8 +38,19 @@ absl::StatusOr<std::vector<int64_t>> Shape(const LdmKeys& keys, const std::strin
     return absl::FailedPreconditionError(
         absl::StrCat(index.path, ": ", key, " has rank ", t->shape.size(), ", expected ", rank));
   }
+  // Every size read here divides or multiplies others: a zero (safetensors allows it) would
+  // divide by zero, a huge one overflow.
+  for (int64_t d : t->shape) {
+    if (d < 1 || d > kMaxLdmDim) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          index.path, ": ", key, " has a dimension of ", d, " (1 to ", kMaxLdmDim, " fit)"));
+    }
+  }
   return t->shape;
 }
+
+// Levels of a UNet or VAE: SD's have 3 or 4; the downscale is 2^(levels - 1).
+constexpr size_t kMaxLdmLevels = 8;
 
 // Transformer blocks of the SpatialTransformer under `prefix` ("...input_blocks.4.1."); 0 when
 // there is none.
@@ -86,6 +100,7 @@ absl::StatusOr<UnetConfig> ReadUnet(const LdmKeys& keys, const std::string& p) {
     const bool attention = index.Find(b + "1.proj_in.weight") != nullptr;
     if (in_level == 0) {
       if (out[0] % c.model_channels != 0) return NotLdmLayout(keys, "UNet width not a multiple");
+      if (c.mult.size() == kMaxLdmLevels) return NotLdmLayout(keys, "more UNet levels than fit");
       c.mult.push_back(out[0] / c.model_channels);
       c.attention.push_back(attention);
       c.depth.push_back(TransformerDepth(index, b + "1."));
@@ -109,9 +124,9 @@ absl::StatusOr<UnetConfig> ReadUnet(const LdmKeys& keys, const std::string& p) {
   }
   c.linear_proj = proj_in->shape.size() == 2;
   c.middle_depth = TransformerDepth(index, p + "middle_block.1.");
-  if (const core::TensorInfo* label = index.Find(p + "label_emb.0.0.weight"); label != nullptr) {
-    if (label->shape.size() != 2) return NotLdmLayout(keys, "UNet label_emb is not a Linear");
-    c.adm_in_channels = label->shape[1];
+  if (HasKeyPrefix(index, p + "label_emb.")) {
+    ML_ASSIGN_SHAPE(label, Shape(keys, p + "label_emb.0.0.weight", 2));
+    c.adm_in_channels = label[1];
   }
   ML_ASSIGN_SHAPE(to_k,
                   Shape(keys, p + "middle_block.1.transformer_blocks.0.attn2.to_k.weight", 2));
@@ -137,6 +152,7 @@ absl::StatusOr<VaeConfig> ReadVae(const LdmKeys& keys, const std::string& p) {
     ML_ASSIGN_SHAPE(
         out, Shape(keys, absl::StrCat(p, "encoder.down.", level, ".block.0.conv2.weight"), 4));
     if (out[0] % c.ch != 0) return NotLdmLayout(keys, "VAE width not a multiple of its base");
+    if (c.mult.size() == kMaxLdmLevels) return NotLdmLayout(keys, "more VAE levels than fit");
     c.mult.push_back(out[0] / c.ch);
   }
   if (c.mult.empty()) return NotLdmLayout(keys, "no VAE encoder levels");
@@ -186,11 +202,10 @@ absl::StatusOr<OpenClipConfig> ReadOpenClip(const LdmKeys& keys, const std::stri
   } else {
     return NotLdmLayout(keys, "an OpenCLIP text encoder needs two resblocks for its penultimate");
   }
-  if (const core::TensorInfo* proj = index.Find(p + "text_projection"); proj != nullptr) {
-    if (proj->shape.size() != 2 || proj->shape[0] != c.width) {
-      return NotLdmLayout(keys, "OpenCLIP text_projection is not [width, N]");
-    }
-    c.projection = proj->shape[1];
+  if (index.Find(p + "text_projection") != nullptr) {
+    ML_ASSIGN_SHAPE(proj, Shape(keys, p + "text_projection", 2));
+    if (proj[0] != c.width) return NotLdmLayout(keys, "OpenCLIP text_projection is not [width, N]");
+    c.projection = proj[1];
   }
   if (const core::TensorInfo* scale = index.Find(p + "logit_scale"); scale != nullptr) {
     if (!scale->shape.empty()) return NotLdmLayout(keys, "OpenCLIP logit_scale is not a scalar");

@@ -434,6 +434,10 @@ TEST_F(ServiceTest, Sd1WithAVaeFromAnotherFileThroughGrpc) {
   s = refused("corrupt.safetensors");
   EXPECT_FALSE(s.ok());
   EXPECT_NE(s.error_message().find("corrupt.safetensors"), std::string::npos) << s.error_message();
+  // Named as the caller named it: the daemon's model root stays out of the message.
+  EXPECT_EQ(s.error_message().find(*dir_ / "models"), std::string::npos) << s.error_message();
+  s = refused("ref_mlp");  // a directory, and no VAE
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << s.error_message();
   s = refused("../outside.safetensors");
   EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << s.error_message();
   EXPECT_NE(s.error_message().find("vae_path"), std::string::npos) << s.error_message();

@@ -152,6 +152,26 @@ TEST(Sd2Test, OpenClipPenultimateCountsTheFullDepth) {
   EXPECT_EQ(OpenClip(1024, 24).index().tensors.size(), 26u);
 }
 
+// A size of zero (safetensors allows it) or beyond any real network is refused naming the key,
+// before anything divides by it: once a SIGFPE that took the daemon down.
+TEST(Sd2Test, SizesOfZeroOrHugeAreRefused) {
+  const std::string unet = "model.diffusion_model.";
+  for (int64_t bad : {int64_t{0}, int64_t{1} << 40}) {
+    FakeIndex f = OpenClip(1024, 24);
+    f.Add(unet + "input_blocks.0.0.weight", {bad, 4, 3, 3})
+        .Add(unet + "out.2.weight", {4, 320, 3, 3});
+    absl::Status s = BuildModel("", f.index()).status();
+    EXPECT_TRUE(absl::IsFailedPrecondition(s)) << s;
+    EXPECT_NE(s.message().find(absl::StrCat("input_blocks.0.0.weight has a dimension of ", bad)),
+              std::string::npos)
+        << s;
+  }
+  FakeIndex vae = OpenClip(1024, 24);
+  vae.Add("first_stage_model.encoder.conv_in.weight", {0, 3, 3, 3});
+  absl::StatusOr<VaeConfig> c = ReadVae({vae.index(), "sd2"}, "first_stage_model.");
+  EXPECT_TRUE(absl::IsFailedPrecondition(c.status())) << c.status();
+}
+
 // Every diffusion family metaload does not build is named, never loaded as another (SDXL's
 // markers, conditioner.embedders., make an SDXL load: sdxl_test.cc).
 TEST(Sd2Test, OtherDiffusionFamiliesAreNamed) {
