@@ -95,6 +95,7 @@ bench: build
 	@$(BUILD_DIR)/tests/bench/load_bench --model=sd1 --dir=$(BUILD_DIR)/bench-data
 	@$(BUILD_DIR)/tests/bench/load_bench --model=sdxl --dir=$(BUILD_DIR)/bench-data
 	@$(BUILD_DIR)/tests/bench/infer_bench --daemon=$(BUILD_DIR)/server/metaloadd --cli=$(BUILD_DIR)/client/metaload
+	@/usr/bin/python3 tests/bench/switch_bench.py $(BUILD_DIR)/server/metaloadd $(BUILD_DIR)/client/metaload . $(BUILD_DIR)/python --dir=$(BUILD_DIR)/bench-data
 
 # Long fuzzing: make fuzz FUZZ_SECONDS=3600 (per target).
 fuzz: deps

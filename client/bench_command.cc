@@ -3,7 +3,9 @@
 //   infer     N concurrent streams of Infer on one model (duration or request count)
 //   load-hit  N concurrent streams of LoadModel on an already-loaded model (cache hits)
 //   switch    alternate loads among K checkpoints (the web UI's checkpoint switching), one at a
-//             time; under a budget that fits one, every switch evicts the previous model
+//             time; under a budget that fits one, every switch evicts the previous model. With
+//             --model=ID every load replaces the model under that one id (replace=true), as a
+//             web UI switching its one checkpoint does; the latency is then the switch's
 //
 // Calls go out on gRPC's callback API from one channel, so 64 streams cost 64 calls in flight,
 // not 64 client threads competing with the daemon for the same cores.
@@ -244,6 +246,7 @@ int RunBench(const std::vector<std::string>& argv) {
       if (!bearer.empty()) c->context.AddMetadata("authorization", bearer);
       c->load.set_path(paths[static_cast<size_t>(n) % paths.size()]);
       c->load.set_model_id(model_id);
+      c->load.set_replace(scenario == "switch" && !model_id.empty());
       stub->async()->LoadModel(&c->context, &c->load, &c->load_response, std::move(done));
     };
   } else {

@@ -249,11 +249,16 @@ int RunLoad(const std::vector<std::string>& argv) {
   }
   const auto& m = result.model();
   std::printf(
-      "%s %s: %s on %s (%s), %lld parameters, %s in %.2f s, peak host %s%s\n",
+      "%s %s: %s on %s (%s), %lld parameters, %s in %.2f s, peak host %s%s%s\n",
       result.cache_hit() ? "cached" : "loaded", m.model_id().c_str(), m.architecture().c_str(),
       m.device().c_str(), m.dtype().c_str(), static_cast<long long>(m.parameter_count()),
       core::HumanBytes(m.resident_bytes()).c_str(), result.stats().total_seconds(),
       core::HumanBytes(result.stats().peak_host_bytes()).c_str(),
+      result.stats().arena_reused_bytes() > 0
+          ? absl::StrCat(" (", core::HumanBytes(result.stats().arena_reused_bytes()),
+                         " reused from the arena)")
+                .c_str()
+          : "",
       result.stats().unexpected_keys_size() > 0
           ? absl::StrCat(", ", result.stats().unexpected_keys_size(), " unexpected keys").c_str()
           : "");

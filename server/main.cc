@@ -64,6 +64,13 @@ ABSL_FLAG(std::string, memory_budget, "",
 ABSL_FLAG(
     std::string, auth_token_file, "",
     "File holding a token; every RPC but health must then carry 'authorization: Bearer <token>'");
+ABSL_FLAG(std::string, host_arena, "budget",
+          "Host memory kept faulted between CPU loads, so a load after an unload or a switch "
+          "fills memory at copy speed: 'budget' (as much as the cpu budget leaves), a size "
+          "(e.g. 8GiB) or 0 (none)");
+ABSL_FLAG(absl::Duration, arena_idle_release, absl::Seconds(60),
+          "Kept host memory unused this long goes back to the kernel (0: only when the budget "
+          "needs it)");
 ABSL_FLAG(int, load_threads, 2, "Loads running at once");
 ABSL_FLAG(int, infer_threads, 2, "Infer calls running at once");
 ABSL_FLAG(int, intra_op_threads, 0, "Threads one forward pass may use (0: LibTorch's default)");
@@ -216,6 +223,17 @@ int main(int argc, char** argv) {
     }
     options.memory_budgets = *budgets;
   }
+  if (const std::string arena = absl::GetFlag(FLAGS_host_arena); arena != "budget") {
+    absl::StatusOr<int64_t> bytes = metaload::core::ParseByteSize(arena);
+    if (!bytes.ok() || *bytes < 0) {
+      LogError("start_failed")
+          .Kv("error", "--host_arena must be 'budget', a size or 0")
+          .Kv("value", arena);
+      return 1;
+    }
+    options.host_arena_bytes = *bytes;
+  }
+  options.arena_idle_release = absl::GetFlag(FLAGS_arena_idle_release);
   if (!absl::GetFlag(FLAGS_auth_token_file).empty()) {
     std::ifstream f(absl::GetFlag(FLAGS_auth_token_file));
     std::string token;

@@ -14,6 +14,7 @@
 #include "server/core/byte_size.h"
 #include "server/core/checksum_store.h"
 #include "server/core/dtype_policy.h"
+#include "server/core/host_arena.h"
 #include "server/core/loader.h"
 #include "server/core/log.h"
 #include "server/core/thread_pool.h"
@@ -403,6 +404,12 @@ std::map<std::string, int64_t> ModelCache::ResidentBytes() const {
     if (std::shared_ptr<Loaded> l = weak.lock()) out[l->device] += l->resident_bytes;
   }
   return out;
+}
+
+std::optional<ModelCache::ArenaFigures> ModelCache::Arena() const {
+  if (options_.host_arena == nullptr) return std::nullopt;
+  const core::HostArena::Stats s = options_.host_arena->stats();
+  return ArenaFigures{ClampBytes(s.kept_bytes), ClampBytes(s.reused_bytes_total)};
 }
 
 int64_t ModelCache::DefaultAvailableBytes(const std::string& device) {

@@ -24,6 +24,12 @@
 //   that outlived an Unload), the model is only queued; one release thread frees it and trims
 //   the heap, never under the lock nor on a gRPC thread. A load waits for the frees queued
 //   before it to finish before it allocates, so the budget holds in real memory.
+// - Host arena (Options::host_arena): CPU loads carve their destinations out of memory kept
+//   faulted from models that went (core::HostArena). What it keeps is no model's: admission
+//   counts it as free, and at each admission on the CPU the arena is trimmed so that models,
+//   loads in flight and kept memory together stay within the budget (a take of fresh memory
+//   gives back as much kept memory first, host_arena.h). Where the budget follows free memory,
+//   the kept bytes count as free.
 // - No exception escapes: LibTorch and JSON calls run inside core::CatchExceptions (out of
 //   memory: RESOURCE_EXHAUSTED), and an Infer holds its model through an RAII handle, so no
 //   failure leaves a model counted as in use. Errors name the path as the caller gave it.
@@ -51,6 +57,7 @@
 
 namespace metaload::core {
 class ChecksumStore;
+class HostArena;
 class ThreadPool;
 struct CheckpointIndex;
 }  // namespace metaload::core
@@ -104,6 +111,8 @@ struct LoadStats {
   // The load's own peak, counted by the loader (core::LoadReport): not disturbed by loads
   // running at the same time.
   int64_t peak_host_bytes = 0, peak_device_bytes = 0;
+  // Bytes of the model that came from the host arena's kept memory (faulted already).
+  int64_t arena_reused_bytes = 0;
   std::vector<std::string> unexpected_keys;
 };
 
@@ -152,6 +161,8 @@ class ModelCache {
     // Optional: sha256 of checkpoints, in the background after each load.
     core::ChecksumStore* checksums = nullptr;
     CacheObserver* observer = nullptr;
+    // Optional: CPU destinations from this arena (see above); it must outlive the cache.
+    core::HostArena* host_arena = nullptr;
     // Canonical model roots every file a load opens must lie in (symlinks resolved); empty: no
     // restriction. The daemon passes --model_root.
     std::vector<std::string> model_roots;
@@ -215,6 +226,12 @@ class ModelCache {
   void Infer(const std::string& model_id, const std::string& entry, std::vector<WireTensor> inputs,
              bool typed_outputs, InferDoneFn done);
 
+  // What the host arena keeps now and has handed out again since start; nullopt without one.
+  struct ArenaFigures {
+    int64_t kept_bytes = 0, reused_bytes_total = 0;
+  };
+  std::optional<ArenaFigures> Arena() const;
+
   // Bytes held by loaded models (including unloaded ones still used by an Infer), per device.
   std::map<std::string, int64_t> ResidentBytes() const;
   const std::map<std::string, int64_t>& budgets() const { return options_.budgets; }
@@ -235,9 +252,12 @@ class ModelCache {
   //    their slots and are moved into `victims` (freed by the caller once unlocked), `need` is
   //    reserved for the flight. RESOURCE_EXHAUSTED ("'path' <verb> N on cpu; the budget is
   //    ...") when it cannot fit. `available`: AvailableBytes, taken before locking.
+  //    `arena_room` (optional): the bytes the host arena may keep on the device from now on,
+  //    the budget less what models hold and loads in flight reserved, before this one's need;
+  //    -1 where the device has no budget.
   absl::Status ApproveLocked(Flight& flight, int64_t need, int64_t available, const char* verb,
-                             std::vector<std::shared_ptr<Loaded>>* victims)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+                             std::vector<std::shared_ptr<Loaded>>* victims,
+                             int64_t* arena_room = nullptr) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // 3. Execute, no lock: streams the weights in. A model that holds more than was approved
   //    (TorchScript's code decides) is approved again for what it holds, or refused and freed.
   absl::StatusOr<std::shared_ptr<Loaded>> Execute(Flight& flight, Prepared prepared);

@@ -15,6 +15,7 @@
 #include "server/core/checkpoint.h"
 #include "server/core/checksum_store.h"
 #include "server/core/exception_boundary.h"
+#include "server/core/host_arena.h"
 #include "server/core/loader.h"
 #include "server/core/log.h"
 #include "server/core/thread_pool.h"
@@ -71,7 +72,12 @@ int64_t ModelCache::AvailableBytes(const std::string& device) {
   if (!options_.budget_follows_available.count(device)) return -1;
   // Frees queued before now count as free: let them finish first (a checkpoint switch).
   releaser_->Flush();
-  return options_.available_bytes ? options_.available_bytes(device) : -1;
+  int64_t available = options_.available_bytes ? options_.available_bytes(device) : -1;
+  // Kept arena memory is resident but no model's: free for this purpose.
+  if (available >= 0 && device == "cpu" && options_.host_arena != nullptr) {
+    available += ClampBytes(options_.host_arena->stats().kept_bytes);
+  }
+  return available;
 }
 
 void ModelCache::RunLoad(std::shared_ptr<Flight> flight) {
@@ -87,10 +93,23 @@ void ModelCache::RunLoad(std::shared_ptr<Flight> flight) {
   if (status.ok()) {
     prepared->start = start;
     std::vector<std::shared_ptr<Loaded>> victims;
+    int64_t arena_room = -1;
     {
       const int64_t available = AvailableBytes(flight->spec.device);
       core::MutexLock lock(&mu_);
-      status = ApproveLocked(*flight, prepared->need, available, "needs", &victims);
+      status = ApproveLocked(*flight, prepared->need, available, "needs", &victims, &arena_room);
+    }
+    // Kept memory beyond what the budget leaves goes back to the kernel before this load
+    // allocates; the evicted models' memory then joins what is kept (it was counted as theirs).
+    // A load that fills from the arena may find its need there (a take of fresh memory gives
+    // back as much kept memory first); one that does not (zero_copy views, TorchScript) needs
+    // its room beside what is kept.
+    if (status.ok() && arena_room >= 0 && flight->spec.device == "cpu" &&
+        options_.host_arena != nullptr) {
+      const bool fills_from_arena =
+          !flight->spec.zero_copy && prepared->model->architecture() != "torchscript";
+      const int64_t keep = fills_from_arena ? arena_room : arena_room - prepared->need;
+      options_.host_arena->TrimTo(static_cast<uint64_t>(std::max<int64_t>(0, keep)));
     }
     victims.clear();  // unlocked: the evicted models are queued for freeing here
     if (status.ok()) {
@@ -183,7 +202,8 @@ absl::StatusOr<ModelCache::Prepared> ModelCache::Prepare(const Flight& flight) {
 
 absl::Status ModelCache::ApproveLocked(Flight& flight, int64_t need, int64_t available,
                                        const char* verb,
-                                       std::vector<std::shared_ptr<Loaded>>* victims) {
+                                       std::vector<std::shared_ptr<Loaded>>* victims,
+                                       int64_t* arena_room) {
   const LoadSpec& spec = flight.spec;
   AdmissionRequest request;
   request.need = need;
@@ -240,6 +260,11 @@ absl::Status ModelCache::ApproveLocked(Flight& flight, int64_t need, int64_t ava
     core::LogInfo("model_evicted").Kv("model_id", id).Kv("device", spec.device);
     if (options_.observer) options_.observer->OnModelRemoved(id);
   }
+  if (arena_room != nullptr) {
+    *arena_room = request.budget
+                      ? std::max<int64_t>(0, admission.limit - request.held - request.reserved)
+                      : -1;
+  }
   // The victims stay in alive_ (counted) until the caller drops them, after the lock: only
   // then are they queued for freeing.
   reserved_[spec.device] += need;
@@ -254,6 +279,7 @@ absl::StatusOr<std::shared_ptr<Loaded>> ModelCache::Execute(Flight& flight, Prep
   options.policy = prepared.policy;
   options.allow_missing_keys = spec.allow_missing_keys;
   options.zero_copy = spec.zero_copy;
+  if (spec.device == "cpu") options.host_arena = options_.host_arena;
   options.cancel = &flight.cancel;
   options.progress = [&prepared](const core::LoadProgress& p) {
     prepared.broadcast({p.phase == "done" ? "place" : "read", static_cast<int64_t>(p.bytes_done),
@@ -313,6 +339,7 @@ absl::StatusOr<std::shared_ptr<Loaded>> ModelCache::Execute(Flight& flight, Prep
   loaded->stats.bytes_read = static_cast<int64_t>(report->bytes_read);
   loaded->stats.peak_host_bytes = report->peak_host_bytes;
   loaded->stats.peak_device_bytes = report->peak_device_bytes;
+  loaded->stats.arena_reused_bytes = ClampBytes(report->arena_reused_bytes);
   loaded->stats.unexpected_keys = report->unexpected_keys;
   loaded->model = std::move(model);
   return loaded;

@@ -67,6 +67,10 @@ struct LoadState {
   // process (whose high-water mark other loads share). See LoadReport::peak_host_bytes.
   uint64_t host_bytes = 0;
   uint64_t device_bytes = 0;
+  // With a host arena: the block the copied CPU destinations are carved from, and how much of
+  // it is carved so far.
+  std::shared_ptr<HostBlock> block;
+  uint64_t block_used = 0;
   std::unique_ptr<StagedCopier> copier;
   std::unique_ptr<StagingRing> ring;
 
@@ -130,8 +134,44 @@ absl::Status Plan(Module& module, const CheckpointIndex& index, const LoadOption
   return absl::OkStatus();
 }
 
+// Destinations carved from an arena block start on a cache line.
+constexpr uint64_t kBlockAlign = 64;
+
+// A copied destination's bytes in the arena block: in the dtype it loads as, rounded up.
+uint64_t BlockBytes(const Planned& p) {
+  const uint64_t bytes = static_cast<uint64_t>(c10::multiply_integers(p.info->shape)) *
+                         c10::elementSize(ToScalarType(p.target));
+  return (bytes + kBlockAlign - 1) & ~(kBlockAlign - 1);
+}
+
+// Whether a planned tensor views the file's mapping instead of being copied (zero_copy, no
+// conversion, aligned bytes).
+bool ViewsMapping(const Planned& p, const LoadOptions& options) {
+  return options.zero_copy && p.info->dtype == p.target &&
+         p.info->offset % static_cast<uint64_t>(DTypeSize(p.info->dtype)) == 0;
+}
+
+// With a host arena on the CPU: one block for every destination the fill copies into.
+absl::Status TakeBlock(const CheckpointIndex& index, const LoadOptions& options, LoadState* state) {
+  if (options.host_arena == nullptr || !options.device.is_cpu()) return absl::OkStatus();
+  uint64_t total = 0;
+  for (const Planned& p : state->plan) {
+    if (p.info != nullptr && !ViewsMapping(p, options)) total += BlockBytes(p);
+  }
+  if (total == 0) return absl::OkStatus();
+  absl::StatusOr<std::shared_ptr<HostBlock>> block = options.host_arena->Take(total);
+  if (!block.ok()) {
+    return absl::Status(block.status().code(),
+                        absl::StrCat(index.path, ": ", block.status().message()));
+  }
+  state->block = *std::move(block);
+  state->report.arena_reused_bytes = std::min(total, state->block->reused_bytes());
+  return absl::OkStatus();
+}
+
 // One planned tensor's destination: zeros for a missing key, a view of the mapping for a
-// zero-copy one, else fresh memory (no page touched yet) that the fill writes.
+// zero-copy one, else memory that the fill writes: carved from the arena's block, or fresh (no
+// page touched yet).
 absl::Status AllocateOne(const CheckpointSource& source, const LoadOptions& options, Planned& p,
                          LoadState* state) {
   LoadReport& report = state->report;
@@ -145,8 +185,7 @@ absl::Status AllocateOne(const CheckpointSource& source, const LoadOptions& opti
   const DType stored = p.info->dtype;
   if (stored != p.target) ++report.converted;
   if (options.zero_copy) {
-    const bool aligned = p.info->offset % static_cast<uint64_t>(DTypeSize(p.info->dtype)) == 0;
-    if (stored == p.target && aligned) {
+    if (ViewsMapping(p, options)) {
       absl::StatusOr<std::shared_ptr<const MappedFile>> map = source.Map(p.info->file);
       if (!map.ok()) return map.status();
       std::shared_ptr<const MappedFile> keep = *map;
@@ -160,8 +199,16 @@ absl::Status AllocateOne(const CheckpointSource& source, const LoadOptions& opti
     }
     ++report.zero_copy_fallbacks;
   }
-  p.tensor = at::empty(p.info->shape, to);
-  AdviseHugePages(p.tensor);
+  if (state->block != nullptr && p.info->nbytes > 0) {
+    std::shared_ptr<HostBlock> block = state->block;
+    char* data = block->data() + state->block_used;
+    state->block_used += BlockBytes(p);
+    p.tensor = at::from_blob(
+        data, p.info->shape, [block](void*) {}, to);
+  } else {
+    p.tensor = at::empty(p.info->shape, to);
+    AdviseHugePages(p.tensor);
+  }
   p.needs_copy = true;
   report.loaded_bytes += static_cast<uint64_t>(p.tensor.nbytes());
   state->Count(p.tensor);
@@ -174,6 +221,7 @@ absl::Status AllocateOne(const CheckpointSource& source, const LoadOptions& opti
 absl::Status Allocate(const CheckpointSource& source, const LoadOptions& options,
                       LoadState* state) {
   const CheckpointIndex& index = source.index();
+  if (absl::Status taken = TakeBlock(index, options, state); !taken.ok()) return taken;
   for (size_t i = 0; i < state->plan.size(); ++i) {
     Planned& p = state->plan[i];
     absl::Status allocated = CatchExceptions(

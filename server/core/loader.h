@@ -18,6 +18,10 @@
 // Failure or cancellation (checked between chunks) leaves the module untouched (still on meta)
 // and frees everything the load allocated before returning.
 //
+// host_arena (CPU only): the destinations that are copied into are carved out of one block of
+// the arena's (core::HostArena, kept faulted between loads), which goes back to the arena when
+// the last of them is freed; the report counts the bytes that were faulted already.
+//
 // Devices: "cpu", "cuda", "cuda:N" through device-generic ATen calls. Off the CPU, chunks go
 // through a StagingRing of pinned host buffers: a worker reads a chunk into a free slot, the
 // copy to the device runs asynchronously on a side stream (in the stored dtype; the conversion
@@ -39,6 +43,7 @@
 #include "absl/status/statusor.h"
 #include "server/core/checkpoint.h"
 #include "server/core/dtype_policy.h"
+#include "server/core/host_arena.h"
 #include "server/core/module.h"
 #include "server/core/progress_reporter.h"
 
@@ -61,6 +66,8 @@ struct LoadOptions {
   // Host staging for devices other than the CPU: up to this many bytes of pinned memory, in
   // slots of chunk_bytes (at least two, at most two per worker; one per worker on the CPU).
   uint64_t staging_bytes = 64 << 20;
+  // CPU destinations from this arena (see above); nullptr: fresh memory for each tensor.
+  HostArena* host_arena = nullptr;
   // Use the staged pipeline on the CPU too (tests exercise the GPU path's code this way).
   bool staged = false;
   // Set to true (from any thread) to abort; the load then returns CANCELLED.
@@ -90,6 +97,8 @@ struct LoadReport {
   int zero_copy = 0;            // tensors viewing the mapping
   int zero_copy_fallbacks = 0;  // zero_copy asked for but copied (conversion or misalignment)
   int staging_slots = 0;        // slots in the staging ring (0: every chunk read in place)
+  // With host_arena: destination bytes that came from memory the arena kept (faulted already).
+  uint64_t arena_reused_bytes = 0;
   std::vector<std::string> missing_keys;     // with allow_missing_keys: zero-filled
   std::vector<std::string> unexpected_keys;  // in the checkpoint, not in the module
 };

@@ -92,7 +92,25 @@ class CacheCollectable : public prometheus::Collectable {
         "Seconds the longest-running load has been running; 0 when none is. Health turns "
         "NOT_SERVING while every load thread's load is older than --load_stall_timeout.");
     AddSample(&oldest, {}, activity.running.empty() ? 0.0 : activity.running.front().seconds);
-    return {models, resident, budget, threads, busy, queued, oldest};
+    std::vector<prometheus::MetricFamily> out{models, resident, budget, threads,
+                                              busy,   queued,   oldest};
+    if (std::optional<cache::ModelCache::ArenaFigures> arena = cache_->Arena()) {
+      prometheus::MetricFamily kept = GaugeFamily(
+          "metaload_arena_bytes",
+          "Host memory the arena keeps faulted for the next CPU loads (--host_arena): no "
+          "model's, given back after --arena_idle_release or when the budget needs it.");
+      AddSample(&kept, {}, static_cast<double>(arena->kept_bytes));
+      prometheus::MetricFamily reused = GaugeFamily(
+          "metaload_arena_reused_bytes_total",
+          "Bytes of CPU load destinations that came from the arena's kept memory, since start.");
+      reused.type = prometheus::MetricType::Counter;
+      prometheus::ClientMetric m;
+      m.counter.value = static_cast<double>(arena->reused_bytes_total);
+      reused.metric.push_back(std::move(m));
+      out.push_back(std::move(kept));
+      out.push_back(std::move(reused));
+    }
+    return out;
   }
 
  private:

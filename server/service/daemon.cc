@@ -24,6 +24,7 @@
 #include "server/core/byte_size.h"
 #include "server/core/checksum_store.h"
 #include "server/core/cuda_memory.h"
+#include "server/core/host_arena.h"
 #include "server/core/log.h"
 #include "server/core/torch_runtime.h"
 #include "server/metrics/loader_metrics.h"
@@ -151,6 +152,11 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(Options options) {
         "--max_infer_input_bytes=", options.max_infer_input_bytes,
         " --max_infer_batch=", options.max_infer_batch, ": must be 0 (no limit) or positive"));
   }
+  if (options.host_arena_bytes < -1 || options.arena_idle_release < absl::ZeroDuration()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--host_arena=", options.host_arena_bytes, " --arena_idle_release=",
+                     absl::FormatDuration(options.arena_idle_release), ": must not be negative"));
+  }
   absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> creds = MakeCredentials(options);
   if (!creds.ok()) return creds.status();
 
@@ -199,6 +205,24 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(Options options) {
       .Kv("load", o.load_threads)
       .Kv("infer", o.infer_threads)
       .Kv("intra_op", core::IntraOpThreads());
+  // The host arena: by default as large as the cpu budget (admission trims it to what the
+  // models leave of the budget, so it never holds memory the budget did not grant).
+  const int64_t arena_bytes =
+      o.host_arena_bytes >= 0
+          ? o.host_arena_bytes
+          : (cache_options.budgets.count("cpu") ? cache_options.budgets["cpu"] : 0);
+  if (arena_bytes > 0) {
+    core::HostArena::Options arena_options;
+    arena_options.capacity = static_cast<uint64_t>(arena_bytes);
+    arena_options.idle_release =
+        std::chrono::milliseconds(absl::ToInt64Milliseconds(o.arena_idle_release));
+    daemon->arena_ = std::make_unique<core::HostArena>(arena_options);
+    cache_options.host_arena = daemon->arena_.get();
+  }
+  core::LogInfo("host_arena")
+      .Kv("bytes", arena_bytes)
+      .Kv("human", core::HumanBytes(arena_bytes))
+      .Kv("idle_release", absl::FormatDuration(o.arena_idle_release));
   cache_options.load_threads = std::max(1, o.load_threads);
   cache_options.infer_threads = std::max(1, o.infer_threads);
   cache_options.checksums = daemon->checksums_.get();

@@ -36,6 +36,7 @@ class ModelCache;
 
 namespace metaload::core {
 class ChecksumStore;
+class HostArena;
 }  // namespace metaload::core
 
 namespace metaload::service {
@@ -72,6 +73,12 @@ class Daemon {
     std::string version = "dev";
     // Device -> bytes ("cpu" defaults to 80% of MemAvailable at start).
     std::map<std::string, int64_t> memory_budgets;
+    // Host memory kept faulted between CPU loads (core::HostArena), at most this many bytes;
+    // -1: as much as the cpu budget leaves (the default); 0: none, every load faults fresh
+    // memory.
+    int64_t host_arena_bytes = -1;
+    // Kept memory unused this long goes back to the kernel; zero: only when the budget needs it.
+    absl::Duration arena_idle_release = absl::Seconds(60);
     // Bearer token required on every RPC but health; empty: none.
     std::string auth_token;
     int load_threads = 2;
@@ -129,6 +136,7 @@ class Daemon {
   std::unique_ptr<metrics::MetricsServer> metrics_;
   std::unique_ptr<metrics::LoaderMetrics> loader_metrics_;
   std::unique_ptr<core::ChecksumStore> checksums_;
+  std::unique_ptr<core::HostArena> arena_;  // outlives the cache, whose models return to it
   std::unique_ptr<PathResolver> resolver_;
   std::unique_ptr<cache::ModelCache> cache_;
   std::unique_ptr<ModelLoaderService> model_loader_;

@@ -231,6 +231,7 @@ void ToProto(const cache::LoadResult& result, metaload::v1::LoadModelResponse* o
   s->set_read_seconds(result.stats.read_seconds);
   s->set_bytes_read(result.stats.bytes_read);
   s->set_peak_host_bytes(result.stats.peak_host_bytes);
+  s->set_arena_reused_bytes(result.stats.arena_reused_bytes);
   s->set_peak_device_bytes(result.stats.peak_device_bytes);
   for (const std::string& k : result.stats.unexpected_keys) s->add_unexpected_keys(k);
 }

@@ -13,6 +13,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "server/cache/model_cache.h"
+#include "server/core/host_arena.h"
 #include "server/core/process_memory.h"
 #include "server/models/synth.h"
 #include "tests/test_util.h"
@@ -230,6 +231,69 @@ TEST_F(CacheBudgetTest, AFollowingBudgetIsCappedByWhatIsFreeNow) {
   ModelCache as_given(fixed);
   free_now = 0;
   EXPECT_TRUE(LoadNow(as_given, Spec("small", "small")).ok());
+}
+
+// The host arena through the cache: a load after an unload and a replace under a budget of one
+// model fill the memory the previous model left (the stats say so), and what the arena keeps
+// is trimmed so that it and the models stay within the budget.
+TEST_F(CacheBudgetTest, TheHostArenaIsReusedAndKeptWithinTheBudget) {
+  models::SynthOptions small;
+  small.preset = "small";
+  ASSERT_TRUE(models::Synthesize(small, dir_ / "a").ok());
+  small.seed = 2;
+  ASSERT_TRUE(models::Synthesize(small, dir_ / "b").ok());
+  const int64_t model_bytes = [&] {
+    ModelCache unlimited(ModelCache::Options{});
+    absl::StatusOr<LoadResult> alone = LoadNow(unlimited, Spec("a", "a"));
+    return alone.ok() ? alone->model.resident_bytes : -1;
+  }();
+  ASSERT_GT(model_bytes, 4 << 20);
+  core::HostArena::Options arena_options;
+  arena_options.capacity = uint64_t{1} << 30;
+  core::HostArena arena(arena_options);
+  ModelCache::Options options;
+  options.budgets["cpu"] = model_bytes + model_bytes / 2;
+  options.host_arena = &arena;
+  ModelCache cache(options);
+  auto kept = [&] { return static_cast<int64_t>(arena.stats().kept_bytes); };
+  auto kept_reaches = [&](int64_t bytes) {
+    for (auto deadline = std::chrono::steady_clock::now() + 5s;
+         std::chrono::steady_clock::now() < deadline; std::this_thread::sleep_for(10ms)) {
+      if (kept() >= bytes) return true;
+    }
+    return false;
+  };
+
+  absl::StatusOr<LoadResult> r = LoadNow(cache, Spec("a", "m"));
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->stats.arena_reused_bytes, 0);
+  ASSERT_TRUE(cache.Unload("m").ok());
+  ASSERT_TRUE(kept_reaches(model_bytes)) << kept();
+
+  r = LoadNow(cache, Spec("b", "m"));
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_GE(r->stats.arena_reused_bytes, model_bytes);
+  EXPECT_LT(kept(), model_bytes);
+
+  // A switch under a budget of one: the old model makes room, and its memory takes the new one.
+  LoadSpec back = Spec("a", "m");
+  back.replace = true;
+  r = LoadNow(cache, back);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_GE(r->stats.arena_reused_bytes, model_bytes);
+  ASSERT_TRUE(cache.Arena().has_value());
+  EXPECT_GE(cache.Arena()->reused_bytes_total, 2 * model_bytes);
+
+  // A zero_copy load takes nothing from the arena (its tensors view the file), so the arena
+  // gives back what the budget cannot hold beside it.
+  ASSERT_TRUE(cache.Unload("m").ok());
+  ASSERT_TRUE(kept_reaches(model_bytes)) << kept();
+  LoadSpec view = Spec("b", "z");
+  view.zero_copy = true;
+  r = LoadNow(cache, view);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->stats.arena_reused_bytes, 0);
+  EXPECT_LE(kept() + cache.ResidentBytes()["cpu"], options.budgets["cpu"]);
 }
 
 }  // namespace

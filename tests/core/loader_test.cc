@@ -11,6 +11,7 @@
 #include "absl/strings/str_cat.h"
 #include "server/core/dtype_policy.h"
 #include "server/core/float8.h"
+#include "server/core/host_arena.h"
 #include "server/core/init_context.h"
 #include "server/core/layers.h"
 #include "server/core/process_memory.h"
@@ -591,6 +592,94 @@ TEST_F(LoaderTest, DtypeConversionAndLongestPrefixOverrides) {
   EXPECT_TRUE(at::equal(got["fc1.weight"], ref.at("fc1.weight").to(at::kBFloat16)));
   EXPECT_TRUE(at::equal(got["fc1.bias"], ref.at("fc1.bias")));
   EXPECT_EQ(r->converted, 4);  // embed, fc1.weight, norm.weight, norm.bias
+}
+
+// With a host arena, the destinations are carved out of one block (converted ones in the dtype
+// they load as), the values are the file's, and when the model goes the block is kept: the
+// next load (here with other dtypes, so other sizes) reuses it, and a failed load returns it.
+TEST_F(LoaderTest, HostArenaDestinationsHoldTheValuesAndTheirMemoryIsReused) {
+  const auto ref = Reference();
+  auto source = Open(WriteCheckpoint(dir_, ref));
+  HostArena arena(HostArena::Options{64 << 20});  // capacity
+  LoadOptions options;
+  options.host_arena = &arena;
+  options.chunk_bytes = 12;
+  {
+    auto net = MetaNet();
+    absl::StatusOr<LoadReport> r = LoadModule(*net, *source, options);
+    ASSERT_TRUE(r.ok()) << r.status();
+    ExpectEqualsReference(*net, ref);
+    EXPECT_EQ(r->arena_reused_bytes, 0u);
+    EXPECT_EQ(arena.stats().kept_bytes, 0u);
+    // Every tensor lies in the one block, one after another.
+    const char* lowest = nullptr;
+    const char* highest = nullptr;
+    for (const auto& [name, t] : SlotMap(*net)) {
+      const char* p = static_cast<const char*>(t.data_ptr());
+      lowest = lowest == nullptr ? p : std::min(lowest, p);
+      highest = std::max(highest, p + t.nbytes());
+    }
+    EXPECT_LE(highest - lowest, 4096) << "not carved from one block";
+  }
+  EXPECT_EQ(arena.stats().kept_bytes, uint64_t{2} << 20);  // one huge page kept
+
+  options.policy = Policy("float16", {{"fc", "bfloat16"}});
+  auto net = MetaNet();
+  absl::StatusOr<LoadReport> r = LoadModule(*net, *source, options);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_GT(r->arena_reused_bytes, 0u);
+  std::map<std::string, at::Tensor> got = SlotMap(*net);
+  EXPECT_EQ(got["fc1.weight"].scalar_type(), at::kBFloat16);
+  EXPECT_TRUE(at::equal(got["fc1.weight"], ref.at("fc1.weight").to(at::kBFloat16)));
+  EXPECT_TRUE(at::equal(got["embed.weight"], ref.at("embed.weight").to(at::kHalf)));
+  EXPECT_TRUE(at::equal(got["steps"], ref.at("steps")));
+  EXPECT_EQ(arena.stats().kept_bytes, 0u);
+  got.clear();
+  net.reset();
+
+  // A load that fails (a shape the model does not expect) leaves the block kept, not leaked.
+  auto wide = MetaNet(16);
+  EXPECT_FALSE(LoadModule(*wide, *source, options).ok());
+  EXPECT_EQ(arena.stats().kept_bytes, uint64_t{2} << 20);
+}
+
+// A cancelled load with an arena frees nothing to the kernel and leaks nothing: its block goes
+// back to the arena, the module stays on meta.
+TEST_F(LoaderTest, HostArenaCancelledLoadReturnsItsBlock) {
+  const std::string path = WriteFilledCheckpoint(dir_, 4 << 20, "big.safetensors");  // 80 MiB
+  auto source = Open(path);
+  HostArena arena(HostArena::Options{256 << 20});  // capacity
+  std::atomic<bool> cancel{false};
+  LoadOptions options;
+  options.host_arena = &arena;
+  options.cancel = &cancel;
+  options.chunk_bytes = 4 << 20;
+  options.progress = [&](const LoadProgress& p) {
+    if (p.bytes_done > (16 << 20)) cancel.store(true);
+  };
+  auto net = MetaNet(4 << 20);
+  absl::Status s = LoadModule(*net, *source, options).status();
+  EXPECT_TRUE(absl::IsCancelled(s)) << s;
+  for (const TensorSlot& slot : net->Slots()) EXPECT_TRUE(slot.tensor->is_meta()) << slot.name;
+  EXPECT_GE(arena.stats().kept_bytes, source->index().total_bytes());
+}
+
+// zero_copy with an arena: the views stay on the mapping; only the tensors that convert are
+// carved from the block.
+TEST_F(LoaderTest, HostArenaLeavesZeroCopyViewsOnTheMapping) {
+  const auto ref = Reference();
+  auto source = Open(WriteCheckpoint(dir_, ref));
+  HostArena arena(HostArena::Options{64 << 20});  // capacity
+  LoadOptions options;
+  options.host_arena = &arena;
+  options.zero_copy = true;
+  options.policy = Policy("keep", {{"fc1.weight", "bfloat16"}});
+  auto net = MetaNet();
+  absl::StatusOr<LoadReport> r = LoadModule(*net, *source, options);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->zero_copy_fallbacks, 1);
+  net.reset();
+  EXPECT_EQ(arena.stats().kept_bytes, uint64_t{2} << 20);  // the converted tensor's block
 }
 
 TEST_F(LoaderTest, ZeroCopyAliasesTheMappingAndOutlivesTheSource) {

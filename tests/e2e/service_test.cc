@@ -7,6 +7,7 @@
 #include <sys/types.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -606,6 +607,33 @@ TEST_F(ServiceTest, ErrorTable) {
   bad.set_model_id("nobody");
   EXPECT_EQ(Infer(bad, &out).error_code(), grpc::StatusCode::NOT_FOUND);
   ASSERT_TRUE(Unload("slot").ok());
+}
+
+// The daemon keeps an unloaded model's memory in its host arena (by default as large as the cpu
+// budget): the next load fills it, says so in its stats and the CLI's line, and the arena's
+// gauges show it.
+TEST_F(ServiceTest, ALoadAfterAnUnloadFillsTheArenasMemory) {
+  metaload::v1::LoadModelResponse first, second;
+  ASSERT_TRUE(Load("mlp_small", &first, [](auto* q) { q->set_model_id("arena"); }).ok());
+  EXPECT_EQ(first.stats().arena_reused_bytes(), 0);
+  ASSERT_TRUE(Unload("arena").ok());
+  std::optional<double> kept;
+  for (int i = 0; i < 250; ++i) {  // the model is freed on the release thread
+    std::optional<std::string> m = testing::HttpGet(daemon_->metrics_port(), "/metrics");
+    kept = m ? testing::PromValue(*m, "metaload_arena_bytes") : std::nullopt;
+    if (kept.value_or(0) >= first.model().resident_bytes()) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  EXPECT_GE(kept.value_or(0), first.model().resident_bytes());
+  ASSERT_TRUE(Load("mlp_small", &second, [](auto* q) { q->set_model_id("arena"); }).ok());
+  EXPECT_GE(second.stats().arena_reused_bytes(), second.model().resident_bytes());
+  std::optional<std::string> metrics = testing::HttpGet(daemon_->metrics_port(), "/metrics");
+  ASSERT_TRUE(metrics);
+  EXPECT_GE(testing::PromValue(*metrics, "metaload_arena_reused_bytes_total").value_or(0),
+            second.model().resident_bytes());
+  EXPECT_LT(testing::PromValue(*metrics, "metaload_arena_bytes").value_or(-1),
+            second.model().resident_bytes());
+  ASSERT_TRUE(Unload("arena").ok());
 }
 
 TEST_F(ServiceTest, MetricsReportLoadsAndForgetUnloadedModels) {
