@@ -38,6 +38,10 @@ struct Flight {
 struct ModelCache::Slot {
   std::shared_ptr<Loaded> current;
   std::shared_ptr<Flight> pending;
+  // The pending replace waits for the Infers running on `current` to end before it evicts it
+  // (a budget that holds one of them): Infers arriving now are refused, so a stream of them
+  // cannot hold the switch off.
+  bool draining = false;
 };
 
 // Errors from below name the resolved absolute path; the caller sees the path it gave.

@@ -109,6 +109,7 @@ bool ModelCache::CancelWaiter(LoadWaiter* waiter) {
     auto it = slots_.find(waiter->model_id_);
     if (it != slots_.end() && it->second->pending == flight) {
       it->second->pending = nullptr;
+      it->second->draining = false;
       if (it->second->current == nullptr) slots_.erase(it);
     }
   }
@@ -212,6 +213,7 @@ std::shared_ptr<LoadWaiter> ModelCache::Load(const LoadSpec& spec, ProgressFn pr
     existing->second->waiters.push_back(waiter);
     waiter->flight_ = existing->second;
     slot->pending = existing->second;
+    slot->draining = false;
     lock.Unlock();
     if (options_.observer) options_.observer->OnCacheRequest("coalesced");
     return waiter;
@@ -225,6 +227,7 @@ std::shared_ptr<LoadWaiter> ModelCache::Load(const LoadSpec& spec, ProgressFn pr
   waiter->flight_ = flight;
   flights_[key] = flight;
   slot->pending = flight;
+  slot->draining = false;
   ++queued_;
   lock.Unlock();
   if (options_.observer) options_.observer->OnCacheRequest("miss");
@@ -337,7 +340,7 @@ void ModelCache::Infer(const std::string& model_id, const std::string& entry,
   {
     core::MutexLock lock(&mu_);
     auto it = slots_.find(model_id);
-    if (it != slots_.end() && it->second->current) {
+    if (it != slots_.end() && it->second->current && !it->second->draining) {
       held = std::make_shared<InUse>(it->second->current);
     }
   }

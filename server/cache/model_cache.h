@@ -7,7 +7,9 @@
 //   each caller holds a LoadWaiter, and the load is aborted only when every waiter has cancelled.
 // - A model_id names one key. Loading a different key under a used id is ALREADY_EXISTS unless
 //   `replace`: then the new load runs in the background and is swapped in atomically once READY
-//   (the old model serves until then, and is freed when its last user is done).
+//   (the old model serves until then, and is freed when its last user is done). Under a budget
+//   that cannot hold both, the old model is evicted first, once the Infers running on it have
+//   ended (new Infers on the id are refused meanwhile: NOT_FOUND, as while it loads).
 // - Handles: Infer holds the model for its duration, so Unload and eviction never free a model
 //   under a running Infer; they mark it UNLOADING and the memory goes with the last handle.
 // - Admission before allocation: the bytes a load needs are known from the checkpoint header,
@@ -252,12 +254,18 @@ class ModelCache {
   //    their slots and are moved into `victims` (freed by the caller once unlocked), `need` is
   //    reserved for the flight. RESOURCE_EXHAUSTED ("'path' <verb> N on cpu; the budget is
   //    ...") when it cannot fit. `available`: AvailableBytes, taken before locking.
-  //    `arena_room` (optional): the bytes the host arena may keep on the device from now on,
-  //    the budget less what models hold and loads in flight reserved, before this one's need;
-  //    -1 where the device has no budget.
+  //    `approval` (optional) receives what the first approval of a load needs to know besides.
+  struct Approval {
+    // The bytes the host arena may keep on the device from now on: the budget less what
+    // models hold and loads in flight reserved, before this one's need; -1 without a budget.
+    int64_t arena_room = -1;
+    // Refused only because a model this load replaces is running an Infer: it would fit once
+    // that ends (a switch under a budget of one). Its slots are marked draining meanwhile.
+    bool waits_for_replaced = false;
+  };
   absl::Status ApproveLocked(Flight& flight, int64_t need, int64_t available, const char* verb,
                              std::vector<std::shared_ptr<Loaded>>* victims,
-                             int64_t* arena_room = nullptr) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+                             Approval* approval = nullptr) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // 3. Execute, no lock: streams the weights in. A model that holds more than was approved
   //    (TorchScript's code decides) is approved again for what it holds, or refused and freed.
   absl::StatusOr<std::shared_ptr<Loaded>> Execute(Flight& flight, Prepared prepared);

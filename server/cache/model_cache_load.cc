@@ -4,6 +4,7 @@
 
 #include <chrono>
 #include <set>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "server/cache/admission.h"
@@ -93,12 +94,24 @@ void ModelCache::RunLoad(std::shared_ptr<Flight> flight) {
   if (status.ok()) {
     prepared->start = start;
     std::vector<std::shared_ptr<Loaded>> victims;
-    int64_t arena_room = -1;
-    {
+    Approval approval;
+    // A replace under a budget of one whose predecessor is running an Infer waits for it.
+    for (;;) {
+      approval = Approval();
       const int64_t available = AvailableBytes(flight->spec.device);
       core::MutexLock lock(&mu_);
-      status = ApproveLocked(*flight, prepared->need, available, "needs", &victims, &arena_room);
+      status = ApproveLocked(*flight, prepared->need, available, "needs", &victims, &approval);
+      if (!approval.waits_for_replaced || flight->cancel.load() || stopping_.load()) break;
+      lock.Unlock();
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
     }
+    {
+      core::MutexLock lock(&mu_);
+      for (auto& [id, slot] : slots_) {
+        if (slot->pending.get() == flight.get()) slot->draining = false;
+      }
+    }
+    const int64_t arena_room = approval.arena_room;
     // Kept memory beyond what the budget leaves goes back to the kernel before this load
     // allocates; the evicted models' memory then joins what is kept (it was counted as theirs).
     // A load that fills from the arena may find its need there (a take of fresh memory gives
@@ -203,7 +216,7 @@ absl::StatusOr<ModelCache::Prepared> ModelCache::Prepare(const Flight& flight) {
 absl::Status ModelCache::ApproveLocked(Flight& flight, int64_t need, int64_t available,
                                        const char* verb,
                                        std::vector<std::shared_ptr<Loaded>>* victims,
-                                       int64_t* arena_room) {
+                                       Approval* approval) {
   const LoadSpec& spec = flight.spec;
   AdmissionRequest request;
   request.need = need;
@@ -229,6 +242,24 @@ absl::Status ModelCache::ApproveLocked(Flight& flight, int64_t need, int64_t ava
     if (wanted.count(id)) request.residents[at - models.begin()].replaced = true;
   }
   const Admission admission = Admit(request);
+  if (!admission.admitted && approval != nullptr) {
+    // Would it fit once the replaced models' Infers end?
+    AdmissionRequest idle = request;
+    bool busy = false;
+    for (Resident& r : idle.residents) {
+      busy |= r.replaced && r.in_use;
+      if (r.replaced) r.in_use = false;
+    }
+    if (busy && Admit(idle).admitted) {
+      approval->waits_for_replaced = true;
+      for (const auto& [id, slot] : slots_) {
+        if (wanted.count(id) && slot->current && slot->current->active.load() > 0) {
+          slot->draining = true;
+        }
+      }
+      return absl::UnavailableError("waiting for the Infers on the replaced model");
+    }
+  }
   if (!admission.admitted) {
     const int64_t limit = admission.limit;
     return absl::ResourceExhaustedError(absl::StrCat(
@@ -260,10 +291,8 @@ absl::Status ModelCache::ApproveLocked(Flight& flight, int64_t need, int64_t ava
     core::LogInfo("model_evicted").Kv("model_id", id).Kv("device", spec.device);
     if (options_.observer) options_.observer->OnModelRemoved(id);
   }
-  if (arena_room != nullptr) {
-    *arena_room = request.budget
-                      ? std::max<int64_t>(0, admission.limit - request.held - request.reserved)
-                      : -1;
+  if (approval != nullptr && request.budget) {
+    approval->arena_room = std::max<int64_t>(0, admission.limit - request.held - request.reserved);
   }
   // The victims stay in alive_ (counted) until the caller drops them, after the lock: only
   // then are they queued for freeing.
@@ -365,6 +394,7 @@ std::vector<ModelCache::Delivery> ModelCache::PublishLocked(Flight& flight,
       if (it == slots_.end()) it = slots_.emplace(w->model_id_, std::make_unique<Slot>()).first;
       if (it->second->pending.get() == &flight || it->second->pending == nullptr) {
         it->second->pending = nullptr;
+        it->second->draining = false;
         it->second->current = loaded;  // the replaced model goes when its last user is done
       }
       out.push_back(
@@ -372,6 +402,7 @@ std::vector<ModelCache::Delivery> ModelCache::PublishLocked(Flight& flight,
     } else {
       if (it != slots_.end() && it->second->pending.get() == &flight) {
         it->second->pending = nullptr;
+        it->second->draining = false;
         if (!it->second->current) slots_.erase(it);
       }
       out.push_back({w, status});

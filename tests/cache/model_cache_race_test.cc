@@ -168,6 +168,57 @@ TEST_F(ModelCacheRaceTest, AFailedReplaceLeavesTheOldModelServing) {
   EXPECT_EQ(fakes_.For(big)->loads.load(), 0);  // refused before loading
 }
 
+// The web UI switching checkpoints while a generation runs, under a budget of one model: the
+// replace waits for the running Infer (which finishes on the old weights), refuses new Infers
+// on the id meanwhile so that they cannot hold it off, then evicts the old model and loads.
+TEST_F(ModelCacheRaceTest, AReplaceUnderABudgetOfOneWaitsForTheOldModelsInfers) {
+  auto cache = Cache(/*budget=*/(3 << 20) / 2);  // one model
+  const std::string a = Checkpoint("a"), b = Checkpoint("b");
+  auto old = fakes_.For(a);
+  fakes_.For(b)->factor = 10;
+  ASSERT_TRUE(LoadNow(*cache, Spec(a, "m")).ok());
+  old->run.Close();
+  std::future<float> infer = std::async(std::launch::async, [&] { return Infer(*cache, "m"); });
+  ASSERT_TRUE(old->running.WaitFor(30s));
+  LoadSpec replace = Spec(b, "m");
+  replace.replace = true;
+  auto [waiter, result] = Start(*cache, replace);
+  EXPECT_FALSE(fakes_.For(b)->entered.WaitFor(200ms));  // not loading yet: it waits
+  EXPECT_EQ(Infer(*cache, "m"), -1);                    // refused while the switch waits
+  old->run.Open();
+  EXPECT_EQ(infer.get(), 2);  // the running Infer finished on the old weights
+  absl::StatusOr<LoadResult> r = result.get();
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(Infer(*cache, "m"), 20);
+  EXPECT_EQ(cache->ResidentBytes()["cpu"], 1 << 20);
+}
+
+// A caller that leaves while its replace waits for the old model's Infers cancels the switch:
+// the old model was never evicted and serves again.
+TEST_F(ModelCacheRaceTest, AReplaceCancelledWhileWaitingLeavesTheOldModelServing) {
+  auto cache = Cache(/*budget=*/(3 << 20) / 2);
+  const std::string a = Checkpoint("a"), b = Checkpoint("b");
+  auto old = fakes_.For(a);
+  ASSERT_TRUE(LoadNow(*cache, Spec(a, "m")).ok());
+  old->run.Close();
+  std::future<float> infer = std::async(std::launch::async, [&] { return Infer(*cache, "m"); });
+  ASSERT_TRUE(old->running.WaitFor(30s));
+  LoadSpec replace = Spec(b, "m");
+  replace.replace = true;
+  auto started = Start(*cache, replace);
+  std::this_thread::sleep_for(50ms);
+  EXPECT_TRUE(started.first->Cancel());
+  old->run.Open();
+  EXPECT_EQ(infer.get(), 2);
+  for (int i = 0; i < 500 && cache->Get("m")->state != "READY"; ++i) {
+    std::this_thread::sleep_for(10ms);
+  }
+  std::this_thread::sleep_for(50ms);  // the flight has seen its cancellation and left
+  EXPECT_EQ(Infer(*cache, "m"), 2);
+  EXPECT_EQ(cache->Get("m")->path, a);
+  EXPECT_EQ(fakes_.For(b)->loads.load(), 0);
+}
+
 TEST_F(ModelCacheRaceTest, EvictionTakesTheLeastRecentlyUsedIdleModel) {
   auto cache = Cache(/*budget=*/(5 << 20) / 2);  // two 1 MiB models, not three
   const std::string a = Checkpoint("a"), b = Checkpoint("b"), c = Checkpoint("c");
