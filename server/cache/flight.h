@@ -14,6 +14,7 @@
 #include <atomic>
 #include <memory>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -33,6 +34,11 @@ struct Flight {
   std::atomic<bool> cancel{false};
   std::vector<std::shared_ptr<LoadWaiter>> waiters;  // guarded by the cache's mu_
   int64_t reserved = 0;  // bytes approved for it and not yet published; guarded by mu_
+  // What a replace evicted from its own ids (a budget that holds one of them): if the load
+  // fails or is cancelled, each id gets its old model back by loading it again (out of the
+  // host arena's memory, at copy speed). Ids unloaded meanwhile are left alone. Guarded by mu_.
+  std::vector<std::pair<std::string, LoadSpec>> restore;
+  std::set<std::string> unloaded;
 };
 
 struct ModelCache::Slot {

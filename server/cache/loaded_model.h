@@ -61,6 +61,7 @@ struct Loaded {
   std::shared_ptr<Releaser> releaser;
 
   std::string key, path, architecture, device, dtype;
+  LoadSpec spec;  // as it was loaded (model_id: the first caller's), to load it again
   std::unique_ptr<models::Model> model;
   std::vector<core::CheckpointFile> files;
   int64_t parameter_count = 0, resident_bytes = 0, loaded_at_ms = 0;

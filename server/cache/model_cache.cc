@@ -310,6 +310,7 @@ absl::StatusOr<ModelInfo> ModelCache::Unload(const std::string& model_id) {
       info.state = "UNLOADING";
     }
     if (slot.pending) {
+      slot.pending->unloaded.insert(model_id);
       auto& ws = slot.pending->waiters;
       for (auto w = ws.begin(); w != ws.end();) {
         if ((*w)->model_id_ == model_id) {

@@ -9,7 +9,9 @@
 //   `replace`: then the new load runs in the background and is swapped in atomically once READY
 //   (the old model serves until then, and is freed when its last user is done). Under a budget
 //   that cannot hold both, the old model is evicted first, once the Infers running on it have
-//   ended (new Infers on the id are refused meanwhile: NOT_FOUND, as while it loads).
+//   ended (new Infers on the id are refused meanwhile: NOT_FOUND, as while it loads); if the new
+//   load then fails or is cancelled, the old model is loaded again under its ids (unless they
+//   were unloaded meanwhile).
 // - Handles: Infer holds the model for its duration, so Unload and eviction never free a model
 //   under a running Infer; they mark it UNLOADING and the memory goes with the last handle.
 // - Admission before allocation: the bytes a load needs are known from the checkpoint header,

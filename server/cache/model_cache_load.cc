@@ -100,6 +100,12 @@ void ModelCache::RunLoad(std::shared_ptr<Flight> flight) {
       approval = Approval();
       const int64_t available = AvailableBytes(flight->spec.device);
       core::MutexLock lock(&mu_);
+      // Under mu_, where callers leave: a flight nobody wants evicts nothing.
+      if (flight->cancel.load()) {
+        status = absl::CancelledError(
+            absl::StrCat("load of '", flight->spec.display_path, "' cancelled"));
+        break;
+      }
       status = ApproveLocked(*flight, prepared->need, available, "needs", &victims, &approval);
       if (!approval.waits_for_replaced || flight->cancel.load() || stopping_.load()) break;
       lock.Unlock();
@@ -141,9 +147,29 @@ void ModelCache::RunLoad(std::shared_ptr<Flight> flight) {
         absl::CancelledError(absl::StrCat("load of '", flight->spec.display_path, "' cancelled"));
   }
   std::vector<Delivery> deliveries;
+  std::vector<std::pair<std::string, LoadSpec>> restore;
   {
     core::MutexLock lock(&mu_);
     deliveries = PublishLocked(*flight, status, loaded);
+    if (!status.ok() && !stopping_.load()) {
+      for (auto& [id, old] : flight->restore) {
+        if (!flight->unloaded.count(id) && !slots_.count(id)) restore.emplace_back(id, old);
+      }
+    }
+  }
+  // A replace that evicted its predecessor and then failed: the predecessor comes back before
+  // the caller hears of the failure, so a Get right after shows it loading.
+  for (auto& [id, old] : restore) {
+    core::LogWarning("replace_failed_restoring").Kv("model_id", id).Kv("path", old.display_path);
+    old.model_id = id;
+    old.replace = false;
+    Load(old, nullptr, [model_id = old.model_id](absl::StatusOr<LoadResult> r) {
+      if (!r.ok()) {
+        core::LogWarning("restore_failed")
+            .Kv("model_id", model_id)
+            .Kv("error", r.status().ToString());
+      }
+    });
   }
   Notify(*flight, status, std::move(loaded), std::move(deliveries), SecondsSince(start));
 }
@@ -277,6 +303,7 @@ absl::Status ModelCache::ApproveLocked(Flight& flight, int64_t need, int64_t ava
     for (auto it = slots_.begin(); it != slots_.end();) {
       if (it->second->current.get() == models[i]) {
         evicted.push_back(it->first);
+        if (wanted.count(it->first)) flight.restore.push_back({it->first, models[i]->spec});
         victims->push_back(std::move(it->second->current));
         if (!it->second->pending) {
           it = slots_.erase(it);
@@ -342,6 +369,7 @@ absl::StatusOr<std::shared_ptr<Loaded>> ModelCache::Execute(Flight& flight, Prep
   auto loaded = std::make_shared<Loaded>();
   loaded->releaser = releaser_;
   loaded->key = flight.key;
+  loaded->spec = spec;
   loaded->path = spec.display_path;
   loaded->architecture = model->architecture();
   loaded->device = spec.device;

@@ -61,6 +61,7 @@ struct FakeBehaviour {
   std::atomic<int> loads{0};    // Loads started
   Gate run{/*open=*/true};      // Run returns once this is open
   Gate running;                 // opened when a Run starts
+  absl::Status fail;            // what Load returns once released (OK: it loads)
 };
 
 class FakeModel : public models::Model {
@@ -80,6 +81,7 @@ class FakeModel : public models::Model {
       if (options.cancel && options.cancel->load()) return absl::CancelledError("fake: cancelled");
     }
     if (options.cancel && options.cancel->load()) return absl::CancelledError("fake: cancelled");
+    if (!b_->fail.ok()) return b_->fail;
     loaded_ = true;
     core::LoadReport report;
     report.loaded_bytes = static_cast<uint64_t>(b_->bytes);

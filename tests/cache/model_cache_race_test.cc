@@ -219,6 +219,61 @@ TEST_F(ModelCacheRaceTest, AReplaceCancelledWhileWaitingLeavesTheOldModelServing
   EXPECT_EQ(fakes_.For(b)->loads.load(), 0);
 }
 
+// Under a budget of one, a replace evicts its predecessor before it loads. If the load then
+// fails, or its caller leaves, the id gets the old model back (loaded again); an Unload of the
+// id during the replace means the id should go, so nothing comes back.
+TEST_F(ModelCacheRaceTest, AReplaceThatFailsAfterEvictingBringsTheOldModelBack) {
+  const std::string a = Checkpoint("a"), b = Checkpoint("b");
+  auto old = fakes_.For(a);
+  auto next = fakes_.For(b);
+  auto serves_a_again = [&](ModelCache& cache) {
+    for (int i = 0; i < 500; ++i) {
+      absl::StatusOr<ModelInfo> info = cache.Get("m");
+      if (info.ok() && info->state == "READY") break;
+      std::this_thread::sleep_for(10ms);
+    }
+    absl::StatusOr<ModelInfo> info = cache.Get("m");
+    return info.ok() && info->path == a && Infer(cache, "m") == 2;
+  };
+  LoadSpec replace = Spec(b, "m");
+  replace.replace = true;
+  {
+    auto cache = Cache(/*budget=*/(3 << 20) / 2);
+    ASSERT_TRUE(LoadNow(*cache, Spec(a, "m")).ok());
+    next->fail = absl::DataLossError("fake: truncated");
+    absl::StatusOr<LoadResult> r = LoadNow(*cache, replace);
+    EXPECT_TRUE(absl::IsDataLoss(r.status())) << r.status();
+    EXPECT_TRUE(serves_a_again(*cache));
+    EXPECT_EQ(old->loads.load(), 2);
+    next->fail = absl::OkStatus();
+  }
+  {
+    auto cache = Cache(/*budget=*/(3 << 20) / 2);
+    ASSERT_TRUE(LoadNow(*cache, Spec(a, "m")).ok());
+    next->release.Close();
+    next->entered.Close();
+    auto started = Start(*cache, replace);
+    ASSERT_TRUE(next->entered.WaitFor(30s));  // a was evicted: b is loading
+    EXPECT_TRUE(absl::IsNotFound(cache->Get("m").status()) || cache->Get("m")->path == b);
+    EXPECT_TRUE(started.first->Cancel());
+    EXPECT_TRUE(serves_a_again(*cache));
+    EXPECT_EQ(old->loads.load(), 4);
+  }
+  {
+    auto cache = Cache(/*budget=*/(3 << 20) / 2);
+    ASSERT_TRUE(LoadNow(*cache, Spec(a, "m")).ok());
+    next->entered.Close();
+    auto started = Start(*cache, replace);
+    ASSERT_TRUE(next->entered.WaitFor(30s));
+    ASSERT_TRUE(cache->Unload("m").ok());
+    EXPECT_TRUE(absl::IsCancelled(started.second.get().status()));
+    std::this_thread::sleep_for(100ms);
+    EXPECT_TRUE(absl::IsNotFound(cache->Get("m").status()));
+    EXPECT_EQ(old->loads.load(), 5);  // the first load of this block, no restore
+  }
+  next->release.Open();
+}
+
 TEST_F(ModelCacheRaceTest, EvictionTakesTheLeastRecentlyUsedIdleModel) {
   auto cache = Cache(/*budget=*/(5 << 20) / 2);  // two 1 MiB models, not three
   const std::string a = Checkpoint("a"), b = Checkpoint("b"), c = Checkpoint("c");
