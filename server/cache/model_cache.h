@@ -258,6 +258,9 @@ class ModelCache {
   //    ...") when it cannot fit. `available`: AvailableBytes, taken before locking.
   //    `approval` (optional) receives what the first approval of a load needs to know besides.
   struct Approval {
+    // In: whether this approval may report waits_for_replaced instead of refusing (the first
+    // approval of a load; not TorchScript's second, after its code ran).
+    bool may_wait = false;
     // The bytes the host arena may keep on the device from now on: the budget less what
     // models hold and loads in flight reserved, before this one's need; -1 without a budget.
     int64_t arena_room = -1;

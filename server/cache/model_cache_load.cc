@@ -76,7 +76,7 @@ int64_t ModelCache::AvailableBytes(const std::string& device) {
   int64_t available = options_.available_bytes ? options_.available_bytes(device) : -1;
   // Kept arena memory is resident but no model's: free for this purpose.
   if (available >= 0 && device == "cpu" && options_.host_arena != nullptr) {
-    available += ClampBytes(options_.host_arena->stats().kept_bytes);
+    available += ClampBytes(options_.host_arena->KeptResidentBytes());
   }
   return available;
 }
@@ -98,6 +98,7 @@ void ModelCache::RunLoad(std::shared_ptr<Flight> flight) {
     // A replace under a budget of one whose predecessor is running an Infer waits for it.
     for (;;) {
       approval = Approval();
+      approval.may_wait = true;
       const int64_t available = AvailableBytes(flight->spec.device);
       core::MutexLock lock(&mu_);
       // Under mu_, where callers leave: a flight nobody wants evicts nothing.
@@ -268,7 +269,7 @@ absl::Status ModelCache::ApproveLocked(Flight& flight, int64_t need, int64_t ava
     if (wanted.count(id)) request.residents[at - models.begin()].replaced = true;
   }
   const Admission admission = Admit(request);
-  if (!admission.admitted && approval != nullptr) {
+  if (!admission.admitted && approval != nullptr && approval->may_wait) {
     // Would it fit once the replaced models' Infers end?
     AdmissionRequest idle = request;
     bool busy = false;
@@ -352,13 +353,20 @@ absl::StatusOr<std::shared_ptr<Loaded>> ModelCache::Execute(Flight& flight, Prep
   if (holds > prepared.need) {
     absl::Status approved;
     std::vector<std::shared_ptr<Loaded>> victims;
+    Approval approval;
     {
       const int64_t available = AvailableBytes(spec.device);
       core::MutexLock lock(&mu_);
       reserved_[spec.device] -= flight.reserved;
       flight.reserved = 0;
-      approved =
-          ApproveLocked(flight, holds, available, "holds, measured after loading,", &victims);
+      approved = ApproveLocked(flight, holds, available, "holds, measured after loading,", &victims,
+                               &approval);
+    }
+    // What it holds came from no arena: the arena keeps at most what the budget leaves beside.
+    if (approved.ok() && approval.arena_room >= 0 && spec.device == "cpu" &&
+        options_.host_arena != nullptr) {
+      options_.host_arena->TrimTo(
+          static_cast<uint64_t>(std::max<int64_t>(0, approval.arena_room - holds)));
     }
     victims.clear();
     if (!approved.ok()) {

@@ -1,13 +1,17 @@
 #include "server/core/host_arena.h"
 
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <condition_variable>
+#include <cstring>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "server/core/byte_size.h"
+#include "server/core/log.h"
 #include "server/core/mutex.h"
 
 namespace metaload::core {
@@ -24,6 +28,16 @@ struct Range {
 
 void Unmap(const std::vector<Range>& ranges) {
   for (const Range& r : ranges) ::munmap(r.data, r.size);
+}
+
+// The bytes of [data, data + size) that are backed by memory now (faulted), by mincore(2).
+uint64_t ResidentBytes(const char* data, uint64_t size) {
+  static const uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
+  std::vector<unsigned char> pages((size + page - 1) / page);
+  if (pages.empty() || ::mincore(const_cast<char*>(data), size, pages.data()) != 0) return 0;
+  uint64_t resident = 0;
+  for (unsigned char p : pages) resident += p & 1;
+  return std::min(size, resident * page);
 }
 
 // `bytes` of address space aligned to a huge page, huge pages advised; nullptr when refused.
@@ -155,8 +169,12 @@ absl::StatusOr<std::shared_ptr<HostBlock>> HostArena::Take(uint64_t bytes) {
         kept.erase(fit);
       }
       shared_->stats.kept_bytes -= n;
-      shared_->stats.reused_bytes_total += n;
-      return std::shared_ptr<HostBlock>(new HostBlock(shared_, data, n, n));
+      lock.Unlock();
+      // Only the pages a model faulted are reused (a block a failed load took may hold fewer).
+      const uint64_t reused = ResidentBytes(data, n);
+      MutexLock count(&shared_->mu);
+      shared_->stats.reused_bytes_total += reused;
+      return std::shared_ptr<HostBlock>(new HostBlock(shared_, data, n, reused));
     }
     if (largest != kept.end()) {
       grow = {largest->data, largest->size};
@@ -180,9 +198,14 @@ absl::StatusOr<std::shared_ptr<HostBlock>> HostArena::Take(uint64_t bytes) {
     // The kept pages move to the front of the new block (page tables, no copy, no fault).
     void* moved = ::mremap(grow.data, grow.size, grow.size, MREMAP_MAYMOVE | MREMAP_FIXED, data);
     if (moved == MAP_FAILED) {
+      // A kept range that spans two mappings (joined by address) cannot move in one call on
+      // some kernels: it is given back, and this block is all fresh.
+      LogWarning("host_arena_grow_failed")
+          .Kv("bytes", static_cast<int64_t>(grow.size))
+          .Kv("error", std::strerror(errno));
       Unmap({grow});
     } else {
-      reused = grow.size;
+      reused = ResidentBytes(data, grow.size);
       ::madvise(data, n, MADV_HUGEPAGE);
     }
   }
@@ -203,6 +226,13 @@ uint64_t HostArena::TrimTo(uint64_t keep) {
   uint64_t freed = 0;
   for (const Range& r : unmap) freed += r.size;
   return freed;
+}
+
+uint64_t HostArena::KeptResidentBytes() const {
+  MutexLock lock(&shared_->mu);
+  uint64_t resident = 0;
+  for (const auto& k : shared_->kept) resident += ResidentBytes(k.data, k.size);
+  return resident;
 }
 
 HostArena::Stats HostArena::stats() const {

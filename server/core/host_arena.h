@@ -42,7 +42,7 @@ class HostBlock {
 
   char* data() const { return data_; }
   uint64_t size() const { return size_; }
-  // Bytes of this block that were faulted before it was handed out (kept memory reused).
+  // Bytes of this block that were backed by memory when it was handed out (kept pages reused).
   uint64_t reused_bytes() const { return reused_; }
 
  private:
@@ -85,6 +85,10 @@ class HostArena {
   uint64_t TrimTo(uint64_t keep);
 
   Stats stats() const;
+  // Of the kept bytes, those backed by memory now (mincore): a block a failed load took, or
+  // the fresh tail of a grown one, may hold address space the kernel never gave pages to.
+  // What the kept memory takes from MemAvailable. Costs a walk of the kept page tables.
+  uint64_t KeptResidentBytes() const;
   const Options& options() const { return options_; }
 
  private:

@@ -4,6 +4,7 @@
 #include <sys/mman.h>
 
 #include <chrono>
+#include <optional>
 #include <set>
 #include <thread>
 
@@ -137,9 +138,14 @@ absl::Status Plan(Module& module, const CheckpointIndex& index, const LoadOption
 // Destinations carved from an arena block start on a cache line.
 constexpr uint64_t kBlockAlign = 64;
 
-// A copied destination's bytes in the arena block: in the dtype it loads as, rounded up.
+// The shape a planned tensor loads with: the file's, or the module's for a zero-filled key.
+at::IntArrayRef Shape(const Planned& p) {
+  return p.info != nullptr ? at::IntArrayRef(p.info->shape) : p.slot.tensor->sizes();
+}
+
+// A destination's bytes in the arena block: in the dtype it loads as, rounded up.
 uint64_t BlockBytes(const Planned& p) {
-  const uint64_t bytes = static_cast<uint64_t>(c10::multiply_integers(p.info->shape)) *
+  const uint64_t bytes = static_cast<uint64_t>(c10::multiply_integers(Shape(p))) *
                          c10::elementSize(ToScalarType(p.target));
   return (bytes + kBlockAlign - 1) & ~(kBlockAlign - 1);
 }
@@ -151,12 +157,13 @@ bool ViewsMapping(const Planned& p, const LoadOptions& options) {
          p.info->offset % static_cast<uint64_t>(DTypeSize(p.info->dtype)) == 0;
 }
 
-// With a host arena on the CPU: one block for every destination the fill copies into.
+// With a host arena on the CPU: one block for every destination the fill copies into, and the
+// zero-filled ones (all the memory the load's admission counted, so that none is fresh).
 absl::Status TakeBlock(const CheckpointIndex& index, const LoadOptions& options, LoadState* state) {
   if (options.host_arena == nullptr || !options.device.is_cpu()) return absl::OkStatus();
   uint64_t total = 0;
   for (const Planned& p : state->plan) {
-    if (p.info != nullptr && !ViewsMapping(p, options)) total += BlockBytes(p);
+    if (p.info == nullptr || !ViewsMapping(p, options)) total += BlockBytes(p);
   }
   if (total == 0) return absl::OkStatus();
   absl::StatusOr<std::shared_ptr<HostBlock>> block = options.host_arena->Take(total);
@@ -177,8 +184,19 @@ absl::Status AllocateOne(const CheckpointSource& source, const LoadOptions& opti
   LoadReport& report = state->report;
   const at::TensorOptions to =
       at::TensorOptions().dtype(ToScalarType(p.target)).device(options.device);
+  // Carves the next destination out of the arena's block; nullopt without one.
+  auto carve = [&]() -> std::optional<at::Tensor> {
+    const uint64_t bytes = BlockBytes(p);
+    if (state->block == nullptr || bytes == 0) return std::nullopt;
+    std::shared_ptr<HostBlock> block = state->block;
+    char* data = block->data() + state->block_used;
+    state->block_used += bytes;
+    return at::from_blob(
+        data, Shape(p), [block](void*) {}, to);
+  };
   if (p.info == nullptr) {
-    p.tensor = at::zeros(p.slot.tensor->sizes(), to);
+    std::optional<at::Tensor> carved = carve();
+    p.tensor = carved ? carved->zero_() : at::zeros(p.slot.tensor->sizes(), to);
     state->Count(p.tensor);
     return absl::OkStatus();
   }
@@ -199,12 +217,8 @@ absl::Status AllocateOne(const CheckpointSource& source, const LoadOptions& opti
     }
     ++report.zero_copy_fallbacks;
   }
-  if (state->block != nullptr && p.info->nbytes > 0) {
-    std::shared_ptr<HostBlock> block = state->block;
-    char* data = block->data() + state->block_used;
-    state->block_used += BlockBytes(p);
-    p.tensor = at::from_blob(
-        data, p.info->shape, [block](void*) {}, to);
+  if (std::optional<at::Tensor> carved = carve()) {
+    p.tensor = *std::move(carved);
   } else {
     p.tensor = at::empty(p.info->shape, to);
     AdviseHugePages(p.tensor);

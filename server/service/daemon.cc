@@ -214,8 +214,12 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(Options options) {
   if (arena_bytes > 0) {
     core::HostArena::Options arena_options;
     arena_options.capacity = static_cast<uint64_t>(arena_bytes);
-    arena_options.idle_release =
-        std::chrono::milliseconds(absl::ToInt64Milliseconds(o.arena_idle_release));
+    // "inf" means never on idle, as 0 does; anything longer than a year is a year (a deadline
+    // beyond that would overflow the clock).
+    const absl::Duration idle = o.arena_idle_release == absl::InfiniteDuration()
+                                    ? absl::ZeroDuration()
+                                    : std::min(o.arena_idle_release, absl::Hours(24 * 365));
+    arena_options.idle_release = std::chrono::milliseconds(absl::ToInt64Milliseconds(idle));
     daemon->arena_ = std::make_unique<core::HostArena>(arena_options);
     cache_options.host_arena = daemon->arena_.get();
   }

@@ -21,10 +21,13 @@ HostArena::Options Kept(uint64_t capacity, std::chrono::milliseconds idle = std:
   return o;
 }
 
+// A block, every page of it written (faulted), as a loaded model's is.
 std::shared_ptr<HostBlock> Take(HostArena& arena, uint64_t bytes) {
   absl::StatusOr<std::shared_ptr<HostBlock>> block = arena.Take(bytes);
   EXPECT_TRUE(block.ok()) << block.status();
-  return block.ok() ? *block : nullptr;
+  if (!block.ok()) return nullptr;
+  std::memset((*block)->data(), 0x11, (*block)->size());
+  return *block;
 }
 
 TEST(HostArenaTest, AFreedBlockIsHandedOutAgainWithItsPages) {
@@ -39,7 +42,7 @@ TEST(HostArenaTest, AFreedBlockIsHandedOutAgainWithItsPages) {
   a.reset();
   EXPECT_EQ(arena.stats().kept_bytes, 12 * kMiB);
 
-  auto b = Take(arena, 12 * kMiB);
+  auto b = *arena.Take(12 * kMiB);  // not written: its bytes are the old block's
   EXPECT_EQ(b->data(), data);
   EXPECT_EQ(b->reused_bytes(), 12 * kMiB);
   EXPECT_EQ(b->data()[12 * kMiB - 1], 0x5a);  // the same memory, not a fresh mapping
@@ -65,7 +68,7 @@ TEST(HostArenaTest, ALargerTakeGrowsAKeptBlockKeepingItsBytes) {
   auto a = Take(arena, 8 * kMiB);
   for (uint64_t i = 0; i < a->size(); i += 4096) a->data()[i] = static_cast<char>(i / 4096);
   a.reset();
-  auto b = Take(arena, 20 * kMiB);
+  auto b = *arena.Take(20 * kMiB);
   EXPECT_EQ(b->size(), 20 * kMiB);
   EXPECT_EQ(b->reused_bytes(), 8 * kMiB);
   for (uint64_t i = 0; i < 8 * kMiB; i += 4096) {
@@ -73,6 +76,24 @@ TEST(HostArenaTest, ALargerTakeGrowsAKeptBlockKeepingItsBytes) {
   }
   std::memset(b->data(), 1, b->size());  // all of it is writable
   EXPECT_EQ(arena.stats().kept_bytes, 0u);
+}
+
+// Reuse counts only pages that hold memory: a block a failed load took and never wrote keeps
+// address space, not memory, and what is kept then takes nothing from MemAvailable.
+TEST(HostArenaTest, ReuseCountsOnlyFaultedPages) {
+  HostArena arena(Kept(64 * kMiB));
+  absl::StatusOr<std::shared_ptr<HostBlock>> untouched = arena.Take(16 * kMiB);
+  ASSERT_TRUE(untouched.ok());
+  std::memset((*untouched)->data(), 1, 4 * kMiB);  // a quarter written, then the load failed
+  untouched->reset();
+  EXPECT_EQ(arena.stats().kept_bytes, 16 * kMiB);
+  EXPECT_GE(arena.KeptResidentBytes(), 4 * kMiB);
+  EXPECT_LT(arena.KeptResidentBytes(), 16 * kMiB);
+  absl::StatusOr<std::shared_ptr<HostBlock>> again = arena.Take(16 * kMiB);
+  ASSERT_TRUE(again.ok());
+  EXPECT_GE((*again)->reused_bytes(), 4 * kMiB);
+  EXPECT_LT((*again)->reused_bytes(), 16 * kMiB);
+  EXPECT_EQ(arena.KeptResidentBytes(), 0u);
 }
 
 TEST(HostArenaTest, AFreshTakeGivesBackKeptMemoryFirst) {

@@ -594,6 +594,19 @@ TEST_F(LoaderTest, DtypeConversionAndLongestPrefixOverrides) {
   EXPECT_EQ(r->converted, 4);  // embed, fc1.weight, norm.weight, norm.bias
 }
 
+// From the lowest byte of a module's tensors to the end of the highest: about their sum when
+// they were carved one after another out of one block.
+int64_t AddressSpan(Module& m) {
+  const char* lowest = nullptr;
+  const char* highest = nullptr;
+  for (const TensorSlot& slot : m.Slots()) {
+    const char* p = static_cast<const char*>(slot.tensor->data_ptr());
+    lowest = lowest == nullptr ? p : std::min(lowest, p);
+    highest = std::max(highest, p + slot.tensor->nbytes());
+  }
+  return highest - lowest;
+}
+
 // With a host arena, the destinations are carved out of one block (converted ones in the dtype
 // they load as), the values are the file's, and when the model goes the block is kept: the
 // next load (here with other dtypes, so other sizes) reuses it, and a failed load returns it.
@@ -611,15 +624,7 @@ TEST_F(LoaderTest, HostArenaDestinationsHoldTheValuesAndTheirMemoryIsReused) {
     ExpectEqualsReference(*net, ref);
     EXPECT_EQ(r->arena_reused_bytes, 0u);
     EXPECT_EQ(arena.stats().kept_bytes, 0u);
-    // Every tensor lies in the one block, one after another.
-    const char* lowest = nullptr;
-    const char* highest = nullptr;
-    for (const auto& [name, t] : SlotMap(*net)) {
-      const char* p = static_cast<const char*>(t.data_ptr());
-      lowest = lowest == nullptr ? p : std::min(lowest, p);
-      highest = std::max(highest, p + t.nbytes());
-    }
-    EXPECT_LE(highest - lowest, 4096) << "not carved from one block";
+    EXPECT_LE(AddressSpan(*net), 4096) << "not carved from one block";
   }
   EXPECT_EQ(arena.stats().kept_bytes, uint64_t{2} << 20);  // one huge page kept
 
@@ -641,6 +646,31 @@ TEST_F(LoaderTest, HostArenaDestinationsHoldTheValuesAndTheirMemoryIsReused) {
   auto wide = MetaNet(16);
   EXPECT_FALSE(LoadModule(*wide, *source, options).ok());
   EXPECT_EQ(arena.stats().kept_bytes, uint64_t{2} << 20);
+}
+
+// Zero-filled keys (allow_missing_keys) come from the arena's block too, since the admission
+// counted them: zeros, even where the reused memory held another model's weights.
+TEST_F(LoaderTest, HostArenaZeroFillsMissingKeysInReusedMemory) {
+  std::map<std::string, at::Tensor> ref = Reference();
+  auto full = Open(WriteCheckpoint(dir_, ref));
+  ref.erase("fc1.weight");
+  auto partial = Open(WriteCheckpoint(dir_, ref, "partial.safetensors"));
+  HostArena arena(HostArena::Options{64 << 20});  // capacity
+  LoadOptions options;
+  options.host_arena = &arena;
+  {
+    auto net = MetaNet();
+    ASSERT_TRUE(LoadModule(*net, *full, options).ok());
+  }
+  options.allow_missing_keys = true;
+  auto net = MetaNet();
+  absl::StatusOr<LoadReport> r = LoadModule(*net, *partial, options);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_GT(r->arena_reused_bytes, 0u);
+  EXPECT_EQ(r->missing_keys, std::vector<std::string>{"fc1.weight"});
+  at::Tensor w = SlotMap(*net)["fc1.weight"];
+  EXPECT_TRUE(at::equal(w, at::zeros_like(w)));
+  EXPECT_LE(AddressSpan(*net), 4096) << "the zeros are not in the block";
 }
 
 // A cancelled load with an arena frees nothing to the kernel and leaks nothing: its block goes
