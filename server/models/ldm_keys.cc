@@ -52,12 +52,12 @@ absl::StatusOr<std::vector<int64_t>> Shape(const LdmKeys& keys, const std::strin
 // Levels of a UNet or VAE: SD's have 3 or 4; the downscale is 2^(levels - 1).
 constexpr size_t kMaxLdmLevels = 8;
 
-// Transformer blocks of the SpatialTransformer under `prefix` ("...input_blocks.4.1."); 0 when
-// there is none.
-int64_t TransformerDepth(const core::CheckpointIndex& index, const std::string& prefix) {
-  int64_t depth = 0;
-  while (HasKeyPrefix(index, absl::StrCat(prefix, "transformer_blocks.", depth, "."))) ++depth;
-  return depth;
+// How many numbered children `prefix` has, counting from 0 while `prefix` + "N." starts a key:
+// a SpatialTransformer's transformer_blocks, a CLIP encoder's layers, a VAE level's blocks.
+int64_t CountNumbered(const core::CheckpointIndex& index, const std::string& prefix) {
+  int64_t n = 0;
+  while (HasKeyPrefix(index, absl::StrCat(prefix, n, "."))) ++n;
+  return n;
 }
 
 #define ML_ASSIGN_SHAPE(var, expr)              \
@@ -103,7 +103,7 @@ absl::StatusOr<UnetConfig> ReadUnet(const LdmKeys& keys, const std::string& p) {
       if (c.mult.size() == kMaxLdmLevels) return NotLdmLayout(keys, "more UNet levels than fit");
       c.mult.push_back(out[0] / c.model_channels);
       c.attention.push_back(attention);
-      c.depth.push_back(TransformerDepth(index, b + "1."));
+      c.depth.push_back(CountNumbered(index, b + "1.transformer_blocks."));
     } else if (attention != c.attention.back()) {
       return NotLdmLayout(keys, "UNet attention differs within a level");
     }
@@ -123,7 +123,7 @@ absl::StatusOr<UnetConfig> ReadUnet(const LdmKeys& keys, const std::string& p) {
     return NotLdmLayout(keys, "UNet proj_in.weight neither a Linear nor a 1x1 convolution");
   }
   c.linear_proj = proj_in->shape.size() == 2;
-  c.middle_depth = TransformerDepth(index, p + "middle_block.1.");
+  c.middle_depth = CountNumbered(index, p + "middle_block.1.transformer_blocks.");
   if (HasKeyPrefix(index, p + "label_emb.")) {
     ML_ASSIGN_SHAPE(label, Shape(keys, p + "label_emb.0.0.weight", 2));
     c.adm_in_channels = label[1];
@@ -156,9 +156,7 @@ absl::StatusOr<VaeConfig> ReadVae(const LdmKeys& keys, const std::string& p) {
     c.mult.push_back(out[0] / c.ch);
   }
   if (c.mult.empty()) return NotLdmLayout(keys, "no VAE encoder levels");
-  while (HasKeyPrefix(index, absl::StrCat(p, "encoder.down.0.block.", c.res_blocks, "."))) {
-    ++c.res_blocks;
-  }
+  c.res_blocks = CountNumbered(index, p + "encoder.down.0.block.");
   return c;
 }
 
@@ -174,7 +172,7 @@ absl::StatusOr<ClipConfig> ReadClip(const LdmKeys& keys, const std::string& p) {
   c.ffn = fc1[0];
   c.heads = std::max<int64_t>(1, c.width / 64);  // ViT-L/14: 768 wide, 12 heads of 64
   if (c.width % c.heads != 0) return NotLdmLayout(keys, "CLIP width not a multiple of 64");
-  while (HasKeyPrefix(index, absl::StrCat(p, "encoder.layers.", c.layers, "."))) ++c.layers;
+  c.layers = CountNumbered(index, p + "encoder.layers.");
   return c;
 }
 
@@ -191,9 +189,7 @@ absl::StatusOr<OpenClipConfig> ReadOpenClip(const LdmKeys& keys, const std::stri
   if (positions[1] != c.width) return NotLdmLayout(keys, "OpenCLIP embeddings of two widths");
   c.heads = std::max<int64_t>(1, c.width / 64);  // open_clip's head width
   if (c.width % c.heads != 0) return NotLdmLayout(keys, "OpenCLIP width not a multiple of 64");
-  while (HasKeyPrefix(index, absl::StrCat(p, "transformer.resblocks.", c.layers, "."))) {
-    ++c.layers;
-  }
+  c.layers = CountNumbered(index, p + "transformer.resblocks.");
   const int64_t full_depth = c.width == 1024 ? 24 : c.width == 1280 ? 32 : c.layers;
   if (c.layers + 1 == full_depth) {
     c.output_layer = c.layers;  // the last resblock left out: what is here is the penultimate

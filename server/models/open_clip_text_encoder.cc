@@ -64,22 +64,27 @@ OpenClipTextEncoder::OpenClipTextEncoder(const OpenClipConfig& c)
   if (c.logit_scale) AddParameter("logit_scale", {}, nullptr);
 }
 
+at::Tensor OpenClipTextEncoder::Embed(const at::Tensor& ids) const {
+  return tokens_.Forward(ids) + Weight(positions_).slice(0, 0, ids.size(1)).unsqueeze(0);
+}
+
 at::Tensor OpenClipTextEncoder::Forward(const at::Tensor& ids) const {
-  at::Tensor x = tokens_.Forward(ids) + Weight(positions_).slice(0, 0, ids.size(1)).unsqueeze(0);
+  at::Tensor x = Embed(ids);
   for (int64_t i = 0; i < c_.output_layer; ++i) x = blocks_[i]->Forward(x);
   return final_norm_->Forward(x);
 }
 
 OpenClipTextEncoder::SdxlOutputs OpenClipTextEncoder::ForwardSdxl(const at::Tensor& ids) const {
-  at::Tensor x = tokens_.Forward(ids) + Weight(positions_).slice(0, 0, ids.size(1)).unsqueeze(0);
+  at::Tensor x = Embed(ids);
   SdxlOutputs out;
   for (size_t i = 0; i < blocks_.size(); ++i) {
     if (i + 1 == blocks_.size()) out.penultimate = x;
     x = blocks_[i]->Forward(x);
   }
-  at::Tensor last = final_norm_->Forward(x);
+  // The end token of each row (the largest id), then ln_final: it normalises each token on its
+  // own, so norming the B gathered rows gives what norming all B x T tokens would.
   at::Tensor end = ids.argmax(-1).view({ids.size(0), 1, 1}).expand({ids.size(0), 1, c_.width});
-  out.pooled = at::matmul(last.gather(1, end).squeeze(1), Weight(*projection_));
+  out.pooled = at::matmul(final_norm_->Forward(x.gather(1, end).squeeze(1)), Weight(*projection_));
   return out;
 }
 

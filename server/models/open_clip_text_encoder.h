@@ -62,6 +62,9 @@ class OpenClipTextEncoder : public core::Module {
   const OpenClipConfig& config() const { return c_; }
 
  private:
+  // Token embeddings plus positions: what the first block takes.
+  at::Tensor Embed(const at::Tensor& ids) const;
+
   OpenClipConfig c_;
   core::Embedding& tokens_;
   at::Tensor& positions_;

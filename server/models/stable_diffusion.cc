@@ -94,6 +94,7 @@ class StableDiffusion : public MetaModuleModel {
   StableDiffusion(std::string name, const LdmParts& parts, DiffusionInfo diffusion)
       : name_(std::move(name)),
         family_(parts.family),
+        unet_output_(family_ == "sd1" ? "eps" : "model_output"),
         net_(BuildModule<LdmModule>(parts)),
         diffusion_(std::move(diffusion)) {
     entries_.push_back({"unet", kLdmUnet, &StableDiffusion::UnetSpec, &StableDiffusion::RunUnet});
@@ -201,12 +202,13 @@ class StableDiffusion : public MetaModuleModel {
   const UnetConfig& unet() const { return net_.unet.config(); }
   const VaeConfig& vae() const { return net_.vae.config(); }
 
-  // What the text encoder takes and gives, whichever it is.
+  // What SD1's or SD2's text_encoder takes and gives (CLIP or OpenCLIP; SDXL's two encoders
+  // have their own specs).
   struct TextShape {
     int64_t vocab, positions, width;
   };
   TextShape text() const {
-    if (net_.clip != nullptr && family_ != "sdxl") {
+    if (net_.clip != nullptr) {
       const ClipConfig& c = net_.clip->config();
       return {c.vocab, c.positions, c.width};
     }
@@ -214,16 +216,12 @@ class StableDiffusion : public MetaModuleModel {
     return {c.vocab, c.positions, c.width};
   }
 
-  // SD1's UNet output is the noise, "eps"; SD2's may be v, so it has the neutral name ldm gives
-  // it (ddpm.py's model_output) and ModelInfo says which (Diffusion()).
-  const char* UnetOutput() const { return family_ == "sd1" ? "eps" : "model_output"; }
-
   EntrySpec UnetSpec() const {
     EntrySpec spec{"",
                    {{"x", std::nullopt, {-1, unet().in_channels, -1, -1}},
                     {"timesteps", core::DType::kInt64, {-1}},
                     {"context", std::nullopt, {-1, -1, unet().context_dim}}},
-                   {{UnetOutput(), std::nullopt, {-1, unet().out_channels, -1, -1}}}};
+                   {{unet_output_, std::nullopt, {-1, unet().out_channels, -1, -1}}}};
     // SDXL: the pooled bigG embedding and the Fourier-embedded size and crop conditions.
     if (unet().adm_in_channels > 0) {
       spec.inputs.push_back({"y", std::nullopt, {-1, unet().adm_in_channels}});
@@ -247,7 +245,7 @@ class StableDiffusion : public MetaModuleModel {
           absl::StrCat("unet: x height and width must be multiples of ", downscale, ", got ",
                        x.size(2), "x", x.size(3)));
     }
-    return NamedTensors{{UnetOutput(), net_.unet.Forward(x, t, context, y)}};
+    return NamedTensors{{unet_output_, net_.unet.Forward(x, t, context, y)}};
   }
 
   EntrySpec TextEncoderSpec() const {
@@ -329,6 +327,9 @@ class StableDiffusion : public MetaModuleModel {
 
   std::string name_;
   std::string family_;
+  // SD1's UNet output is the noise, "eps"; SD2's and SDXL's may be v, so it has the neutral name
+  // ldm gives it (ddpm.py's model_output) and ModelInfo says which (Diffusion()).
+  const char* unet_output_;
   const LdmModule& net_;
   DiffusionInfo diffusion_;     // the prediction from the builder, or read by Load
   std::vector<Entry> entries_;  // the first is the default entry
