@@ -20,6 +20,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "grpc/health/v1/health.pb.h"
 #include "server/cache/model_cache.h"
 #include "server/core/byte_size.h"
 #include "server/core/checksum_store.h"
@@ -248,6 +249,10 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(Options options) {
   if (absl::Status preload = daemon->Preload(); !preload.ok()) return preload;
 
   grpc::EnableDefaultHealthCheckService(true);
+  // The health service's descriptor in the pool reflection serves, so that a tool without
+  // proto files can `describe` and call grpc.health.v1.Health (referenced here, or the linker
+  // leaves the registering object file out).
+  grpc::health::v1::HealthCheckRequest::descriptor();
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   ModelLoaderService::Options service_options;
   service_options.auth_token = o.auth_token;

@@ -74,6 +74,25 @@ TEST(DaemonTest, ServesHealthReflectionAndMetricsThenStopsOnSigterm) {
   for (const auto& m : file.service(0).method()) methods.insert(m.name());
   EXPECT_EQ(methods, (std::set<std::string>{"LoadModel", "LoadModelStream", "UnloadModel",
                                             "GetModel", "ListModels", "Infer"}));
+  // The health service too: a tool without proto files can describe and call it.
+  grpc::reflection::v1alpha::ServerReflectionRequest health;
+  health.set_file_containing_symbol("grpc.health.v1.Health");
+  ASSERT_TRUE(stream->Write(health));
+  grpc::reflection::v1alpha::ServerReflectionResponse health_file;
+  ASSERT_TRUE(stream->Read(&health_file));
+  // The answer holds the file and may hold others (this gRPC resends ModelLoader's); find it.
+  google::protobuf::FileDescriptorProto health_proto;
+  for (const std::string& f : health_file.file_descriptor_response().file_descriptor_proto()) {
+    google::protobuf::FileDescriptorProto candidate;
+    if (candidate.ParseFromString(f) && candidate.package() == "grpc.health.v1") {
+      health_proto = candidate;
+    }
+  }
+  ASSERT_EQ(health_proto.service_size(), 1) << health_file.DebugString();
+  EXPECT_EQ(health_proto.service(0).name(), "Health");
+  methods.clear();
+  for (const auto& m : health_proto.service(0).method()) methods.insert(m.name());
+  EXPECT_EQ(methods, (std::set<std::string>{"Check", "Watch"}));
   stream->WritesDone();
   EXPECT_TRUE(stream->Finish().ok());
 
