@@ -33,6 +33,7 @@
 #include "server/service/call_tracker.h"
 #include "server/service/model_loader_service.h"
 #include "server/service/path_resolver.h"
+#include "server/service/reflection_v1.h"
 #include "server/service/request_codec.h"
 
 namespace metaload::service {
@@ -281,6 +282,13 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(Options options) {
     builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS, 10000);
   }
   builder.RegisterService(daemon->model_loader_.get());
+  if (o.auth_token.empty()) {
+    // grpc.reflection.v1 beside gRPC's v1alpha; the same rule: not served with a token.
+    daemon->reflection_v1_ = std::make_unique<ReflectionV1>(std::vector<std::string>{
+        metaload::v1::ModelLoader::service_full_name(), "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"});
+    builder.RegisterService(daemon->reflection_v1_.get());
+  }
   std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
   interceptors.push_back(daemon->calls_->MakeInterceptorFactory());
   builder.experimental().SetInterceptorCreators(std::move(interceptors));

@@ -43,6 +43,7 @@ namespace metaload::service {
 
 class CallTracker;
 class ModelLoaderService;
+class ReflectionV1;
 class PathResolver;
 
 // The smallest --max_message_bytes accepted: below it no real request fits.
@@ -140,7 +141,8 @@ class Daemon {
   std::unique_ptr<PathResolver> resolver_;
   std::unique_ptr<cache::ModelCache> cache_;
   std::unique_ptr<ModelLoaderService> model_loader_;
-  std::unique_ptr<CallTracker> calls_;  // outlives server_, whose interceptors point at it
+  std::unique_ptr<ReflectionV1> reflection_v1_;  // null with an auth token
+  std::unique_ptr<CallTracker> calls_;           // outlives server_, whose interceptors point at it
   std::unique_ptr<grpc::Server> server_;
   int grpc_port_ = 0;
   int metrics_port_ = 0;

@@ -13,6 +13,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
 #include "grpc/health/v1/health.grpc.pb.h"
+#include "grpc/reflection/v1/reflection.grpc.pb.h"
 #include "grpc/reflection/v1alpha/reflection.grpc.pb.h"
 #include "metaload/v1/metaload.grpc.pb.h"
 #include "tests/e2e/daemon_process.h"
@@ -95,6 +96,45 @@ TEST(DaemonTest, ServesHealthReflectionAndMetricsThenStopsOnSigterm) {
   EXPECT_EQ(methods, (std::set<std::string>{"Check", "Watch"}));
   stream->WritesDone();
   EXPECT_TRUE(stream->Finish().ok());
+
+  // grpc.reflection.v1 (what current grpcurl and Postman ask first): the same answers, an
+  // unknown symbol an error on the stream, not a failed call.
+  {
+    auto v1 = grpc::reflection::v1::ServerReflection::NewStub(channel);
+    grpc::ClientContext v1_context;
+    v1_context.set_deadline(std::chrono::system_clock::now() + 5s);
+    auto v1_stream = v1->ServerReflectionInfo(&v1_context);
+    grpc::reflection::v1::ServerReflectionRequest q;
+    grpc::reflection::v1::ServerReflectionResponse a;
+    q.set_list_services("");
+    ASSERT_TRUE(v1_stream->Write(q));
+    ASSERT_TRUE(v1_stream->Read(&a));
+    std::set<std::string> v1_services;
+    for (const auto& sv : a.list_services_response().service()) v1_services.insert(sv.name());
+    EXPECT_EQ(v1_services,
+              (std::set<std::string>{"metaload.v1.ModelLoader", "grpc.health.v1.Health",
+                                     "grpc.reflection.v1.ServerReflection",
+                                     "grpc.reflection.v1alpha.ServerReflection"}));
+    q.set_file_containing_symbol("metaload.v1.ModelLoader.LoadModel");
+    ASSERT_TRUE(v1_stream->Write(q));
+    ASSERT_TRUE(v1_stream->Read(&a));
+    ASSERT_GE(a.file_descriptor_response().file_descriptor_proto_size(), 1) << a.DebugString();
+    google::protobuf::FileDescriptorProto last;
+    const int n = a.file_descriptor_response().file_descriptor_proto_size();
+    ASSERT_TRUE(last.ParseFromString(a.file_descriptor_response().file_descriptor_proto(n - 1)));
+    EXPECT_EQ(last.name(), "metaload/v1/metaload.proto");  // its imports come first
+    q.set_file_by_filename("grpc/health/v1/health.proto");
+    ASSERT_TRUE(v1_stream->Write(q));
+    ASSERT_TRUE(v1_stream->Read(&a));
+    ASSERT_EQ(a.file_descriptor_response().file_descriptor_proto_size(), 1) << a.DebugString();
+    q.set_file_containing_symbol(std::string(4096, 'x'));
+    ASSERT_TRUE(v1_stream->Write(q));
+    ASSERT_TRUE(v1_stream->Read(&a));
+    EXPECT_EQ(a.error_response().error_code(), static_cast<int>(grpc::StatusCode::NOT_FOUND));
+    EXPECT_EQ(a.original_request().file_containing_symbol().size(), 4096u);
+    v1_stream->WritesDone();
+    EXPECT_TRUE(v1_stream->Finish().ok());
+  }
 
   // The ModelLoader service answers (with no models yet).
   auto loader = metaload::v1::ModelLoader::NewStub(channel);

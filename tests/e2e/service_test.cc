@@ -14,6 +14,7 @@
 #include <nlohmann/json.hpp>
 #include <thread>
 
+#include "grpc/reflection/v1/reflection.grpc.pb.h"
 #include "grpc/reflection/v1alpha/reflection.grpc.pb.h"
 #include "metaload/v1/metaload.grpc.pb.h"
 #include "tests/e2e/daemon_process.h"
@@ -739,6 +740,24 @@ TEST(ServiceAuthTest, TokenRequiredExceptForHealth) {
   EXPECT_EQ(health.exit_code, 0) << health.err;
 }
 
+// How many services a reflection service lists to a caller without a token, and how the call
+// ended (v1 and v1alpha have the same messages under two packages).
+template <typename Service, typename Request, typename Response>
+std::pair<int, grpc::Status> ListServices(const std::shared_ptr<grpc::Channel>& channel) {
+  auto stub = Service::NewStub(channel);
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + 5s);
+  auto stream = stub->ServerReflectionInfo(&context);
+  Request list;
+  list.set_list_services("");
+  stream->Write(list);
+  stream->WritesDone();
+  Response listed;
+  int services = 0;
+  while (stream->Read(&listed)) services += listed.list_services_response().service_size();
+  return {services, stream->Finish()};
+}
+
 // Hostile: with a token, server reflection must not describe the service to a caller without
 // it (before the fix it listed every service). Health stays open.
 TEST(ServiceAuthTest, ReflectionDoesNotAnswerWithoutTheToken) {
@@ -746,20 +765,19 @@ TEST(ServiceAuthTest, ReflectionDoesNotAnswerWithoutTheToken) {
   std::ofstream(dir / "token") << "s3cret\n";
   DaemonProcess daemon(dir, {"--auth_token_file=" + (dir / "token")});
   ASSERT_GT(daemon.grpc_port(), 0) << daemon.process().Stderr();
-  auto reflection = grpc::reflection::v1alpha::ServerReflection::NewStub(daemon.Channel());
-  grpc::ClientContext context;
-  context.set_deadline(std::chrono::system_clock::now() + 5s);
-  auto stream = reflection->ServerReflectionInfo(&context);
-  grpc::reflection::v1alpha::ServerReflectionRequest list;
-  list.set_list_services("");
-  stream->Write(list);
-  stream->WritesDone();
-  grpc::reflection::v1alpha::ServerReflectionResponse listed;
-  int services = 0;
-  while (stream->Read(&listed)) services += listed.list_services_response().service_size();
-  grpc::Status s = stream->Finish();
+  namespace v1 = grpc::reflection::v1;
+  namespace v1alpha = grpc::reflection::v1alpha;
+  auto [services, status] =
+      ListServices<v1alpha::ServerReflection, v1alpha::ServerReflectionRequest,
+                   v1alpha::ServerReflectionResponse>(daemon.Channel());
   EXPECT_EQ(services, 0);
-  EXPECT_FALSE(s.ok());
+  EXPECT_FALSE(status.ok());
+  // Nor v1 (metaloadd's own).
+  auto [v1_services, v1_status] =
+      ListServices<v1::ServerReflection, v1::ServerReflectionRequest, v1::ServerReflectionResponse>(
+          daemon.Channel());
+  EXPECT_EQ(v1_services, 0);
+  EXPECT_EQ(v1_status.error_code(), grpc::StatusCode::UNIMPLEMENTED);
   testing::CommandResult health = testing::RunCommand(
       {METALOAD_CLI_PATH, "health", "--address=127.0.0.1:" + std::to_string(daemon.grpc_port())},
       dir / "health");
